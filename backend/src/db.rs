@@ -1,0 +1,107 @@
+//! Storage: one sqlx `AnyPool` over SQLite (default, WAL) or PostgreSQL, and the migrations
+//! that serve both.
+//!
+//! Queries are written once in portable SQL with `$1`-style parameters (both drivers accept
+//! them); times are `BIGINT` milliseconds since the Unix epoch; hashes are hex `TEXT`.
+
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyConnectOptions};
+use sqlx::migrate::Migrator;
+use sqlx::AnyPool;
+
+use crate::settings::{redact_url, DatabaseKind, Settings};
+
+/// The migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database {url} is unreachable: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// A handle to the database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: AnyPool,
+    kind: DatabaseKind,
+}
+
+impl Db {
+    /// Connects (creating the SQLite file and data dir when needed). Does not migrate.
+    pub async fn connect(settings: &Settings) -> Result<Self, DbError> {
+        sqlx::any::install_default_drivers();
+        let kind = settings
+            .database_kind()
+            .map_err(|e| DbError::Connect {
+                url: String::new(),
+                source: sqlx::Error::Configuration(e.to_string().into()),
+            })?;
+        let url = settings.database_url();
+        if kind == DatabaseKind::Sqlite {
+            std::fs::create_dir_all(&settings.data_dir).map_err(|source| DbError::DataDir {
+                path: settings.data_dir.display().to_string(),
+                source,
+            })?;
+        }
+        let connect_err = |source| DbError::Connect {
+            url: redact_url(url.expose()),
+            source,
+        };
+        let options: AnyConnectOptions = url.expose().parse().map_err(connect_err)?;
+        let max = match kind {
+            // One writer at a time anyway; a few readers beside it.
+            DatabaseKind::Sqlite => settings.database.max_connections.min(8),
+            DatabaseKind::Postgres => settings.database.max_connections,
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
+            .connect_with(options)
+            .await
+            .map_err(connect_err)?;
+        Ok(Self { pool, kind })
+    }
+
+    /// Applies pending migrations. Idempotent.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Answers whether the database responds, within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let q = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
+        matches!(tokio::time::timeout(timeout, q).await, Ok(Ok(1)))
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn kind(&self) -> DatabaseKind {
+        self.kind
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Milliseconds since the Unix epoch, as stored in the database.
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}

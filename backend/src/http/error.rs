@@ -1,0 +1,174 @@
+//! The one place REST errors meet the wire: `{ "error": { "code", "message" } }`.
+//! 5xx bodies say nothing internal; the cause goes to the log.
+
+use std::convert::Infallible;
+
+use serde::Serialize;
+use warp::http::{header, HeaderValue, StatusCode};
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+/// Every error a REST handler can answer with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("too many requests")]
+    TooManyRequests { retry_after_s: u64 },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::Unprocessable(_) => "unprocessable",
+            ApiError::TooManyRequests { .. } => "rate_limited",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn into_response(self) -> Response {
+        if let ApiError::Internal(e) = &self {
+            tracing::error!(error = format!("{e:#}"), "request failed");
+        }
+        let status = self.status();
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        };
+        let mut resp = warp::reply::with_status(warp::reply::json(&body), status).into_response();
+        let headers = resp.headers_mut();
+        match &self {
+            ApiError::Unauthorized => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"companion\""),
+                );
+            }
+            ApiError::TooManyRequests { retry_after_s } => {
+                if let Ok(v) = HeaderValue::from_str(&retry_after_s.max(&1).to_string()) {
+                    headers.insert(header::RETRY_AFTER, v);
+                }
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+impl warp::reject::Reject for ApiError {}
+
+/// Maps any rejection left over after routing to the JSON error shape.
+pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    Ok(rejection_to_error(&rejection).into_response())
+}
+
+/// Translates warp's built-in rejections.
+pub fn rejection_to_error(r: &Rejection) -> ApiError {
+    if r.is_not_found() {
+        return ApiError::NotFound("no such route".into());
+    }
+    if let Some(e) = r.find::<ApiError>() {
+        return clone_error(e);
+    }
+    if let Some(e) = r.find::<warp::filters::body::BodyDeserializeError>() {
+        return ApiError::BadRequest(format!("invalid JSON body: {e}"));
+    }
+    if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        return ApiError::PayloadTooLarge {
+            limit: crate::http::MAX_BODY,
+        };
+    }
+    if r.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        return ApiError::BadRequest("expected Content-Type: application/json".into());
+    }
+    if r.find::<warp::reject::LengthRequired>().is_some() {
+        return ApiError::BadRequest("Content-Length is required".into());
+    }
+    if r.find::<warp::reject::InvalidQuery>().is_some() {
+        return ApiError::BadRequest("invalid query string".into());
+    }
+    if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        return ApiError::NotFound("no such route for this method".into());
+    }
+    if r.find::<warp::reject::MissingHeader>().is_some()
+        || r.find::<warp::reject::InvalidHeader>().is_some()
+    {
+        return ApiError::BadRequest("missing or invalid header".into());
+    }
+    ApiError::Internal(anyhow::anyhow!("unhandled rejection: {r:?}"))
+}
+
+fn clone_error(e: &ApiError) -> ApiError {
+    match e {
+        ApiError::BadRequest(m) => ApiError::BadRequest(m.clone()),
+        ApiError::Unauthorized => ApiError::Unauthorized,
+        ApiError::Forbidden(m) => ApiError::Forbidden(m.clone()),
+        ApiError::NotFound(m) => ApiError::NotFound(m.clone()),
+        ApiError::Conflict(m) => ApiError::Conflict(m.clone()),
+        ApiError::PayloadTooLarge { limit } => ApiError::PayloadTooLarge { limit: *limit },
+        ApiError::Unprocessable(m) => ApiError::Unprocessable(m.clone()),
+        ApiError::TooManyRequests { retry_after_s } => ApiError::TooManyRequests {
+            retry_after_s: *retry_after_s,
+        },
+        ApiError::Unavailable(m) => ApiError::Unavailable(m.clone()),
+        ApiError::Internal(e) => ApiError::Internal(anyhow::anyhow!("{e:#}")),
+    }
+}

@@ -1,0 +1,113 @@
+//! `companion`: the Companion control plane. Parses arguments, loads configuration, starts
+//! logging and hands over to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use companion_backend::app::{self, Listeners};
+use companion_backend::db::{Db, DbError};
+use companion_backend::logging;
+use companion_backend::settings::Settings;
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for bad configuration (sysexits `EX_USAGE`).
+const EXIT_CONFIG: u8 = 64;
+/// Exit status when a required service (the database) is unreachable (`EX_UNAVAILABLE`).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser)]
+#[command(name = "companion", version, about = "Companion control plane: MQTT broker, device registry, voice sessions, rules")]
+struct Cli {
+    /// Configuration file (TOML). Environment variables COMPANION_<SECTION>__<KEY> override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Version = command {
+        println!("companion {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("companion: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    logging::init(settings.log.format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("companion: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match command {
+            Command::Serve => serve(settings).await,
+            Command::Migrate => migrate(settings).await,
+            Command::Version => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("companion: {e:#}");
+            if e.downcast_ref::<companion_backend::settings::SettingsError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else if matches!(e.downcast_ref::<DbError>(), Some(DbError::Connect { .. })) {
+                ExitCode::from(EXIT_UNAVAILABLE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&settings).await?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    app::run(settings, listeners, shutdown).await
+}
+
+async fn migrate(settings: Settings) -> anyhow::Result<()> {
+    let db = Db::connect(&settings).await?;
+    db.migrate().await?;
+    db.close().await;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// SIGINT and SIGTERM cancel the root token.
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        // Cases: SIGTERM, SIGINT.
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

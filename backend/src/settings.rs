@@ -1,0 +1,381 @@
+//! Typed configuration: built-in defaults, then an optional file, then the environment
+//! (`COMPANION_<SECTION>__<KEY>`, plus `DATABASE_URL`).
+//!
+//! Loading never binds a port or touches the database; `companion serve` exits with status 64
+//! when this module returns an error.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use companion_broker::MqttSettings;
+use serde::Deserialize;
+
+/// Configuration of the `companion` server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where the SQLite database, TLS material and generated secrets live.
+    pub data_dir: PathBuf,
+    pub http: HttpSettings,
+    pub mqtt: MqttSettings,
+    pub database: DatabaseSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            http: HttpSettings::default(),
+            mqtt: MqttSettings::default(),
+            database: DatabaseSettings::default(),
+            admin: AdminSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8000".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://...` or `postgres://...`. Unset: `sqlite://{data_dir}/companion.db`.
+    pub url: Option<Secret>,
+    pub max_connections: u32,
+    /// How long to wait for a connection from the pool, in milliseconds.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 10,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSettings {
+    /// The bootstrap admin token. Unset: generated into `{data_dir}/admin-token`.
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+/// A string that never prints. `Debug` shows `[redacted]`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself. Call only where it is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Which database a URL selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseKind {
+    Sqlite,
+    Postgres,
+}
+
+impl Settings {
+    /// Defaults, then `file` (if given), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, env)
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let companion_env: std::collections::HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("COMPANION_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("COMPANION")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("mqtt.hosts")
+                .try_parsing(true)
+                .source(Some(companion_env)),
+        );
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        if settings.database.url.is_none() {
+            if let Some(url) = env.get("DATABASE_URL").filter(|u| !u.is_empty()) {
+                settings.database.url = Some(Secret::new(url.clone()));
+            }
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks everything that can be checked without I/O.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        parse_addr("http.listen", &self.http.listen)?;
+        if !self.mqtt.listen.is_empty() {
+            parse_addr("mqtt.listen", &self.mqtt.listen)?;
+        }
+        if !self.mqtt.tls_listen.is_empty() {
+            parse_addr("mqtt.tls_listen", &self.mqtt.tls_listen)?;
+        }
+        if self.mqtt.max_connections == 0 {
+            return Err(invalid("mqtt.max_connections", "must be at least 1"));
+        }
+        if self.mqtt.max_packet_size < 1024 {
+            return Err(invalid("mqtt.max_packet_size", "must be at least 1024 bytes"));
+        }
+        if self.mqtt.tls.cert.is_some() != self.mqtt.tls.key.is_some() {
+            return Err(invalid(
+                "mqtt.tls",
+                "set both `mqtt.tls.cert` and `mqtt.tls.key`, or neither",
+            ));
+        }
+        self.database_kind()?;
+        if self.database.max_connections == 0 {
+            return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if let Some(token) = &self.admin.token {
+            if token.expose().len() < 16 {
+                return Err(invalid(
+                    "admin.token",
+                    "must be at least 16 characters long",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn http_addr(&self) -> Result<SocketAddr, SettingsError> {
+        parse_addr("http.listen", &self.http.listen)
+    }
+
+    /// `None` when the listener is disabled (empty string).
+    pub fn mqtt_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
+        optional_addr("mqtt.listen", &self.mqtt.listen)
+    }
+
+    pub fn mqtts_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
+        optional_addr("mqtt.tls_listen", &self.mqtt.tls_listen)
+    }
+
+    /// The database URL, defaulting to a SQLite file in the data dir.
+    pub fn database_url(&self) -> Secret {
+        match &self.database.url {
+            Some(url) => url.clone(),
+            None => Secret::new(format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("companion.db").display()
+            )),
+        }
+    }
+
+    pub fn database_kind(&self) -> Result<DatabaseKind, SettingsError> {
+        let url = self.database_url();
+        let url = url.expose();
+        if url.starts_with("sqlite:") {
+            Ok(DatabaseKind::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseKind::Postgres)
+        } else {
+            Err(invalid(
+                "database.url",
+                "must start with sqlite: or postgres://",
+            ))
+        }
+    }
+}
+
+fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, SettingsError> {
+    value
+        .parse()
+        .map_err(|_| invalid(key, format!("{value:?} is not a socket address like 0.0.0.0:8000")))
+}
+
+fn optional_addr(key: &'static str, value: &str) -> Result<Option<SocketAddr>, SettingsError> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        parse_addr(key, value).map(Some)
+    }
+}
+
+/// Redacts the password in a database URL for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("./data"));
+        assert_eq!(s.http.listen, "0.0.0.0:8000");
+        assert_eq!(s.mqtt.listen, "127.0.0.1:1883");
+        assert_eq!(s.mqtt.tls_listen, "0.0.0.0:8883");
+        assert_eq!(s.log.format, LogFormat::Plain);
+        assert_eq!(
+            s.database_url().expose(),
+            "sqlite://./data/companion.db?mode=rwc"
+        );
+        assert_eq!(s.database_kind().unwrap(), DatabaseKind::Sqlite);
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("COMPANION_HTTP__LISTEN", "127.0.0.1:0"),
+                ("COMPANION_DATA_DIR", "/tmp/x"),
+                ("COMPANION_LOG__FORMAT", "json"),
+                ("COMPANION_MQTT__HOSTS", "a.example,b.example"),
+                ("DATABASE_URL", "postgres://u:p@h/db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.http.listen, "127.0.0.1:0");
+        assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.mqtt.hosts, vec!["a.example", "b.example"]);
+        assert_eq!(s.database_kind().unwrap(), DatabaseKind::Postgres);
+    }
+
+    #[test]
+    fn companion_database_url_wins_over_database_url() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("COMPANION_DATABASE__URL", "sqlite::memory:"),
+                ("DATABASE_URL", "postgres://u:p@h/db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.database_url().expose(), "sqlite::memory:");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("COMPANION_LOG__FORMAT", "xml", "log.format"),
+            ("COMPANION_HTTP__LISTEN", "not-an-address", "http.listen"),
+            ("COMPANION_MQTT__TLS_LISTEN", "1.2.3.4", "mqtt.tls_listen"),
+            ("COMPANION_DATABASE__URL", "mysql://x", "database.url"),
+            ("COMPANION_ADMIN__TOKEN", "short", "admin.token"),
+        ];
+        for (var, value, key) in cases {
+            let err = Settings::load_from(None, env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(key), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("COMPANION_ADMIN__TOKEN", "super-secret-admin-token"),
+                ("DATABASE_URL", "postgres://u:hunter2@h/db"),
+            ]),
+        )
+        .unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("super-secret"), "{dbg}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert_eq!(redact_url("postgres://u:hunter2@h/db"), "postgres://u:***@h/db");
+    }
+}

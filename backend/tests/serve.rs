@@ -1,0 +1,188 @@
+//! `companion serve` as a process: health, readiness, metrics, shutdown, restart, bad config.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{companion_command, fresh_pg_database, run_to_exit, ServerProcess};
+use tokio::io::AsyncWriteExt;
+
+/// Runs `promtool check metrics` on `text` and returns its verdict and output.
+async fn promtool_check(text: &str) -> (bool, String) {
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package prometheus)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(text.as_bytes()).await.expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("promtool runs");
+    let msg = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), msg)
+}
+
+async fn serve_and_check(data_dir: &std::path::Path, database_url: Option<&str>) {
+    let client = reqwest::Client::new();
+    let mut cmd = companion_command(data_dir);
+    if let Some(url) = database_url {
+        cmd.env("DATABASE_URL", url);
+    }
+    let mut server = ServerProcess::start(cmd).await;
+    assert!(server.mqtt.is_some() && server.mqtts.is_some(), "{:?}", server.log);
+
+    let health = client.get(server.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        health.headers()["x-content-type-options"],
+        "nosniff",
+        "security headers on every response"
+    );
+
+    let ready = client.get(server.url("/ready")).send().await.unwrap();
+    let status = ready.status();
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ready");
+
+    let metrics = client.get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    assert!(text.contains("api_requests_total"), "{text}");
+    assert!(text.contains("endpoint=\"/ready\""), "{text}");
+    let (ok, msg) = promtool_check(&text).await;
+    assert!(ok, "promtool check metrics failed: {msg}\n{text}");
+
+    let missing = client.get(server.url("/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+
+    let (status, took) = server.terminate().await;
+    assert!(status.success(), "exit status {status:?}; log: {:?}", server.log);
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+}
+
+#[tokio::test]
+async fn serve_on_sqlite_is_healthy_ready_measured_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    serve_and_check(&data, None).await;
+
+    let token_path = data.join("admin-token");
+    let token = std::fs::read_to_string(&token_path).unwrap();
+    assert_eq!(token.trim().len(), 43, "256-bit URL-safe token");
+    let mode = std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(data.join("companion.db").exists());
+
+    // A second start reuses the database and the admin token.
+    serve_and_check(&data, None).await;
+    assert_eq!(std::fs::read_to_string(&token_path).unwrap(), token);
+}
+
+#[tokio::test]
+async fn serve_on_postgres_is_healthy_ready_and_restarts_cleanly() {
+    let Some(url) = fresh_pg_database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    serve_and_check(&data, Some(&url)).await;
+    serve_and_check(&data, Some(&url)).await;
+    assert!(
+        !data.join("companion.db").exists(),
+        "PostgreSQL was used, not SQLite"
+    );
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_64_naming_the_key_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("COMPANION_LOG__FORMAT", "xml", "log.format"),
+        ("COMPANION_HTTP__LISTEN", "localhost-ish", "http.listen"),
+        ("COMPANION_MQTT__LISTEN", "127.0.0.1", "mqtt.listen"),
+        ("DATABASE_URL", "mysql://nope", "database.url"),
+        ("COMPANION_HTTP__NO_SUCH_KEY", "1", "no_such_key"),
+    ];
+    for (var, value, key) in cases {
+        let mut cmd = companion_command(&dir.path().join("data"));
+        cmd.env(var, value);
+        let (status, stderr) = run_to_exit(cmd).await;
+        assert_eq!(status.code(), Some(64), "{var}={value}: {stderr}");
+        assert!(stderr.contains(key), "{var}={value}: {stderr}");
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing is created before configuration is valid"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_config_file_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = companion_command(&dir.path().join("data"));
+    cmd.arg("--config").arg(dir.path().join("absent.toml"));
+    let (status, stderr) = run_to_exit(cmd).await;
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("absent.toml"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_config_file_is_read_and_the_environment_overrides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("companion.toml");
+    std::fs::write(&file, "[log]\nformat = \"json\"\n[http]\nlisten = \"bogus\"\n").unwrap();
+    // The file's bad http.listen is overridden by the environment; json logging stays.
+    let mut cmd = companion_command(&dir.path().join("data"));
+    cmd.arg("--config").arg(&file);
+    let mut server = ServerProcess::start(cmd).await;
+    assert!(
+        server.log.iter().any(|l| l.starts_with('{')),
+        "json log lines: {:?}",
+        server.log
+    );
+    let (status, _) = server.terminate().await;
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_clear_error_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 1 on loopback: nothing listens there.
+    let mut cmd = companion_command(&dir.path().join("data"));
+    cmd.env(
+        "DATABASE_URL",
+        "postgres://companion:hunter2@127.0.0.1:1/companion?connect_timeout=2",
+    );
+    let (status, stderr) = run_to_exit(cmd).await;
+    assert_eq!(status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("unreachable"), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[tokio::test]
+async fn migrate_subcommand_applies_migrations_and_version_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = companion_command(&dir.path().join("data"));
+    cmd.arg("migrate");
+    let (status, stderr) = run_to_exit(cmd).await;
+    assert!(status.success(), "{stderr}");
+    assert!(dir.path().join("data/companion.db").exists());
+
+    let mut cmd = companion_command(&dir.path().join("data"));
+    cmd.arg("version").stdout(Stdio::piped());
+    let out = cmd.output().await.unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("companion "));
+}

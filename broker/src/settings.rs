@@ -1,0 +1,91 @@
+//! The `[mqtt]` section of the server configuration. The backend embeds this type in its own
+//! `Settings`, so every key here is `mqtt.<key>` in files and `COMPANION_MQTT__<KEY>` in the
+//! environment.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    /// Plain MQTT listener for development. Loopback by default; empty string disables it.
+    pub listen: String,
+    /// MQTT over TLS, the device-facing listener. Empty string disables it.
+    pub tls_listen: String,
+    /// Host names (besides localhost and 127.0.0.1) the generated server certificate covers,
+    /// and the host that registration answers tell devices to use.
+    pub hosts: Vec<String>,
+    /// Most simultaneous device connections across both listeners.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted from a device, in bytes.
+    pub max_packet_size: usize,
+    pub tls_handshake_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub auth_timeout_ms: u64,
+    /// rumqttd commit-log segment size for fleet-wide filters (`devices/+/<suffix>`, the
+    /// backend's subscriptions). rumqttd keeps one log per filter and never frees it.
+    pub router_segment_bytes: usize,
+    /// Segment size for every other filter (a device's own down topics).
+    pub router_device_segment_bytes: usize,
+    /// Segments kept per filter; older ones are dropped (a lagging subscriber then loses
+    /// messages, counted as `broker_messages_lost_total`).
+    pub router_segment_count: usize,
+    pub rate: RateSettings,
+    pub tls: TlsFiles,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:1883".into(),
+            tls_listen: "0.0.0.0:8883".into(),
+            hosts: Vec::new(),
+            max_connections: 10_000,
+            max_packet_size: 64 * 1024 + 512,
+            tls_handshake_timeout_ms: 5_000,
+            connect_timeout_ms: 5_000,
+            auth_timeout_ms: 2_000,
+            // Audio up at ~10 KB/s per talking device: 4 x 1 MiB holds ~4 s of 100 devices.
+            router_segment_bytes: 1024 * 1024,
+            // A device's audio down at ~10 KB/s: 4 x 128 KiB holds ~50 s.
+            router_device_segment_bytes: 128 * 1024,
+            router_segment_count: 4,
+            rate: RateSettings::default(),
+            tls: TlsFiles::default(),
+        }
+    }
+}
+
+/// Per-device publish limits (token buckets), by topic class.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateSettings {
+    pub control_per_s: u32,
+    pub control_burst: u32,
+    pub audio_per_s: u32,
+    pub audio_burst: u32,
+    /// A device that stays over a limit this long is disconnected.
+    pub sustained_over_limit_s: u64,
+}
+
+impl Default for RateSettings {
+    fn default() -> Self {
+        Self {
+            control_per_s: 20,
+            control_burst: 40,
+            audio_per_s: 100,
+            audio_burst: 200,
+            sustained_over_limit_s: 10,
+        }
+    }
+}
+
+/// Certificate and key for the TLS listener. When unset, a development CA and server
+/// certificate are generated into `{data_dir}/tls/` on first start.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
