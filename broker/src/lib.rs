@@ -1,10 +1,150 @@
 //! `companion-broker`: the MQTT edge in front of an embedded rumqttd router.
-//! (Work in progress: see the broker issue.)
+//!
+//! ```text
+//! device --MQTT(+TLS)--> edge --loopback MQTT--> rumqttd router <--loopback MQTT-- backend
+//! ```
+//!
+//! What [`start`] runs (all on the caller's tokio runtime, tracked by its `TaskTracker`,
+//! stopped by its `CancellationToken`), except rumqttd's router loop, which rumqttd runs on its
+//! own thread:
+//! - [`router`]: rumqttd's `Router` plus one `Server` per protocol version (v4, v5) on
+//!   loopback ports, accepting only this process's random internal credentials, and a task
+//!   counting rumqttd's `CursorJump` alerts.
+//! - [`edge`]: one accept loop per device-facing listener (TLS, plain); one task per
+//!   connection doing TLS handshake, CONNECT, authentication ([`Authenticator`]), then the
+//!   pump: an upstream TCP connection to the router and framed packets both ways with ACL
+//!   checks ([`acl`]), size and rate limits. No channels: each connection task owns its two
+//!   sockets and writes directly (back-pressure is TCP's).
+//! - [`sessions`]: live connections by device id, for [`BrokerHandle::kick`] and takeover.
+//! - Events go to the backend's [`EventSink`]; metrics to the shared registry ([`metrics`]).
 
+pub mod acl;
 pub mod auth;
+mod edge;
 pub mod events;
+pub mod metrics;
+pub mod packet;
+pub mod router;
+mod sessions;
 pub mod settings;
+pub mod tls;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use companion_schema::DeviceId;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use auth::{AuthDecision, AuthRequest, Authenticator, DenyReason};
 pub use events::{AclAction, BrokerEvent, DisconnectReason, EventSink, NullSink};
+pub use router::InternalEndpoint;
 pub use settings::{MqttSettings, RateSettings, TlsFiles};
+
+/// Client ids starting with this belong to the platform (the backend's router clients); the
+/// edge refuses them.
+pub const RESERVED_CLIENT_ID_PREFIX: &str = "companion-internal";
+
+/// Device-facing listeners, bound by the caller (port 0 in tests).
+#[derive(Debug, Default)]
+pub struct EdgeListeners {
+    pub plain: Option<TcpListener>,
+    pub tls: Option<TcpListener>,
+}
+
+/// Why the broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("a TLS listener was given without a TLS configuration")]
+    TlsWithoutConfig,
+    #[error("starting the internal router: {0}")]
+    Router(#[from] router::RouterError),
+}
+
+/// A handle on the running broker. Cheap to clone.
+#[derive(Clone)]
+pub struct BrokerHandle {
+    edge: Arc<edge::Edge>,
+    listeners: usize,
+}
+
+impl std::fmt::Debug for BrokerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerHandle")
+            .field("internal", &self.edge.internal)
+            .field("connected_devices", &self.connected_devices())
+            .finish()
+    }
+}
+
+impl BrokerHandle {
+    /// Closes the device's live connection (reason `kicked`). False if it is not connected.
+    pub fn kick(&self, device: &DeviceId) -> bool {
+        self.edge.sessions.close(device, DisconnectReason::Kicked)
+    }
+
+    /// Whether the edge is accepting on every listener it was given (for `/ready`).
+    pub fn is_up(&self) -> bool {
+        !self.edge.shutdown.is_cancelled()
+            && self.edge.listeners_alive.load(Ordering::SeqCst) == self.listeners
+    }
+
+    /// Devices currently connected through the edge.
+    pub fn connected_devices(&self) -> usize {
+        self.edge.sessions.connected()
+    }
+
+    /// How the backend's MQTT client reaches the router directly.
+    pub fn internal(&self) -> InternalEndpoint {
+        self.edge.internal.clone()
+    }
+}
+
+/// Starts the router and the edge. Returns once the router accepts connections and the edge
+/// listeners are being served; everything stops when `shutdown` is cancelled (connections are
+/// closed with reason `server_shutdown`) and every task is tracked by `tracker`.
+#[allow(clippy::too_many_arguments)]
+pub async fn start(
+    settings: &MqttSettings,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    listeners: EdgeListeners,
+    auth: Arc<dyn Authenticator>,
+    sink: Arc<dyn EventSink>,
+    registry: &mut prometheus_client::registry::Registry,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<BrokerHandle, BrokerError> {
+    let tls_acceptor = match (&listeners.tls, tls) {
+        (Some(_), Some(config)) => Some(tokio_rustls::TlsAcceptor::from(config)),
+        (Some(_), None) => return Err(BrokerError::TlsWithoutConfig),
+        (None, _) => None,
+    };
+    let metrics = metrics::Metrics::register(registry);
+    let internal = router::start(settings, metrics.lost.clone(), shutdown.clone(), tracker).await?;
+
+    let count = usize::from(listeners.plain.is_some()) + usize::from(listeners.tls.is_some());
+    let edge = Arc::new(edge::Edge {
+        settings: settings.clone(),
+        auth,
+        sink,
+        metrics,
+        sessions: sessions::Sessions::default(),
+        internal,
+        shutdown,
+        tracker: tracker.clone(),
+        permits: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+        listeners_alive: AtomicUsize::new(count),
+    });
+    if let Some(listener) = listeners.plain {
+        tracker.spawn(edge::accept_loop(edge.clone(), listener, None));
+    }
+    if let Some(listener) = listeners.tls {
+        tracker.spawn(edge::accept_loop(edge.clone(), listener, tls_acceptor));
+    }
+    Ok(BrokerHandle {
+        edge,
+        listeners: count,
+    })
+}

@@ -1,0 +1,110 @@
+//! The device-facing edge: accept loops (plain and TLS), one task per connection.
+//!
+//! - [`connection`]: TLS handshake, CONNECT, identity rules, authentication, Will ACL.
+//! - [`pump`]: the upstream connection to the router and the packet pump both ways (ACL,
+//!   limits, metrics), until the device leaves or is closed.
+
+mod connection;
+mod pump;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::events::EventSink;
+use crate::metrics::{result, Metrics, ReasonLabel, ResultLabel};
+use crate::router::InternalEndpoint;
+use crate::sessions::Sessions;
+use crate::settings::MqttSettings;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every connection task shares.
+pub(crate) struct Edge {
+    pub settings: MqttSettings,
+    pub auth: Arc<dyn Authenticator>,
+    pub sink: Arc<dyn EventSink>,
+    pub metrics: Metrics,
+    pub sessions: Sessions,
+    pub internal: InternalEndpoint,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub permits: Arc<Semaphore>,
+    /// Accept loops still running.
+    pub listeners_alive: AtomicUsize,
+}
+
+impl Edge {
+    pub fn count_connect(&self, result: &'static str) {
+        self.metrics.connects.get_or_create(&ResultLabel { result }).inc();
+    }
+}
+
+/// Runs one accept loop until shutdown; each connection gets its own task.
+pub(crate) async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    let kind = if tls.is_some() { "tls" } else { "plain" };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, listener = kind, "edge listening");
+    }
+    loop {
+        // Cases: shutdown (stop accepting, drop the listener); a new connection.
+        tokio::select! {
+            _ = edge.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => spawn_connection(&edge, stream, peer, tls.clone()),
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = kind, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            },
+        }
+    }
+    edge.listeners_alive.fetch_sub(1, Ordering::SeqCst);
+    tracing::info!(listener = kind, "edge listener closed");
+}
+
+fn spawn_connection(edge: &Arc<Edge>, stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+    let Ok(permit) = edge.permits.clone().try_acquire_owned() else {
+        edge.count_connect(result::OVER_CAPACITY);
+        tracing::warn!(%peer, "connection refused: maximum number of connections reached");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let edge2 = edge.clone();
+    edge.tracker.spawn(async move {
+        let _permit = permit;
+        match tls {
+            Some(acceptor) => {
+                let timeout = Duration::from_millis(edge2.settings.tls_handshake_timeout_ms);
+                // Cases: shutdown; the handshake finishes or times out.
+                let handshake = tokio::select! {
+                    _ = edge2.shutdown.cancelled() => return,
+                    h = tokio::time::timeout(timeout, acceptor.accept(stream)) => h,
+                };
+                match handshake {
+                    Ok(Ok(stream)) => connection::run(edge2, stream, peer).await,
+                    Ok(Err(e)) => tls_failed(&edge2, peer, "error", &e.to_string()),
+                    Err(_) => tls_failed(&edge2, peer, "timeout", "handshake timed out"),
+                }
+            }
+            None => connection::run(edge2, stream, peer).await,
+        }
+    });
+}
+
+fn tls_failed(edge: &Edge, peer: SocketAddr, reason: &'static str, detail: &str) {
+    tracing::debug!(%peer, reason, detail, "TLS handshake failed");
+    edge.metrics
+        .tls_handshake_failures
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
+}

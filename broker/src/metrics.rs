@@ -1,0 +1,131 @@
+//! The broker's Prometheus metrics, registered under the `broker` prefix of the shared registry.
+//! Labels are small closed sets; never a device id.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use companion_schema::TopicKind;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabel {
+    pub action: &'static str,
+}
+
+/// The topic kind (`telemetry`, `audio_up`, ...) or `other`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: &'static str,
+}
+
+impl ClassLabel {
+    pub fn of(kind: Option<TopicKind>) -> Self {
+        Self {
+            class: kind.map_or("other", TopicKind::label),
+        }
+    }
+}
+
+/// Connect outcomes (`broker_connects_total{result}`).
+pub mod result {
+    pub const ACCEPTED: &str = "accepted";
+    pub const DENIED: &str = "denied";
+    pub const ACL_DENIED: &str = "acl_denied";
+    pub const ROUTER_REFUSED: &str = "router_refused";
+    pub const OVER_CAPACITY: &str = "over_capacity";
+    pub const TIMEOUT: &str = "timeout";
+    pub const PROTOCOL_ERROR: &str = "protocol_error";
+    pub const UPSTREAM_ERROR: &str = "upstream_error";
+}
+
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub connected_devices: Gauge,
+    pub connects: Family<ResultLabel, Counter>,
+    pub auth_failures: Family<ReasonLabel, Counter>,
+    pub acl_denied: Family<ActionLabel, Counter>,
+    pub messages_in: Family<ClassLabel, Counter>,
+    pub bytes_in: Family<ClassLabel, Counter>,
+    pub messages_out: Family<ClassLabel, Counter>,
+    pub bytes_out: Family<ClassLabel, Counter>,
+    pub dropped: Family<ReasonLabel, Counter>,
+    pub disconnects: Family<ReasonLabel, Counter>,
+    pub lost: Counter,
+    pub tls_handshake_failures: Family<ReasonLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("broker");
+        r.register(
+            "connected_devices",
+            "Device connections currently forwarded to the router",
+            m.connected_devices.clone(),
+        );
+        r.register("connects", "Connection attempts by result", m.connects.clone());
+        r.register(
+            "auth_failures",
+            "Refused device connections by reason",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "acl_denied",
+            "Publish, subscribe and will attempts outside a device's ACL",
+            m.acl_denied.clone(),
+        );
+        r.register(
+            "messages_in",
+            "PUBLISH packets from devices by topic class",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "bytes_in",
+            "PUBLISH bytes from devices by topic class",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "PUBLISH packets to devices by topic class",
+            m.messages_out.clone(),
+        );
+        r.register(
+            "bytes_out",
+            "PUBLISH bytes to devices by topic class",
+            m.bytes_out.clone(),
+        );
+        r.register(
+            "messages_dropped",
+            "PUBLISH packets from devices dropped by the edge, by reason",
+            m.dropped.clone(),
+        );
+        r.register(
+            "disconnects",
+            "Device disconnections by reason",
+            m.disconnects.clone(),
+        );
+        r.register(
+            "messages_lost",
+            "Router subscribers that lost messages to commit-log rotation (rumqttd CursorJump)",
+            m.lost.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes by reason",
+            m.tls_handshake_failures.clone(),
+        );
+        m
+    }
+}

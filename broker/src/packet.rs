@@ -1,0 +1,382 @@
+//! MQTT framing and the little decoding the edge needs: the fixed header of every packet,
+//! PUBLISH topics, SUBSCRIBE/UNSUBSCRIBE filters (3.1.1 and 5), and CONNECT (decoded and
+//! re-encoded through rumqttd's codec so the password can be rewritten). Payload bytes are
+//! never copied into new types.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use rumqttd::protocol::{self, Packet, Protocol};
+
+pub const CONNECT: u8 = 1;
+pub const CONNACK: u8 = 2;
+pub const PUBLISH: u8 = 3;
+pub const PUBACK: u8 = 4;
+pub const PUBREC: u8 = 5;
+pub const SUBSCRIBE: u8 = 8;
+pub const UNSUBSCRIBE: u8 = 10;
+pub const DISCONNECT: u8 = 14;
+
+/// MQTT 5 reason codes the edge sends.
+pub mod reason {
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
+    pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    /// MQTT 3.1.1 CONNACK return code "not authorized".
+    pub const V4_NOT_AUTHORIZED: u8 = 0x05;
+}
+
+/// Why bytes are not a valid MQTT packet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("malformed remaining length")]
+    BadLength,
+    #[error("packet of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("packet truncated")]
+    Truncated,
+    #[error("string is not UTF-8")]
+    Utf8,
+    #[error("unsupported protocol level {0}")]
+    Protocol(u8),
+    #[error("CONNECT could not be decoded: {0}")]
+    Connect(String),
+}
+
+/// The fixed header of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub byte1: u8,
+    pub header_len: usize,
+    pub remaining: usize,
+}
+
+impl Header {
+    pub fn kind(&self) -> u8 {
+        self.byte1 >> 4
+    }
+
+    pub fn frame_len(&self) -> usize {
+        self.header_len + self.remaining
+    }
+
+    pub fn qos(&self) -> u8 {
+        (self.byte1 >> 1) & 0b11
+    }
+}
+
+/// Parses the fixed header at the start of `buf`. `Ok(None)` means more bytes are needed.
+pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, PacketError> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
+    let mut remaining = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some(Header {
+                byte1,
+                header_len: 2 + i,
+                remaining,
+            }));
+        }
+    }
+    Err(PacketError::BadLength)
+}
+
+/// Takes the next complete packet out of `buf`, if there is one. A packet larger than
+/// `max_len` is refused as soon as its header is read.
+pub fn next_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<(Header, Bytes)>, PacketError> {
+    let Some(header) = parse_header(buf)? else {
+        return Ok(None);
+    };
+    if header.frame_len() > max_len {
+        return Err(PacketError::TooLarge(header.frame_len()));
+    }
+    if buf.len() < header.frame_len() {
+        buf.reserve(header.frame_len() - buf.len());
+        return Ok(None);
+    }
+    Ok(Some((header, buf.split_to(header.frame_len()).freeze())))
+}
+
+fn read_u16(b: &mut &[u8]) -> Result<u16, PacketError> {
+    if b.len() < 2 {
+        return Err(PacketError::Truncated);
+    }
+    Ok(b.get_u16())
+}
+
+fn read_bytes<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], PacketError> {
+    let len = usize::from(read_u16(b)?);
+    if b.len() < len {
+        return Err(PacketError::Truncated);
+    }
+    let (s, rest) = b.split_at(len);
+    *b = rest;
+    Ok(s)
+}
+
+fn read_str<'a>(b: &mut &'a [u8]) -> Result<&'a str, PacketError> {
+    std::str::from_utf8(read_bytes(b)?).map_err(|_| PacketError::Utf8)
+}
+
+fn read_varint(b: &mut &[u8]) -> Result<usize, PacketError> {
+    let mut value = 0usize;
+    for i in 0..4 {
+        if b.is_empty() {
+            return Err(PacketError::Truncated);
+        }
+        let byte = b.get_u8();
+        value |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(PacketError::BadLength)
+}
+
+fn skip(b: &mut &[u8], n: usize) -> Result<(), PacketError> {
+    if b.len() < n {
+        return Err(PacketError::Truncated);
+    }
+    b.advance(n);
+    Ok(())
+}
+
+/// Skips an MQTT 5 property block, returning the Topic Alias if one is present.
+fn read_properties(b: &mut &[u8]) -> Result<Option<u16>, PacketError> {
+    let len = read_varint(b)?;
+    if b.len() < len {
+        return Err(PacketError::Truncated);
+    }
+    let (mut props, rest) = b.split_at(len);
+    *b = rest;
+    let mut alias = None;
+    while !props.is_empty() {
+        let id = read_varint(&mut props)?;
+        match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => skip(&mut props, 1)?,
+            0x13 | 0x21 | 0x22 => skip(&mut props, 2)?,
+            0x23 => alias = Some(read_u16(&mut props)?),
+            0x02 | 0x11 | 0x18 | 0x27 => skip(&mut props, 4)?,
+            0x0B => {
+                read_varint(&mut props)?;
+            }
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C | 0x1F => {
+                read_bytes(&mut props)?;
+            }
+            0x26 => {
+                read_bytes(&mut props)?;
+                read_bytes(&mut props)?;
+            }
+            _ => return Err(PacketError::Truncated),
+        }
+    }
+    Ok(alias)
+}
+
+/// What the edge needs from a PUBLISH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishInfo<'a> {
+    /// Empty when an MQTT 5 client uses an established topic alias.
+    pub topic: &'a str,
+    pub packet_id: Option<u16>,
+    pub topic_alias: Option<u16>,
+}
+
+/// Decodes the topic (and, for QoS > 0, packet id and v5 topic alias) of a PUBLISH frame.
+pub fn publish_info<'a>(header: &Header, frame: &'a [u8], v5: bool) -> Result<PublishInfo<'a>, PacketError> {
+    let mut b = &frame[header.header_len..];
+    let topic = read_str(&mut b)?;
+    let packet_id = if header.qos() > 0 {
+        Some(read_u16(&mut b)?)
+    } else {
+        None
+    };
+    let topic_alias = if v5 { read_properties(&mut b)? } else { None };
+    Ok(PublishInfo {
+        topic,
+        packet_id,
+        topic_alias,
+    })
+}
+
+/// The topic filters of a SUBSCRIBE or UNSUBSCRIBE frame.
+pub fn filters(header: &Header, frame: &[u8], v5: bool) -> Result<Vec<String>, PacketError> {
+    let subscribe = header.kind() == SUBSCRIBE;
+    let mut b = &frame[header.header_len..];
+    read_u16(&mut b)?;
+    if v5 {
+        read_properties(&mut b)?;
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        out.push(read_str(&mut b)?.to_owned());
+        if subscribe {
+            skip(&mut b, 1)?;
+        }
+    }
+    Ok(out)
+}
+
+/// A decoded CONNECT.
+#[derive(Debug)]
+pub struct ConnectInfo {
+    /// 4 (3.1.1) or 5.
+    pub level: u8,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
+    pub will_topic: Option<String>,
+    pub keep_alive: u16,
+    packet: Packet,
+}
+
+impl ConnectInfo {
+    pub fn v5(&self) -> bool {
+        self.level == 5
+    }
+
+    /// Re-encodes the CONNECT with `username`/`password` replaced (the upstream CONNECT).
+    pub fn rewrite(&self, username: &str, password: &str) -> Result<BytesMut, PacketError> {
+        let mut packet = self.packet.clone();
+        if let Packet::Connect(_, _, _, _, login) = &mut packet {
+            *login = Some(protocol::Login {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            });
+        }
+        let mut out = BytesMut::new();
+        let written = if self.v5() {
+            protocol::v5::V5.write(packet, &mut out)
+        } else {
+            protocol::v4::V4.write(packet, &mut out)
+        };
+        written.map_err(|e| PacketError::Connect(format!("{e:?}")))?;
+        Ok(out)
+    }
+}
+
+/// Decodes a CONNECT frame (levels 4 and 5).
+pub fn connect(frame: &Bytes, max_len: usize) -> Result<ConnectInfo, PacketError> {
+    // Fixed header, then protocol name (2 + 4 bytes), then the level.
+    let header = parse_header(frame)?.ok_or(PacketError::Truncated)?;
+    let level = *frame
+        .get(header.header_len + 6)
+        .ok_or(PacketError::Truncated)?;
+    let mut buf = BytesMut::from(&frame[..]);
+    let packet = match level {
+        4 => protocol::v4::V4.read_mut(&mut buf, max_len),
+        5 => protocol::v5::V5.read_mut(&mut buf, max_len),
+        other => return Err(PacketError::Protocol(other)),
+    }
+    .map_err(|e| PacketError::Connect(format!("{e:?}")))?;
+    let Packet::Connect(connect, _, will, _, login) = &packet else {
+        return Err(PacketError::Connect("not a CONNECT".into()));
+    };
+    let will_topic = match will {
+        Some(w) => Some(
+            std::str::from_utf8(&w.topic)
+                .map_err(|_| PacketError::Utf8)?
+                .to_owned(),
+        ),
+        None => None,
+    };
+    Ok(ConnectInfo {
+        level,
+        client_id: connect.client_id.clone(),
+        username: login.as_ref().map(|l| l.username.clone()),
+        password: login.as_ref().map(|l| l.password.clone().into_bytes()),
+        will_topic,
+        keep_alive: connect.keep_alive,
+        packet,
+    })
+}
+
+/// The return code of a CONNACK frame (0 = accepted).
+pub fn connack_code(header: &Header, frame: &[u8]) -> Result<u8, PacketError> {
+    frame
+        .get(header.header_len + 1)
+        .copied()
+        .ok_or(PacketError::Truncated)
+}
+
+/// A CONNACK refusing the connection: 3.1.1 "not authorized" (0x05) or 5 "not authorized" (0x87).
+pub fn connack_refusal(v5: bool) -> Bytes {
+    if v5 {
+        Bytes::from_static(&[0x20, 0x03, 0x00, reason::NOT_AUTHORIZED, 0x00])
+    } else {
+        Bytes::from_static(&[0x20, 0x02, 0x00, reason::V4_NOT_AUTHORIZED])
+    }
+}
+
+/// An MQTT 5 server DISCONNECT with a reason code (3.1.1 has no server DISCONNECT).
+pub fn disconnect_v5(code: u8) -> Bytes {
+    Bytes::copy_from_slice(&[DISCONNECT << 4, 0x02, code, 0x00])
+}
+
+/// The acknowledgement for a QoS 1 PUBLISH the edge dropped.
+pub fn puback_dropped(packet_id: u16, v5: bool) -> Bytes {
+    let mut b = BytesMut::with_capacity(6);
+    b.put_u8(PUBACK << 4);
+    if v5 {
+        b.put_u8(4);
+        b.put_u16(packet_id);
+        b.put_u8(reason::QUOTA_EXCEEDED);
+        b.put_u8(0);
+    } else {
+        b.put_u8(2);
+        b.put_u16(packet_id);
+    }
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(bytes: &[u8]) -> (Header, Bytes) {
+        let mut buf = BytesMut::from(bytes);
+        next_frame(&mut buf, 1024).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_frame_is_cut_only_when_complete_and_oversized_ones_are_refused_early() {
+        let mut buf = BytesMut::from(&[0x30, 0x05, 0x00][..]);
+        assert_eq!(next_frame(&mut buf, 1024).unwrap(), None);
+        let mut big = BytesMut::from(&[0x30, 0xFF, 0xFF, 0x03][..]);
+        assert!(matches!(next_frame(&mut big, 1024), Err(PacketError::TooLarge(_))));
+        let mut bad = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
+        assert_eq!(next_frame(&mut bad, usize::MAX), Err(PacketError::BadLength));
+    }
+
+    #[test]
+    fn publish_topics_are_read_in_both_versions() {
+        // QoS 1, topic "a/b", packet id 7, payload "x".
+        let (h, f) = frame(&[0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x07, b'x']);
+        let info = publish_info(&h, &f, false).unwrap();
+        assert_eq!((info.topic, info.packet_id), ("a/b", Some(7)));
+        // v5 QoS 0, empty topic, properties: topic alias 3.
+        let (h, f) = frame(&[0x30, 0x06, 0x00, 0x00, 0x03, 0x23, 0x00, 0x03]);
+        let info = publish_info(&h, &f, true).unwrap();
+        assert_eq!((info.topic, info.topic_alias), ("", Some(3)));
+    }
+
+    #[test]
+    fn subscribe_and_unsubscribe_filters_are_listed() {
+        let (h, f) = frame(&[
+            0x82, 0x0B, 0x00, 0x01, 0x00, 0x01, b'#', 0x00, 0x00, 0x02, b'a', b'/', 0x01,
+        ]);
+        assert_eq!(filters(&h, &f, false).unwrap(), vec!["#", "a/"]);
+        let (h, f) = frame(&[0xA2, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, b'+']);
+        assert_eq!(filters(&h, &f, true).unwrap(), vec!["+"]);
+    }
+}

@@ -1,0 +1,102 @@
+//! Live device connections by id: kicking, takeover by the same id, and the connected count.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use companion_schema::DeviceId;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::DisconnectReason;
+
+/// How long a new connection waits for the one it takes over to finish closing.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(1);
+
+/// One live connection's control: cancelling `stop` (after setting `reason`) closes it;
+/// `done` is cancelled when its task has finished.
+#[derive(Clone)]
+pub struct Control {
+    pub id: u64,
+    pub stop: CancellationToken,
+    pub reason: Arc<Mutex<Option<DisconnectReason>>>,
+    pub done: CancellationToken,
+}
+
+impl Control {
+    /// Asks the connection to close with `reason` (the first reason wins).
+    pub fn close(&self, reason: DisconnectReason) {
+        let mut slot = lock(&self.reason);
+        slot.get_or_insert(reason);
+        self.stop.cancel();
+    }
+
+    /// The reason set by [`Control::close`], if any.
+    pub fn reason(&self) -> Option<DisconnectReason> {
+        *lock(&self.reason)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another connection task panicked mid-update of a plain value.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    next_id: AtomicU64,
+    connected: AtomicUsize,
+    live: Mutex<HashMap<DeviceId, Control>>,
+}
+
+impl Sessions {
+    /// Registers a new connection for `device`, closing (reason takeover) and waiting for the
+    /// one it replaces.
+    pub async fn register(&self, device: &DeviceId, shutdown: &CancellationToken) -> Control {
+        let control = Control {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            stop: shutdown.child_token(),
+            reason: Arc::default(),
+            done: CancellationToken::new(),
+        };
+        let previous = lock(&self.live).insert(device.clone(), control.clone());
+        if let Some(previous) = previous {
+            previous.close(DisconnectReason::Takeover);
+            let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.done.cancelled()).await;
+        }
+        control
+    }
+
+    /// Removes `control` (if it is still the device's current connection) and marks it done.
+    pub fn finish(&self, device: &DeviceId, control: &Control) {
+        let mut live = lock(&self.live);
+        if live.get(device).is_some_and(|c| c.id == control.id) {
+            live.remove(device);
+        }
+        drop(live);
+        control.done.cancel();
+    }
+
+    /// Closes the device's live connection with `reason`; false if it has none.
+    pub fn close(&self, device: &DeviceId, reason: DisconnectReason) -> bool {
+        match lock(&self.live).get(device) {
+            Some(control) => {
+                control.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn connected_inc(&self) {
+        self.connected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connected_dec(&self) {
+        self.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
