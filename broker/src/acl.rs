@@ -31,9 +31,22 @@ mod tests {
     #[test]
     fn a_device_publishes_only_to_its_own_up_topics() {
         let a = DeviceId::parse("a").unwrap();
-        assert_eq!(may_publish(&a, "devices/a/telemetry"), Some(TopicKind::Telemetry));
-        assert_eq!(may_publish(&a, "devices/a/audio/up"), Some(TopicKind::AudioUp));
-        for t in ["devices/b/telemetry", "devices/a/led", "other/x", "devices/+/telemetry", "#", ""] {
+        assert_eq!(
+            may_publish(&a, "devices/a/telemetry"),
+            Some(TopicKind::Telemetry)
+        );
+        assert_eq!(
+            may_publish(&a, "devices/a/audio/up"),
+            Some(TopicKind::AudioUp)
+        );
+        for t in [
+            "devices/b/telemetry",
+            "devices/a/led",
+            "other/x",
+            "devices/+/telemetry",
+            "#",
+            "",
+        ] {
             assert_eq!(may_publish(&a, t), None, "{t}");
         }
     }

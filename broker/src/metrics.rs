@@ -75,7 +75,11 @@ impl Metrics {
             "Device connections currently forwarded to the router",
             m.connected_devices.clone(),
         );
-        r.register("connects", "Connection attempts by result", m.connects.clone());
+        r.register(
+            "connects",
+            "Connection attempts by result",
+            m.connects.clone(),
+        );
         r.register(
             "auth_failures",
             "Refused device connections by reason",

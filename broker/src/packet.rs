@@ -93,7 +93,10 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, PacketError> {
 
 /// Takes the next complete packet out of `buf`, if there is one. A packet larger than
 /// `max_len` is refused as soon as its header is read.
-pub fn next_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<(Header, Bytes)>, PacketError> {
+pub fn next_frame(
+    buf: &mut BytesMut,
+    max_len: usize,
+) -> Result<Option<(Header, Bytes)>, PacketError> {
     let Some(header) = parse_header(buf)? else {
         return Ok(None);
     };
@@ -193,7 +196,11 @@ pub struct PublishInfo<'a> {
 }
 
 /// Decodes the topic (and, for QoS > 0, packet id and v5 topic alias) of a PUBLISH frame.
-pub fn publish_info<'a>(header: &Header, frame: &'a [u8], v5: bool) -> Result<PublishInfo<'a>, PacketError> {
+pub fn publish_info<'a>(
+    header: &Header,
+    frame: &'a [u8],
+    v5: bool,
+) -> Result<PublishInfo<'a>, PacketError> {
     let mut b = &frame[header.header_len..];
     let topic = read_str(&mut b)?;
     let packet_id = if header.qos() > 0 {
@@ -353,9 +360,15 @@ mod tests {
         let mut buf = BytesMut::from(&[0x30, 0x05, 0x00][..]);
         assert_eq!(next_frame(&mut buf, 1024).unwrap(), None);
         let mut big = BytesMut::from(&[0x30, 0xFF, 0xFF, 0x03][..]);
-        assert!(matches!(next_frame(&mut big, 1024), Err(PacketError::TooLarge(_))));
+        assert!(matches!(
+            next_frame(&mut big, 1024),
+            Err(PacketError::TooLarge(_))
+        ));
         let mut bad = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
-        assert_eq!(next_frame(&mut bad, usize::MAX), Err(PacketError::BadLength));
+        assert_eq!(
+            next_frame(&mut bad, usize::MAX),
+            Err(PacketError::BadLength)
+        );
     }
 
     #[test]

@@ -144,8 +144,7 @@ fn count_lost(batch: &[rumqttd::Alert], lost: &Counter) {
 }
 
 fn free_loopback_port() -> Result<SocketAddr, RouterError> {
-    let listener =
-        StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(RouterError::Port)?;
+    let listener = StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(RouterError::Port)?;
     listener.local_addr().map_err(RouterError::Port)
 }
 
@@ -182,7 +181,9 @@ fn server_settings(
         connection_timeout_ms: 5_000,
         // The edge already bounded device packets; the backend may publish up to the payload
         // limit plus headers.
-        max_payload_size: settings.max_packet_size.max(companion_schema::MAX_PAYLOAD + 1024),
+        max_payload_size: settings
+            .max_packet_size
+            .max(companion_schema::MAX_PAYLOAD + 1024),
         max_inflight_count: 100,
         auth: None,
         external_auth: None,
@@ -205,11 +206,17 @@ fn server_settings(
 }
 
 /// Probes a loopback listener with a real MQTT 3.1.1 CONNECT until it answers CONNACK 0.
-async fn wait_listening(addr: SocketAddr, level: u8, endpoint: &InternalEndpoint) -> Result<(), ()> {
+async fn wait_listening(
+    addr: SocketAddr,
+    level: u8,
+    endpoint: &InternalEndpoint,
+) -> Result<(), ()> {
     let deadline = tokio::time::Instant::now() + READY_DEADLINE;
     let mut backoff = Duration::from_millis(2);
     while tokio::time::Instant::now() < deadline {
-        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(1), probe(addr, level, endpoint)).await {
+        if let Ok(Ok(true)) =
+            tokio::time::timeout(Duration::from_secs(1), probe(addr, level, endpoint)).await
+        {
             return Ok(());
         }
         tokio::time::sleep(backoff).await;

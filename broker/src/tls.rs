@@ -172,8 +172,16 @@ fn generate(dir: &Path, hosts: &[String]) -> Result<(), TlsError> {
     params.distinguished_name = dn;
     let server_cert = params.signed_by(&server_key, &issuer)?;
 
-    write_file(&dir.join(CA_KEY_FILE), ca_key.serialize_pem().as_bytes(), true)?;
-    write_file(&dir.join(KEY_FILE), server_key.serialize_pem().as_bytes(), true)?;
+    write_file(
+        &dir.join(CA_KEY_FILE),
+        ca_key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    write_file(
+        &dir.join(KEY_FILE),
+        server_key.serialize_pem().as_bytes(),
+        true,
+    )?;
     write_file(&dir.join(CERT_FILE), server_cert.pem().as_bytes(), false)?;
     // The CA file is written last: its presence marks a complete set.
     write_file(&dir.join(CA_FILE), ca_cert.pem().as_bytes(), false)?;
@@ -207,8 +215,8 @@ mod tests {
     #[test]
     fn generated_material_is_reused_and_the_key_is_private() {
         let dir = tempfile::tempdir().unwrap();
-        let first = load_or_generate(&TlsFiles::default(), dir.path(), &["pi.example".into()])
-            .unwrap();
+        let first =
+            load_or_generate(&TlsFiles::default(), dir.path(), &["pi.example".into()]).unwrap();
         let ca = fs::read(&first.ca_pem_path).unwrap();
         let second = load_or_generate(&TlsFiles::default(), dir.path(), &[]).unwrap();
         assert_eq!(ca, fs::read(&second.ca_pem_path).unwrap());

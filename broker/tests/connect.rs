@@ -12,11 +12,16 @@ use rumqttc::{ConnectReturnCode, ConnectionError, LastWill, QoS};
 async fn a_registered_device_publishes_telemetry_over_tls_and_the_backend_receives_it() {
     let app = TestApp::start().await;
     let mut backend = app
-        .backend("telemetry", &["$share/companion-telemetry/devices/+/telemetry"])
+        .backend(
+            "telemetry",
+            &["$share/companion-telemetry/devices/+/telemetry"],
+        )
         .await;
     backend.wait_suback().await;
 
-    let device = Client::connect(app.device_tls("a", "token-a")).await.unwrap();
+    let device = Client::connect(app.device_tls("a", "token-a"))
+        .await
+        .unwrap();
     app.events
         .wait_for(|e| matches!(e, BrokerEvent::Connected { device, protocol: 4, .. } if device.as_str() == "a"))
         .await;
@@ -34,8 +39,8 @@ async fn a_registered_device_publishes_telemetry_over_tls_and_the_backend_receiv
 
 #[tokio::test]
 async fn a_retained_persona_reaches_the_device_on_subscribe_over_mqtt_5() {
-    use rumqttc::v5::{mqttbytes::v5::Packet, AsyncClient, Event, MqttOptions};
     use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::{mqttbytes::v5::Packet, AsyncClient, Event, MqttOptions};
 
     let app = TestApp::start().await;
     let backend = app.backend("persona", &[]).await;
@@ -55,7 +60,10 @@ async fn a_retained_persona_reaches_the_device_on_subscribe_over_mqtt_5() {
         rumqttc::TlsConfiguration::Rustls(app.client_tls()),
     ));
     let (client, mut el) = AsyncClient::new(o, 16);
-    client.subscribe("devices/a/persona", QoS5::AtLeastOnce).await.unwrap();
+    client
+        .subscribe("devices/a/persona", QoS5::AtLeastOnce)
+        .await
+        .unwrap();
     let got = tokio::time::timeout(DEADLINE, async {
         loop {
             if let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() {
@@ -95,10 +103,21 @@ async fn the_last_will_is_delivered_when_the_device_socket_dies() {
 
     assert_eq!(
         backend.next_publish().await,
-        ("devices/a/status".to_owned(), b"{\"online\":false}".to_vec())
+        (
+            "devices/a/status".to_owned(),
+            b"{\"online\":false}".to_vec()
+        )
     );
     app.events
-        .wait_for(|e| matches!(e, BrokerEvent::Disconnected { reason: DisconnectReason::NetworkError, .. }))
+        .wait_for(|e| {
+            matches!(
+                e,
+                BrokerEvent::Disconnected {
+                    reason: DisconnectReason::NetworkError,
+                    ..
+                }
+            )
+        })
         .await;
 }
 
@@ -115,7 +134,12 @@ async fn assert_refused(app: &TestApp, id: &str, user: &str, token: &str, reason
     app.events
         .wait_for(|e| matches!(e, BrokerEvent::AuthFailed { reason: r, .. } if *r == reason))
         .await;
-    assert!(app.metric(&format!("broker_auth_failures_total{{reason=\"{}\"}}", reason.as_str())) >= 1.0);
+    assert!(
+        app.metric(&format!(
+            "broker_auth_failures_total{{reason=\"{}\"}}",
+            reason.as_str()
+        )) >= 1.0
+    );
 }
 
 #[tokio::test]
@@ -167,7 +191,10 @@ async fn a_refused_mqtt_5_client_gets_reason_code_0x87() {
     })
     .await
     .unwrap();
-    assert!(matches!(err, Error5::ConnectionRefused(Code5::NotAuthorized)), "{err:?}");
+    assert!(
+        matches!(err, Error5::ConnectionRefused(Code5::NotAuthorized)),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -191,8 +218,20 @@ async fn mosquitto_clients_publish_and_subscribe_through_the_tls_edge() {
     let ca = app.ca_pem.to_str().unwrap().to_owned();
     let common = |id: &str| -> Vec<String> {
         [
-            "-h", "localhost", "-p", &port, "--cafile", &ca, "-i", id, "-u", id, "-P",
-            "token-b", "-V", "mqttv311",
+            "-h",
+            "localhost",
+            "-p",
+            &port,
+            "--cafile",
+            &ca,
+            "-i",
+            id,
+            "-u",
+            id,
+            "-P",
+            "token-b",
+            "-V",
+            "mqttv311",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -45,7 +45,10 @@ pub(crate) struct Edge {
 
 impl Edge {
     pub fn count_connect(&self, result: &'static str) {
-        self.metrics.connects.get_or_create(&ResultLabel { result }).inc();
+        self.metrics
+            .connects
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 }
 
@@ -72,7 +75,12 @@ pub(crate) async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, tls: Opt
     tracing::info!(listener = kind, "edge listener closed");
 }
 
-fn spawn_connection(edge: &Arc<Edge>, stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>) {
+fn spawn_connection(
+    edge: &Arc<Edge>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+) {
     let Ok(permit) = edge.permits.clone().try_acquire_owned() else {
         edge.count_connect(result::OVER_CAPACITY);
         tracing::warn!(%peer, "connection refused: maximum number of connections reached");

@@ -64,14 +64,20 @@ pub(super) async fn session<S>(
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let (mut ur, mut uw) = upstream.split();
     let reason = pump
-        .run(&mut dr, &mut dw, &mut ur, &mut uw, device_buf, keepalive, control)
+        .run(
+            &mut dr, &mut dw, &mut ur, &mut uw, device_buf, keepalive, control,
+        )
         .await;
 
     // Anything but a clean DISCONNECT drops the upstream without one: rumqttd then publishes
     // the device's Will.
     if connect.v5() && reason != DisconnectReason::Clean {
         let code = v5_code(reason);
-        let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.write_all(&packet::disconnect_v5(code))).await;
+        let _ = tokio::time::timeout(
+            FINAL_WRITE_TIMEOUT,
+            dw.write_all(&packet::disconnect_v5(code)),
+        )
+        .await;
     }
     let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.shutdown()).await;
     drop(upstream);
@@ -129,7 +135,9 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
         let mut buf = BytesMut::with_capacity(64);
         match read_frame(&mut up, &mut buf, MAX_DOWN_PACKET).await {
             Ok(Some((h, frame))) if h.kind() == packet::CONNACK => Ok((up, h, frame)),
-            other => Err(std::io::Error::other(format!("no CONNACK from router: {other:?}"))),
+            other => Err(std::io::Error::other(format!(
+                "no CONNACK from router: {other:?}"
+            ))),
         }
     };
     let (up, header, connack) = match tokio::time::timeout(UPSTREAM_TIMEOUT, attempt).await {
@@ -309,7 +317,10 @@ impl<'a> Pump<'a> {
                     let Ok(filters) = packet::filters(&header, &frame, self.v5) else {
                         return Step::Close(DisconnectReason::ProtocolError);
                     };
-                    if let Some(bad) = filters.iter().find(|f| !acl::may_subscribe(&self.device, f)) {
+                    if let Some(bad) = filters
+                        .iter()
+                        .find(|f| !acl::may_subscribe(&self.device, f))
+                    {
                         acl_denied(self.edge, &self.device, AclAction::Subscribe, bad);
                         return Step::Close(DisconnectReason::AclViolation);
                     }
@@ -337,7 +348,10 @@ impl<'a> Pump<'a> {
         let kind = if info.topic.is_empty() {
             // MQTT 5: a topic alias set earlier (its topic passed the ACL then).
             let alias = info.topic_alias.ok_or(DisconnectReason::ProtocolError)?;
-            *self.aliases.get(&alias).ok_or(DisconnectReason::ProtocolError)?
+            *self
+                .aliases
+                .get(&alias)
+                .ok_or(DisconnectReason::ProtocolError)?
         } else {
             let Some(kind) = acl::may_publish(&self.device, info.topic) else {
                 acl_denied(self.edge, &self.device, AclAction::Publish, info.topic);
@@ -358,7 +372,9 @@ impl<'a> Pump<'a> {
             &self.control_limit
         };
         if limiter.check().is_err() {
-            return self.drop_publish(header, info.packet_id, to_device).map(|()| false);
+            return self
+                .drop_publish(header, info.packet_id, to_device)
+                .map(|()| false);
         }
         let counters = class_counters(&mut self.counters_in, Some(kind), || {
             (&self.edge.metrics.messages_in, &self.edge.metrics.bytes_in)
@@ -403,7 +419,11 @@ impl<'a> Pump<'a> {
     }
 
     /// Frames router packets for the device, counting publishes by class.
-    fn from_router(&mut self, buf: &mut BytesMut, to_device: &mut BytesMut) -> Result<(), PacketError> {
+    fn from_router(
+        &mut self,
+        buf: &mut BytesMut,
+        to_device: &mut BytesMut,
+    ) -> Result<(), PacketError> {
         while let Some((header, frame)) = packet::next_frame(buf, MAX_DOWN_PACKET)? {
             if header.kind() == packet::PUBLISH {
                 let kind = packet::publish_info(&header, &frame, self.v5)
@@ -455,7 +475,11 @@ fn write_failed(control: &Control) -> DisconnectReason {
 }
 
 /// Writes all of `buf` unless the connection is closed meanwhile. False if it did not.
-async fn write_or_stop<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut, control: &Control) -> bool {
+async fn write_or_stop<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+    control: &Control,
+) -> bool {
     // Cases: closed while the peer is not reading; the write finishes or fails.
     let ok = tokio::select! {
         _ = control.stop.cancelled() => false,

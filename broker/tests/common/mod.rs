@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use companion_broker::{
-    AuthDecision, AuthRequest, Authenticator, BrokerEvent, BrokerHandle, DenyReason,
-    EdgeListeners, EventSink, MqttSettings,
+    AuthDecision, AuthRequest, Authenticator, BrokerEvent, BrokerHandle, DenyReason, EdgeListeners,
+    EventSink, MqttSettings,
 };
 use companion_schema::DeviceId;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};

@@ -1,0 +1,153 @@
+//! Limits: stalled sockets, packet size, publish rate.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use companion_broker::{BrokerEvent, DisconnectReason, MqttSettings, RateSettings};
+use rumqttc::QoS;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn an_idle_tcp_connection_to_the_tls_port_does_not_delay_another_clients_tls_connect() {
+    let app = TestApp::start().await;
+    // Connected, never says a word (rumqttd's own accept loop would stall here).
+    let _idle = TcpStream::connect(app.tls).await.unwrap();
+    let _idle2 = TcpStream::connect(app.tls).await.unwrap();
+    // Well under the 5 s handshake timeout: only a non-blocking accept loop passes.
+    let connected = tokio::time::timeout(
+        Duration::from_secs(3),
+        Client::connect(app.device_tls("a", "token-a")),
+    )
+    .await;
+    assert!(matches!(connected, Ok(Ok(_))));
+}
+
+#[tokio::test]
+async fn an_oversized_packet_disconnects() {
+    let settings = MqttSettings {
+        max_packet_size: 1024,
+        ..test_settings()
+    };
+    let app = TestApp::start_with(settings).await;
+    let (mut s, connack) = raw_session(app.plain, &raw_connect("a", "a", "token-a", None)).await;
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    // A PUBLISH announcing 100 KB: refused from its header, before the body.
+    let mut publish = vec![0x30];
+    encode_len(&mut publish, 100_000);
+    publish.extend_from_slice(&[0x00, 0x13]);
+    publish.extend_from_slice(b"devices/a/telemetry");
+    s.write_all(&publish).await.unwrap();
+    app.events
+        .wait_for(|e| {
+            matches!(
+                e,
+                BrokerEvent::Disconnected {
+                    reason: DisconnectReason::PacketTooLarge,
+                    ..
+                }
+            )
+        })
+        .await;
+    wait_eof(&mut s).await;
+}
+
+#[tokio::test]
+async fn a_flood_over_the_rate_limit_is_dropped_and_counted() {
+    let settings = MqttSettings {
+        rate: RateSettings {
+            control_per_s: 5,
+            control_burst: 5,
+            sustained_over_limit_s: 3600,
+            ..RateSettings::default()
+        },
+        ..test_settings()
+    };
+    let app = TestApp::start_with(settings).await;
+    let mut backend = app.backend("flood", &["devices/+/telemetry"]).await;
+    backend.wait_suback().await;
+    let device = Client::connect(app.device_plain("a", "token-a"))
+        .await
+        .unwrap();
+    const SENT: usize = 60;
+    for i in 0..SENT {
+        device
+            .client
+            .publish("devices/a/telemetry", QoS::AtMostOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    // Everything sent is either delivered or counted as dropped.
+    let mut delivered = 0usize;
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let dropped =
+                app.metric("broker_messages_dropped_total{reason=\"rate_limited\"}") as usize;
+            if delivered + dropped == SENT {
+                break;
+            }
+            if let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(100), backend.rx.recv()).await
+            {
+                delivered += 1;
+            }
+        }
+    })
+    .await
+    .expect("all publishes accounted for");
+    assert!(delivered >= 5, "burst delivered: {delivered}");
+    assert!(
+        delivered < SENT / 2,
+        "most of the flood dropped: {delivered}"
+    );
+    assert_eq!(
+        app.handle.connected_devices(),
+        1,
+        "a short flood does not disconnect"
+    );
+}
+
+#[tokio::test]
+async fn a_sustained_flood_disconnects_the_device() {
+    let settings = MqttSettings {
+        rate: RateSettings {
+            control_per_s: 5,
+            control_burst: 5,
+            sustained_over_limit_s: 1,
+            ..RateSettings::default()
+        },
+        ..test_settings()
+    };
+    let app = TestApp::start_with(settings).await;
+    let device = Client::connect(app.device_plain("a", "token-a"))
+        .await
+        .unwrap();
+    let flood = tokio::spawn(async move {
+        loop {
+            if device
+                .client
+                .publish("devices/a/telemetry", QoS::AtMostOnce, false, b"x".to_vec())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            // Pacing, not ordering: ~200 msg/s, forty times the limit.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    app.events
+        .wait_for(|e| {
+            matches!(
+                e,
+                BrokerEvent::Disconnected {
+                    reason: DisconnectReason::RateLimited,
+                    ..
+                }
+            )
+        })
+        .await;
+    flood.abort();
+}
