@@ -8,7 +8,8 @@ CREATE TABLE IF NOT EXISTS devices (
     device_type    TEXT NOT NULL,
     -- comma-separated, sorted set of capabilities
     capabilities   TEXT NOT NULL,
-    enabled        BOOLEAN NOT NULL DEFAULT TRUE,
+    -- booleans are BIGINT 0/1: the sqlx Any driver cannot decode SQLite BOOLEAN
+    enabled        BIGINT NOT NULL DEFAULT 1,
     created_at_ms  BIGINT NOT NULL,
     updated_at_ms  BIGINT NOT NULL
 );
@@ -99,7 +100,7 @@ CREATE TABLE IF NOT EXISTS telemetry_latest (
 -- Presence from the broker edge and the retained status topic.
 CREATE TABLE IF NOT EXISTS presence (
     device_id               TEXT PRIMARY KEY REFERENCES devices (device_id) ON DELETE CASCADE,
-    online                  BOOLEAN NOT NULL,
+    online                  BIGINT NOT NULL,
     last_seen_ms            BIGINT NOT NULL,
     connected_since_ms      BIGINT,
     last_disconnect_ms      BIGINT,

@@ -102,8 +102,16 @@ impl App {
     pub async fn build(settings: Settings, listeners: Listeners) -> anyhow::Result<Self> {
         let addrs = BoundAddrs {
             http: listeners.http.local_addr()?,
-            mqtt: listeners.mqtt.as_ref().map(|l| l.local_addr()).transpose()?,
-            mqtts: listeners.mqtts.as_ref().map(|l| l.local_addr()).transpose()?,
+            mqtt: listeners
+                .mqtt
+                .as_ref()
+                .map(|l| l.local_addr())
+                .transpose()?,
+            mqtts: listeners
+                .mqtts
+                .as_ref()
+                .map(|l| l.local_addr())
+                .transpose()?,
         };
         let db = Db::connect(&settings).await?;
         db.migrate().await?;
@@ -170,7 +178,10 @@ impl App {
         shutdown.cancelled().await;
         tracing::info!("shutting down");
         tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 grace_s = SHUTDOWN_GRACE.as_secs(),
                 "some tasks did not stop in time"

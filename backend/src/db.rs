@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use sqlx::any::{AnyPoolOptions, AnyConnectOptions};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::AnyPool;
 
@@ -41,12 +41,10 @@ impl Db {
     /// Connects (creating the SQLite file and data dir when needed). Does not migrate.
     pub async fn connect(settings: &Settings) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
-        let kind = settings
-            .database_kind()
-            .map_err(|e| DbError::Connect {
-                url: String::new(),
-                source: sqlx::Error::Configuration(e.to_string().into()),
-            })?;
+        let kind = settings.database_kind().map_err(|e| DbError::Connect {
+            url: String::new(),
+            source: sqlx::Error::Configuration(e.to_string().into()),
+        })?;
         let url = settings.database_url();
         if kind == DatabaseKind::Sqlite {
             std::fs::create_dir_all(&settings.data_dir).map_err(|source| DbError::DataDir {

@@ -8,7 +8,8 @@ const DEFAULT_FILTER: &str = "info,sqlx=warn,rumqttd=warn,hyper=warn,warp=warn";
 
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

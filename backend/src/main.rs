@@ -17,7 +17,11 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser)]
-#[command(name = "companion", version, about = "Companion control plane: MQTT broker, device registry, voice sessions, rules")]
+#[command(
+    name = "companion",
+    version,
+    about = "Companion control plane: MQTT broker, device registry, voice sessions, rules"
+)]
 struct Cli {
     /// Configuration file (TOML). Environment variables COMPANION_<SECTION>__<KEY> override it.
     #[arg(long, global = true)]
@@ -52,7 +56,10 @@ fn main() -> ExitCode {
     };
     logging::init(settings.log.format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("companion: cannot start the async runtime: {e}");
@@ -70,7 +77,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("companion: {e:#}");
-            if e.downcast_ref::<companion_backend::settings::SettingsError>().is_some() {
+            if e.downcast_ref::<companion_backend::settings::SettingsError>()
+                .is_some()
+            {
                 ExitCode::from(EXIT_CONFIG)
             } else if matches!(e.downcast_ref::<DbError>(), Some(DbError::Connect { .. })) {
                 ExitCode::from(EXIT_UNAVAILABLE)

@@ -4,20 +4,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::prometheus_text;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-/// Content type of the OpenMetrics text format that `encode` produces.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text format (0.0.4) that [`render`] produces.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
-/// Encodes every registered metric.
+/// Encodes every registered metric in the Prometheus text format, which `promtool check
+/// metrics` accepts (the OpenMetrics encoder's `# HELP foo` for a `foo_total` sample does not).
 pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
     let mut out = String::new();
-    encode(&mut out, registry)?;
+    prometheus_text::encode(&mut out, registry)?;
     Ok(out)
 }
 

@@ -200,7 +200,10 @@ impl Settings {
             return Err(invalid("mqtt.max_connections", "must be at least 1"));
         }
         if self.mqtt.max_packet_size < 1024 {
-            return Err(invalid("mqtt.max_packet_size", "must be at least 1024 bytes"));
+            return Err(invalid(
+                "mqtt.max_packet_size",
+                "must be at least 1024 bytes",
+            ));
         }
         if self.mqtt.tls.cert.is_some() != self.mqtt.tls.key.is_some() {
             return Err(invalid(
@@ -264,9 +267,12 @@ impl Settings {
 }
 
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, SettingsError> {
-    value
-        .parse()
-        .map_err(|_| invalid(key, format!("{value:?} is not a socket address like 0.0.0.0:8000")))
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{value:?} is not a socket address like 0.0.0.0:8000"),
+        )
+    })
 }
 
 fn optional_addr(key: &'static str, value: &str) -> Result<Option<SocketAddr>, SettingsError> {
@@ -376,6 +382,9 @@ mod tests {
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("super-secret"), "{dbg}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
-        assert_eq!(redact_url("postgres://u:hunter2@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h/db"),
+            "postgres://u:***@h/db"
+        );
     }
 }

@@ -25,17 +25,19 @@ async fn migrate_twice_and_use(settings: Settings) {
     db.migrate().await.expect("first migration");
     db.migrate().await.expect("second migration is a no-op");
     for table in TABLES {
-        let n: i64 = sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
-            .fetch_one(db.pool())
-            .await
-            .unwrap_or_else(|e| panic!("table {table}: {e}"))
-            .try_get("n")
-            .unwrap();
+        let n: i64 = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) AS n FROM {table}"
+        )))
+        .fetch_one(db.pool())
+        .await
+        .unwrap_or_else(|e| panic!("table {table}: {e}"))
+        .try_get("n")
+        .unwrap();
         if table == "_sqlx_migrations" {
             assert_eq!(n, companion_backend::db::MIGRATOR.iter().count() as i64);
         }
     }
-    // Portable SQL round trip: booleans, BIGINT times, NULLs, cascade deletes.
+    // Portable SQL round trip: 0/1 flags, BIGINT times, NULLs, cascade deletes.
     sqlx::query(
         "INSERT INTO devices (device_id, name, device_type, capabilities, enabled, created_at_ms, updated_at_ms)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -44,7 +46,7 @@ async fn migrate_twice_and_use(settings: Settings) {
     .bind("Kitchen")
     .bind("raspberry_pi")
     .bind("audio_input,leds")
-    .bind(true)
+    .bind(1i64)
     .bind(1_700_000_000_000i64)
     .bind(1_700_000_000_000i64)
     .execute(db.pool())
@@ -54,7 +56,7 @@ async fn migrate_twice_and_use(settings: Settings) {
         "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms) VALUES ($1, $2, $3, NULL)",
     )
     .bind("pi-1")
-    .bind(false)
+    .bind(0i64)
     .bind(5i64)
     .execute(db.pool())
     .await
@@ -63,9 +65,12 @@ async fn migrate_twice_and_use(settings: Settings) {
         .fetch_one(db.pool())
         .await
         .unwrap();
-    assert!(row.try_get::<bool, _>("enabled").unwrap());
-    assert!(!row.try_get::<bool, _>("online").unwrap());
-    assert_eq!(row.try_get::<Option<i64>, _>("connected_since_ms").unwrap(), None);
+    assert_eq!(row.try_get::<i64, _>("enabled").unwrap(), 1);
+    assert_eq!(row.try_get::<i64, _>("online").unwrap(), 0);
+    assert_eq!(
+        row.try_get::<Option<i64>, _>("connected_since_ms").unwrap(),
+        None
+    );
     sqlx::query("DELETE FROM devices WHERE device_id = $1")
         .bind("pi-1")
         .execute(db.pool())

@@ -37,7 +37,11 @@ async fn serve_and_check(data_dir: &std::path::Path, database_url: Option<&str>)
         cmd.env("DATABASE_URL", url);
     }
     let mut server = ServerProcess::start(cmd).await;
-    assert!(server.mqtt.is_some() && server.mqtts.is_some(), "{:?}", server.log);
+    assert!(
+        server.mqtt.is_some() && server.mqtts.is_some(),
+        "{:?}",
+        server.log
+    );
 
     let health = client.get(server.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -67,7 +71,11 @@ async fn serve_and_check(data_dir: &std::path::Path, database_url: Option<&str>)
     assert_eq!(body["error"]["code"], "not_found");
 
     let (status, took) = server.terminate().await;
-    assert!(status.success(), "exit status {status:?}; log: {:?}", server.log);
+    assert!(
+        status.success(),
+        "exit status {status:?}; log: {:?}",
+        server.log
+    );
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
 }
 
@@ -141,7 +149,11 @@ async fn a_missing_config_file_exits_64() {
 async fn a_config_file_is_read_and_the_environment_overrides_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("companion.toml");
-    std::fs::write(&file, "[log]\nformat = \"json\"\n[http]\nlisten = \"bogus\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "[log]\nformat = \"json\"\n[http]\nlisten = \"bogus\"\n",
+    )
+    .unwrap();
     // The file's bad http.listen is overridden by the environment; json logging stays.
     let mut cmd = companion_command(&dir.path().join("data"));
     cmd.arg("--config").arg(&file);

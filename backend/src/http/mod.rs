@@ -68,26 +68,43 @@ pub fn routes(state: HttpState) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-fn with<T: Clone + Send + Sync>(v: &T) -> impl Filter<Extract = (T,), Error = std::convert::Infallible> + Clone {
+fn with<T: Clone + Send + Sync>(
+    v: &T,
+) -> impl Filter<Extract = (T,), Error = std::convert::Infallible> + Clone {
     let v = v.clone();
     warp::any().map(move || v.clone())
 }
 
 /// Times a route, maps its `ApiError` to JSON, and counts it under `endpoint`.
-pub fn metered<F>(endpoint: &'static str, state: &Arc<HttpState>, route: F) -> BoxedFilter<(Response,)>
+pub fn metered<F>(
+    endpoint: &'static str,
+    state: &Arc<HttpState>,
+    route: F,
+) -> BoxedFilter<(Response,)>
 where
-    F: Filter<Extract = (Result<Response, ApiError>,), Error = Rejection> + Clone + Send + Sync + 'static,
+    F: Filter<Extract = (Result<Response, ApiError>,), Error = Rejection>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
 {
     let metrics = state.metrics.clone();
     warp::any()
         .map(Instant::now)
         .and(warp::method())
         .and(route)
-        .map(move |start: Instant, method: Method, result: Result<Response, ApiError>| {
-            let resp = result.unwrap_or_else(ApiError::into_response);
-            metrics.observe(method.as_str(), endpoint, resp.status().as_u16(), start.elapsed());
-            resp
-        })
+        .map(
+            move |start: Instant, method: Method, result: Result<Response, ApiError>| {
+                let resp = result.unwrap_or_else(ApiError::into_response);
+                metrics.observe(
+                    method.as_str(),
+                    endpoint,
+                    resp.status().as_u16(),
+                    start.elapsed(),
+                );
+                resp
+            },
+        )
         .boxed()
 }
 
@@ -101,7 +118,10 @@ where
 
 fn security_headers(mut resp: Response) -> Response {
     let h = resp.headers_mut();
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     resp
 }
@@ -138,10 +158,7 @@ async fn ready(state: &HttpState) -> Result<Response, ApiError> {
         ok: state.db.ping(Duration::from_secs(2)).await,
     }];
     for (name, check) in &state.ready_checks {
-        checks.push(Check {
-            name,
-            ok: check(),
-        });
+        checks.push(Check { name, ok: check() });
     }
     let all_ok = checks.iter().all(|c| c.ok);
     let body = Ready {

@@ -38,7 +38,7 @@ pub async fn fresh_pg_database() -> Option<String> {
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
         .await
         .expect("connect to the PostgreSQL admin URL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await
         .expect("create a test database");
@@ -82,7 +82,10 @@ pub async fn run_to_exit(mut cmd: Command) -> (std::process::ExitStatus, String)
         .await
         .expect("companion exits within 60 s")
         .expect("run companion");
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 impl ServerProcess {
@@ -104,7 +107,10 @@ impl ServerProcess {
         loop {
             let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
                 Ok(Some(line)) => line,
-                _ => panic!("companion did not report listening; log:\n{}", log.join("\n")),
+                _ => panic!(
+                    "companion did not report listening; log:\n{}",
+                    log.join("\n")
+                ),
             };
             log.push(line.clone());
             if let Some(rest) = line.split("listening ").nth(1) {
