@@ -310,3 +310,117 @@ pub fn agent_command(env_file: &Path) -> tokio::process::Command {
         .kill_on_drop(true);
     c
 }
+
+/// Waits (polling every 10 ms, with a deadline) until `cond` holds.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(DEADLINE, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not within {DEADLINE:?}"));
+}
+
+/// The next value a persisted seq file will hand out.
+pub fn seq_file(cache: &Path, name: &str) -> u64 {
+    std::fs::read_to_string(cache.join(name))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An in-process agent with simulated hardware.
+pub struct InProcessAgent {
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub buttons: mpsc::Sender<companion_agent::hw::ButtonInput>,
+    pub observed: mpsc::Receiver<companion_agent::controller::Observed>,
+    pub led: tokio::sync::watch::Receiver<companion_agent::hw::LedState>,
+}
+
+pub struct AgentHw {
+    pub audio_in: companion_agent::hw::sim::WavIn,
+    pub audio_out: companion_agent::hw::sim::WavOut,
+}
+
+impl Default for AgentHw {
+    fn default() -> Self {
+        Self {
+            audio_in: companion_agent::hw::sim::WavIn {
+                path: None,
+                realtime: true,
+            },
+            audio_out: companion_agent::hw::sim::WavOut::new(None, None, true),
+        }
+    }
+}
+
+impl InProcessAgent {
+    pub fn start(settings: Settings, telemetry_ms: u64, hw: AgentHw) -> Self {
+        let (btx, brx) = mpsc::channel(16);
+        let (otx, orx) = mpsc::channel(1024);
+        let (leds, led) = companion_agent::hw::sim::LogLeds::new();
+        let hardware = companion_agent::Hardware {
+            audio_in: Arc::new(hw.audio_in),
+            audio_out: Arc::new(hw.audio_out),
+            buttons: Box::new(companion_agent::hw::sim::ChannelButtons { rx: brx }),
+            leds: Box::new(leds),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(companion_agent::run(
+            settings,
+            hardware,
+            companion_agent::RunOptions {
+                telemetry_interval: Some(Duration::from_millis(telemetry_ms)),
+                observer: Some(otx),
+                telemetry_sources: None,
+            },
+            shutdown.clone(),
+        ));
+        Self {
+            shutdown,
+            task,
+            buttons: btx,
+            observed: orx,
+            led,
+        }
+    }
+
+    pub async fn press(&self, button: &str, action: companion_schema::ButtonAction) {
+        self.buttons
+            .send(companion_agent::hw::ButtonInput {
+                button: button.into(),
+                action,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The next observation matching `pred`, with a deadline.
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&companion_agent::controller::Observed) -> bool,
+    ) -> companion_agent::controller::Observed {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let o = self.observed.recv().await.expect("agent running");
+                if pred(&o) {
+                    return o;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {DEADLINE:?}"))
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("agent stops in time")
+            .unwrap()
+            .unwrap();
+    }
+}
