@@ -5,8 +5,10 @@
 //! Push-to-talk: talk press → `SessionControl start` and streaming (a few 20 ms Opus frames per
 //! `AudioChunk`); release (or the end of a WAV input) → a final chunk with `last` and `stop`;
 //! a press while a reply is pending or playing → `cancel` for it (barge-in), then a new `start`.
-//! Playback stops at once on `cancel`, on `idle`/`error` of a stream that did not end, and on
-//! barge-in.
+//! Playback stops at once on barge-in and on `error`. On `idle` a reply whose last chunk
+//! arrived plays out; an unfinished one stops once no audio of it came for [`IDLE_GRACE_MS`]
+//! (at once if none is arriving): rumqttd does not keep the order between a device's
+//! subscriptions, so `idle` on `session/down` can overtake the reply's tail on `audio/down`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -32,6 +34,8 @@ use crate::telemetry::SeqStore;
 pub const FRAMES_PER_CHUNK: usize = 3;
 /// Observations for tools and tests.
 pub const OBSERVER_CAPACITY: usize = 256;
+/// How long an unfinished reply may still receive audio after `idle`.
+pub const IDLE_GRACE_MS: u64 = 500;
 /// The button whose role is push-to-talk unless the config says otherwise.
 pub const DEFAULT_TALK_BUTTON: &str = "talk";
 
@@ -53,6 +57,8 @@ pub enum Observed {
         session: SessionId,
         cancelled: bool,
     },
+    /// The device is done with this session's reply (played, cut, or none came).
+    ReplyClosed(SessionId),
     Led(LedState),
 }
 
@@ -71,6 +77,8 @@ pub struct Controller {
     talk: Option<Talk>,
     /// The session whose reply we are waiting for or playing.
     reply: Option<Reply>,
+    /// The latest session this device opened (its events are ours even after the reply).
+    recent: Option<SessionId>,
     undecodable: u64,
 }
 
@@ -85,6 +93,27 @@ struct Reply {
     session: SessionId,
     playback: Option<Playback>,
     stream_ended: bool,
+    /// When `idle` came for an unfinished stream.
+    idle_at: Option<u64>,
+    last_chunk_at: u64,
+}
+
+impl Reply {
+    fn new(session: SessionId) -> Self {
+        Self {
+            session,
+            playback: None,
+            stream_ended: false,
+            idle_at: None,
+            last_chunk_at: 0,
+        }
+    }
+
+    /// When an unfinished reply is given up after `idle`.
+    fn give_up_at(&self) -> Option<u64> {
+        let idle = self.idle_at?;
+        (!self.stream_ended).then(|| idle.max(self.last_chunk_at) + IDLE_GRACE_MS)
+    }
 }
 
 async fn next_frame(talk: &mut Option<Talk>) -> Option<Vec<u8>> {
@@ -102,6 +131,11 @@ async fn playback_done(reply: &Option<Reply>) {
             None => std::future::pending::<()>().await,
         }
     }
+}
+
+async fn sleep_until_ms(at: Option<u64>) {
+    let ms = at.unwrap_or(0).saturating_sub(now_ms());
+    tokio::time::sleep(Duration::from_millis(ms)).await
 }
 
 fn new_session_id() -> SessionId {
@@ -135,6 +169,7 @@ impl Controller {
             volume: Arc::new(AtomicU8::new(DeviceConfig::default().volume)),
             talk: None,
             reply: None,
+            recent: None,
             undecodable: 0,
         }
     }
@@ -159,9 +194,10 @@ impl Controller {
         self.refresh_led();
         loop {
             let expiry = self.policy.expires_at();
+            let give_up = self.reply.as_ref().and_then(Reply::give_up_at);
             // Cases: shutdown; a button gesture; a down-topic message; an encoded microphone
-            // frame (or the end of the input); the reply finished playing; a timed LED
-            // command expired.
+            // frame (or the end of the input); the reply finished playing; an unfinished
+            // reply's grace after `idle` ran out; a timed LED command expired.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(b) = buttons.recv() => self.on_button(b).await,
@@ -171,7 +207,8 @@ impl Controller {
                     None => self.stop_talk("end of input"),
                 },
                 _ = playback_done(&self.reply) => self.on_playback_done(),
-                _ = tokio::time::sleep(Duration::from_millis(expiry.unwrap_or(0).saturating_sub(now_ms()))), if expiry.is_some() => self.refresh_led(),
+                _ = sleep_until_ms(give_up), if give_up.is_some() => self.close_reply(true),
+                _ = sleep_until_ms(expiry), if expiry.is_some() => self.refresh_led(),
             }
         }
         if let Some(t) = self.talk.take() {
@@ -257,12 +294,10 @@ impl Controller {
         if self.talk.is_some() {
             return;
         }
-        if let Some(r) = self.reply.take() {
+        if let Some(r) = &self.reply {
             self.control(&r.session, SessionAction::Cancel, "barge-in");
             self.observe(Observed::Cancelled(r.session.clone()));
-            self.reply = Some(r);
-            self.stop_playback(true);
-            self.reply = None;
+            self.close_reply(true);
         }
         let session = new_session_id();
         if !self.control(&session, SessionAction::Start, "talk button") {
@@ -282,6 +317,7 @@ impl Controller {
         };
         tracing::info!(session_id = %session, "listening");
         self.observe(Observed::Started(session.clone()));
+        self.recent = Some(session.clone());
         self.talk = Some(Talk {
             session,
             capture,
@@ -339,11 +375,7 @@ impl Controller {
             session: t.session.clone(),
             chunks: t.seq,
         });
-        self.reply = Some(Reply {
-            session: t.session,
-            playback: None,
-            stream_ended: false,
-        });
+        self.reply = Some(Reply::new(t.session));
         self.policy.set_session(SessionState::Thinking);
         self.refresh_led();
     }
@@ -371,7 +403,7 @@ impl Controller {
     }
 
     fn on_session(&mut self, e: SessionEvent) {
-        let ours = self.talk.as_ref().map(|t| &t.session) == Some(&e.session_id)
+        let ours = self.recent.as_ref() == Some(&e.session_id)
             || self.reply.as_ref().map(|r| &r.session) == Some(&e.session_id);
         if !ours {
             tracing::debug!(session_id = %e.session_id, "event for another session");
@@ -379,19 +411,37 @@ impl Controller {
         }
         tracing::info!(session_id = %e.session_id, state = ?e.state, transcript = ?e.transcript, reply = ?e.reply_text, "session");
         if matches!(e.state, SessionState::Idle | SessionState::Error) {
-            // A reply that was fully delivered plays out; anything else stops at once.
-            let complete = self.reply.as_ref().is_some_and(|r| r.stream_ended);
-            if !complete {
-                self.stop_playback(true);
-                self.reply = None;
-            }
             if let Some(t) = self.talk.take() {
                 t.capture.stop();
             }
         }
+        let reply_is_this = self
+            .reply
+            .as_ref()
+            .is_some_and(|r| r.session == e.session_id);
+        match e.state {
+            SessionState::Error if reply_is_this => self.close_reply(true),
+            SessionState::Idle if reply_is_this => {
+                let now = now_ms();
+                if let Some(r) = &mut self.reply {
+                    if !r.stream_ended {
+                        r.idle_at = Some(now);
+                    }
+                }
+            }
+            _ => {}
+        }
         self.policy.set_session(e.state);
         self.refresh_led();
         self.observe(Observed::Session(e));
+    }
+
+    /// Ends the current reply: stops playback (at once when `cut`) and forgets the session.
+    fn close_reply(&mut self, cut: bool) {
+        self.stop_playback(cut);
+        if let Some(r) = self.reply.take() {
+            self.observe(Observed::ReplyClosed(r.session));
+        }
     }
 
     fn on_audio(&mut self, c: AudioChunk) {
@@ -401,14 +451,13 @@ impl Controller {
             .is_some_and(|r| r.session == c.session_id);
         if !for_reply {
             // Speech the backend starts on its own (a `say` rule) plays when we are idle.
-            if self.talk.is_some() || self.reply.is_some() {
+            if self.talk.is_some()
+                || self.reply.is_some()
+                || self.recent.as_ref() == Some(&c.session_id)
+            {
                 return;
             }
-            self.reply = Some(Reply {
-                session: c.session_id.clone(),
-                playback: None,
-                stream_ended: false,
-            });
+            self.reply = Some(Reply::new(c.session_id.clone()));
         }
         let Some(r) = &mut self.reply else { return };
         if r.playback.is_none() {
@@ -426,6 +475,7 @@ impl Controller {
             self.observe(Observed::PlaybackStarted(s));
         }
         let Some(r) = &mut self.reply else { return };
+        r.last_chunk_at = now_ms();
         if c.last {
             r.stream_ended = true;
         }
@@ -463,7 +513,7 @@ impl Controller {
             cancelled: report.cancelled,
         });
         if ended {
-            self.reply = None;
+            self.close_reply(false);
         }
     }
 

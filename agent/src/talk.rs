@@ -96,8 +96,8 @@ async fn drive(
 ) -> Result<TalkOutcome, TalkError> {
     let mut out = TalkOutcome::default();
     let mut session = None;
-    let mut done_session = false;
-    let mut playing = false;
+    let mut idle = false;
+    let mut closed = false;
     while let Some(o) = obs.recv().await {
         match o {
             Observed::Connected(true) if session.is_none() => {
@@ -129,17 +129,14 @@ async fn drive(
                     return Err(TalkError::Session(e.error.unwrap_or_default()));
                 }
                 if e.state == SessionState::Idle && out.states.len() > 1 {
-                    done_session = true;
+                    idle = true;
                 }
             }
-            Observed::PlaybackStarted(_) => playing = true,
-            Observed::PlaybackEnded { .. } => {
-                playing = false;
-                out.reply_played = true;
-            }
+            Observed::PlaybackEnded { cancelled, .. } => out.reply_played = !cancelled,
+            Observed::ReplyClosed(s) if Some(&s) == session.as_ref() => closed = true,
             _ => {}
         }
-        if done_session && !playing {
+        if idle && closed {
             return Ok(out);
         }
     }
