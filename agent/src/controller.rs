@@ -123,13 +123,10 @@ async fn next_frame(talk: &mut Option<Talk>) -> Option<Vec<u8>> {
     }
 }
 
-async fn playback_done(reply: &Option<Reply>) {
-    loop {
-        match reply.as_ref().and_then(|r| r.playback.as_ref()) {
-            Some(p) if p.is_finished() => return,
-            Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            None => std::future::pending::<()>().await,
-        }
+async fn playback_done(reply: &mut Option<Reply>) {
+    match reply.as_mut().and_then(|r| r.playback.as_mut()) {
+        Some(p) => p.finished().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -206,7 +203,7 @@ impl Controller {
                     Some(frame) => self.on_frame(frame),
                     None => self.stop_talk("end of input"),
                 },
-                _ = playback_done(&self.reply) => self.on_playback_done(),
+                _ = playback_done(&mut self.reply) => self.on_playback_done(),
                 _ = sleep_until_ms(give_up), if give_up.is_some() => self.close_reply(true),
                 _ = sleep_until_ms(expiry), if expiry.is_some() => self.refresh_led(),
             }

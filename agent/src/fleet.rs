@@ -405,13 +405,11 @@ fn on_connected(dev: &Device) {
 fn on_message(dev: &Device, topic: &str, payload: &[u8]) {
     let Ok(t) = Topic::parse(topic) else { return };
     match t.kind {
-        TopicKind::Persona => {
-            if decode::<PersonaState>(payload).is_ok() {
-                let pressed = dev.state().persona_pressed.take();
-                if let Some(t0) = pressed {
-                    dev.stats.persona_received.fetch_add(1, Ordering::Relaxed);
-                    record(&dev.stats.persona_rtt, t0.elapsed());
-                }
+        TopicKind::Persona if decode::<PersonaState>(payload).is_ok() => {
+            let pressed = dev.state().persona_pressed.take();
+            if let Some(t0) = pressed {
+                dev.stats.persona_received.fetch_add(1, Ordering::Relaxed);
+                record(&dev.stats.persona_rtt, t0.elapsed());
             }
         }
         TopicKind::AudioDown => {

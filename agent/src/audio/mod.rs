@@ -118,6 +118,7 @@ pub struct Playback {
     tx: Option<mpsc::Sender<PlayItem>>,
     cancel: Arc<AtomicBool>,
     thread: Option<JoinHandle<PlaybackReport>>,
+    done: Option<tokio::sync::oneshot::Receiver<()>>,
     pub overflow: u64,
 }
 
@@ -141,6 +142,14 @@ impl Playback {
     pub fn cancel(&mut self) {
         self.cancel.store(true, Ordering::Relaxed);
         self.tx = None;
+    }
+
+    /// Resolves once the thread has stopped (played out, cancelled or failed).
+    pub async fn finished(&mut self) {
+        if let Some(rx) = &mut self.done {
+            let _ = rx.await;
+            self.done = None;
+        }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -167,6 +176,7 @@ pub fn start_playback(
     let (tx, mut rx) = mpsc::channel::<PlayItem>(PLAYBACK_CAPACITY);
     let cancel = Arc::new(AtomicBool::new(false));
     let cancel2 = cancel.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("audio-playback".into())
         .spawn(move || {
@@ -221,6 +231,7 @@ pub fn start_playback(
             if let Err(e) = sink.finish(report.cancelled) {
                 tracing::warn!(error = %e, "closing playback failed");
             }
+            let _ = done_tx.send(());
             report
         })
         .map_err(HwError::Io)?;
@@ -228,6 +239,7 @@ pub fn start_playback(
         tx: Some(tx),
         cancel,
         thread: Some(thread),
+        done: Some(done_rx),
         overflow: 0,
     })
 }
