@@ -40,10 +40,10 @@ pub const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("reading the CA certificate {path}: {source}")]
+    #[error("reading the CA certificate {path}: {error}")]
     CaRead {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0} holds no usable CA certificate")]
     CaEmpty(std::path::PathBuf),
@@ -91,9 +91,9 @@ pub fn qos(kind: TopicKind) -> QoS {
 
 /// A rustls client configuration trusting exactly the CAs in `ca_pem`.
 pub fn tls_config(ca_pem: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, LinkError> {
-    let pem = std::fs::read(ca_pem).map_err(|source| LinkError::CaRead {
+    let pem = std::fs::read(ca_pem).map_err(|error| LinkError::CaRead {
         path: ca_pem.to_owned(),
-        source,
+        error,
     })?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
