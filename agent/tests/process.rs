@@ -143,3 +143,33 @@ async fn bad_configuration_exits_64_naming_the_variable() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[tokio::test]
+async fn on_a_machine_without_gpio_the_pi_hardware_fails_with_one_clear_line() {
+    if std::path::Path::new("/dev/gpiomem").exists() {
+        return; // A real Pi: the pins may open.
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env = env_file(
+        dir.path(),
+        &[
+            ("DEVICE_ID", "pi-1".into()),
+            ("CONTROL_PLANE_URL", "mqtt://127.0.0.1:1".into()),
+            ("DEVICE_AUTH_TOKEN", "t".into()),
+            ("CACHE_DIR", dir.path().display().to_string()),
+        ],
+    );
+    let out = agent_command(&env)
+        .args(["--hardware", "pi"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no GPIO on this machine") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}
