@@ -23,6 +23,8 @@ use crate::link::{now_ms, qos};
 /// Per-device state shared by its two tasks.
 #[derive(Default)]
 pub(crate) struct DevState {
+    /// Between a CONNACK and the next connection error.
+    connected: bool,
     /// QoS 1 publishes handed to rumqttc and not yet numbered: (kind, sent at).
     fifo: VecDeque<(TopicKind, Instant)>,
     pkids: HashMap<u16, (TopicKind, Instant)>,
@@ -36,6 +38,8 @@ pub(crate) struct Device {
     pub(crate) client: AsyncClient,
     pub(crate) state: Arc<Mutex<DevState>>,
     pub(crate) stats: Arc<FleetStats>,
+    /// Signalled at the first CONNACK; the driver starts then.
+    pub(crate) ready: tokio::sync::Notify,
 }
 
 impl Device {
@@ -46,6 +50,11 @@ impl Device {
     fn publish(&self, kind: TopicKind, payload: Vec<u8>) -> bool {
         let topic = Topic::new(self.id.clone(), kind).to_string();
         let mut st = self.state();
+        if !st.connected {
+            // Not counted as sent: nothing can carry it now.
+            self.stats.skipped_offline.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         match self
             .client
             .try_publish(topic, qos(kind), kind.retained(), payload)
@@ -89,6 +98,8 @@ pub(crate) async fn event_loop(
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                dev.state().connected = true;
+                dev.ready.notify_one();
                 backoff.reset();
                 dev.stats.connected.fetch_add(1, Ordering::Relaxed);
                 on_connected(&dev);
@@ -121,6 +132,7 @@ pub(crate) async fn event_loop(
                 dev.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                 {
                     let mut st = dev.state();
+                    st.connected = false;
                     st.fifo.clear();
                     st.pkids.clear();
                 }
@@ -199,6 +211,11 @@ pub(crate) async fn drive(
     at: tokio::time::Instant,
 ) {
     tokio::time::sleep_until(at).await;
+    // Cases: shutdown before connecting; the first CONNACK.
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = dev.ready.notified() => {}
+    }
     let mut telemetry =
         tokio::time::interval(Duration::from_millis(args.telemetry_interval_ms.max(1)));
     telemetry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -224,6 +241,8 @@ pub(crate) async fn drive(
                     dev.state().persona_pressed = Some(Instant::now());
                     if dev.publish(TopicKind::Button, p) {
                         dev.stats.buttons_sent.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        dev.state().persona_pressed = None;
                     }
                 }
             }

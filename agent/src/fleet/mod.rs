@@ -164,6 +164,7 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
             client,
             state: Arc::new(Mutex::new(DevState::default())),
             stats: stats.clone(),
+            ready: tokio::sync::Notify::new(),
         });
         let at = start + ramp.mul_f64(i as f64 / args.devices.max(1) as f64);
         let talker = i < args.talkers;

@@ -29,6 +29,8 @@ pub struct FleetStats {
     pub reply_audio_received: AtomicU64,
     pub replies: AtomicU64,
     pub publish_errors: AtomicU64,
+    /// Messages not produced because the device was disconnected at the time.
+    pub skipped_offline: AtomicU64,
     pub telemetry_puback: Mutex<Histogram<u64>>,
     pub telemetry_ingest: Mutex<Histogram<u64>>,
     pub persona_rtt: Mutex<Histogram<u64>>,
@@ -52,6 +54,7 @@ impl Default for FleetStats {
             reply_audio_received: AtomicU64::new(0),
             replies: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
+            skipped_offline: AtomicU64::new(0),
             telemetry_puback: histogram(),
             telemetry_ingest: histogram(),
             persona_rtt: histogram(),
@@ -92,10 +95,11 @@ pub fn report(args: &FleetArgs, s: &FleetStats, elapsed: Duration) -> String {
     );
     let _ = writeln!(
         out,
-        "connections {:>10}   connection errors {}   publish errors {}",
+        "connections {:>10}   connection errors {}   publish errors {}   skipped while offline {}",
         g(&s.connected),
         g(&s.connect_errors),
-        g(&s.publish_errors)
+        g(&s.publish_errors),
+        g(&s.skipped_offline)
     );
     let _ = writeln!(
         out,
