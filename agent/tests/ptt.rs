@@ -8,8 +8,8 @@ use companion_agent::audio::codec::{Decoder, Encoder};
 use companion_agent::controller::Observed;
 use companion_agent::hw::FRAME_SAMPLES;
 use companion_schema::{
-    AudioChunk, ButtonAction, Codec, LedPattern, Payload, PersonaId, PersonaState, SessionAction,
-    SessionEvent, SessionId, SessionState, TopicKind,
+    AudioChunk, ButtonAction, Codec, LedCommand, LedPattern, Payload, PersonaId, PersonaState,
+    SessionAction, SessionEvent, SessionId, SessionState, TopicKind,
 };
 use serde_bytes::ByteBuf;
 
@@ -86,7 +86,8 @@ async fn control(backend: &mut Backend, action: SessionAction) -> SessionId {
 }
 
 #[tokio::test]
-async fn a_persona_button_press_switches_the_led_to_the_persona_colour() {
+async fn a_persona_button_press_switches_the_led_to_the_persona_colour_and_a_led_command_overrides_it(
+) {
     let (_broker, mut backend, mut agent, _dir) = setup().await;
     agent.press("persona", ButtonAction::Press).await;
     let Payload::Button(b) = backend
@@ -120,6 +121,31 @@ async fn a_persona_button_press_switches_the_led_to_the_persona_colour() {
     let led = *agent.led.borrow();
     assert_eq!(led.color, [0, 200, 50]);
     assert_eq!(led.pattern, LedPattern::Solid);
+
+    // A LedCommand overrides the persona colour until it expires.
+    backend
+        .send(
+            TopicKind::Led,
+            &Payload::Led(LedCommand {
+                v: 1,
+                pattern: LedPattern::Blink,
+                color: [255, 0, 0],
+                brightness: 200,
+                duration_ms: Some(300),
+            }),
+        )
+        .await;
+    let mut led = agent.led.clone();
+    tokio::time::timeout(DEADLINE, led.wait_for(|l| l.pattern == LedPattern::Blink))
+        .await
+        .expect("the command shows")
+        .unwrap();
+    assert_eq!(led.borrow().color, [255, 0, 0]);
+    tokio::time::timeout(DEADLINE, led.wait_for(|l| l.pattern == LedPattern::Solid))
+        .await
+        .expect("the command expires")
+        .unwrap();
+    assert_eq!(led.borrow().color, [0, 200, 50]);
     agent.stop().await;
 }
 
@@ -251,5 +277,36 @@ async fn an_idle_event_cuts_an_unfinished_reply_but_a_complete_one_plays_out() {
             cancelled: false
         }
     );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn the_telemetry_interval_follows_the_retained_config() {
+    let broker = TestBroker::start(&[(DEVICE, TOKEN)]).await;
+    let mut backend = broker.backend(DEVICE).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = InProcessAgent::start_with(
+        settings(DEVICE, TOKEN, broker.plain, None, &dir.path().join("cache")),
+        None,
+        AgentHw::default(),
+    );
+    // The first reading goes out at start; the next would take the default 30 s.
+    backend
+        .wait_for("telemetry", |p| matches!(p, Payload::Telemetry(_)))
+        .await;
+    backend
+        .send(
+            TopicKind::Config,
+            &Payload::Config(companion_schema::DeviceConfig {
+                telemetry_interval_s: 1,
+                ..Default::default()
+            }),
+        )
+        .await;
+    for _ in 0..2 {
+        backend
+            .wait_for("telemetry at 1 s", |p| matches!(p, Payload::Telemetry(_)))
+            .await;
+    }
     agent.stop().await;
 }

@@ -358,6 +358,11 @@ impl Default for AgentHw {
 
 impl InProcessAgent {
     pub fn start(settings: Settings, telemetry_ms: u64, hw: AgentHw) -> Self {
+        Self::start_with(settings, Some(Duration::from_millis(telemetry_ms)), hw)
+    }
+
+    /// `telemetry: None` follows the retained config (default 30 s).
+    pub fn start_with(settings: Settings, telemetry: Option<Duration>, hw: AgentHw) -> Self {
         let (btx, brx) = mpsc::channel(16);
         let (otx, orx) = mpsc::channel(1024);
         let (leds, led) = companion_agent::hw::sim::LogLeds::new();
@@ -372,7 +377,7 @@ impl InProcessAgent {
             settings,
             hardware,
             companion_agent::RunOptions {
-                telemetry_interval: Some(Duration::from_millis(telemetry_ms)),
+                telemetry_interval: telemetry,
                 observer: Some(otx),
                 telemetry_sources: None,
             },
