@@ -54,7 +54,7 @@ pub async fn talk(
     mut print: impl FnMut(String),
 ) -> Result<TalkOutcome, TalkError> {
     crate::hw::sim::read_wav(&opts.wav)?;
-    let (press_tx, press_rx) = mpsc::channel(4);
+    let (press_tx, press_rx) = mpsc::channel(crate::hw::BUTTON_CAPACITY);
     let (obs_tx, mut obs) = mpsc::channel(crate::controller::OBSERVER_CAPACITY);
     let (leds, _led_rx) = LogLeds::new();
     let hardware = Hardware {
