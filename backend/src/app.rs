@@ -6,14 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use companion_broker::{BrokerHandle, EdgeListeners};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::AuditLog;
+use crate::context::{ApiContext, MqttInfo};
 use crate::db::Db;
-use crate::http::{self, HttpState};
 use crate::metrics::HttpMetrics;
+use crate::mqtt_auth::{self, ChannelSink, PresenceMetrics, RegistryAuthenticator};
+use crate::ratelimit::KeyedLimiter;
+use crate::registry::admin::JWT_LIFETIME;
+use crate::registry::{AdminAuth, DeviceStore, EnrollmentStore};
 use crate::secrets::{self, TokenSource};
 use crate::settings::{Secret, Settings};
 
@@ -86,32 +92,34 @@ impl std::fmt::Display for BoundAddrs {
     }
 }
 
-/// A built, not yet running, server.
+/// A running server's parts that tests and callers may use.
 pub struct App {
     settings: Settings,
     db: Db,
     admin_token: Secret,
     addrs: BoundAddrs,
-    listeners: Listeners,
-    registry: Registry,
-    http_metrics: Arc<HttpMetrics>,
+    ctx: Arc<ApiContext>,
+    broker: BrokerHandle,
+    http_listener: TcpListener,
+    http_tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    ca_pem: Option<std::path::PathBuf>,
 }
 
 impl App {
-    /// Connects and migrates the database, prepares secrets and metrics. Binds nothing new.
-    pub async fn build(settings: Settings, listeners: Listeners) -> anyhow::Result<Self> {
+    /// Connects and migrates the database, prepares secrets and metrics, starts the broker
+    /// and the background tasks (they stop when `shutdown` is cancelled). HTTP is served by
+    /// [`App::run`].
+    pub async fn build(
+        settings: Settings,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let addrs = BoundAddrs {
             http: listeners.http.local_addr()?,
-            mqtt: listeners
-                .mqtt
-                .as_ref()
-                .map(|l| l.local_addr())
-                .transpose()?,
-            mqtts: listeners
-                .mqtts
-                .as_ref()
-                .map(|l| l.local_addr())
-                .transpose()?,
+            mqtt: listeners.mqtt.as_ref().map(|l| l.local_addr()).transpose()?,
+            mqtts: listeners.mqtts.as_ref().map(|l| l.local_addr()).transpose()?,
         };
         let db = Db::connect(&settings).await?;
         db.migrate().await?;
@@ -126,16 +134,94 @@ impl App {
                 tracing::info!(path = %path.display(), "bootstrap admin token")
             }
         }
+        let jwt_secret = secrets::jwt_secret(&settings)?;
+
         let mut registry = Registry::default();
         let http_metrics = HttpMetrics::register(&mut registry);
+        let presence_metrics = PresenceMetrics::register(&mut registry);
+
+        let tls = if listeners.mqtts.is_some() || settings.http.tls {
+            Some(
+                companion_broker::tls::load_or_generate(
+                    &settings.mqtt.tls,
+                    &settings.data_dir,
+                    &settings.mqtt.hosts,
+                )
+                .context("preparing TLS material")?,
+            )
+        } else {
+            None
+        };
+        let tracker = TaskTracker::new();
+        let devices = DeviceStore::new(db.clone());
+        let audit = AuditLog::new(db.clone());
+        let authenticator = RegistryAuthenticator::new(devices.clone());
+        let (sink, events) = ChannelSink::new(presence_metrics);
+        tracker.spawn(mqtt_auth::write_events(
+            events,
+            db.clone(),
+            audit.clone(),
+            shutdown.clone(),
+        ));
+        let broker = companion_broker::start(
+            &settings.mqtt,
+            tls.as_ref().map(|t| t.server_config.clone()),
+            EdgeListeners {
+                plain: listeners.mqtt,
+                tls: listeners.mqtts,
+            },
+            authenticator.clone(),
+            sink,
+            &mut registry,
+            shutdown.clone(),
+            &tracker,
+        )
+        .await
+        .context("starting the broker")?;
+
+        let mqtt = MqttInfo {
+            host: settings
+                .mqtt
+                .hosts
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "localhost".into()),
+            port: addrs.mqtts.or(addrs.mqtt).map_or(8883, |a| a.port()),
+            tls: addrs.mqtts.is_some(),
+        };
+        let http_tls = if settings.http.tls {
+            tls.as_ref()
+                .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone()))
+        } else {
+            None
+        };
+        let ctx = Arc::new(ApiContext {
+            db: db.clone(),
+            devices,
+            enrollments: EnrollmentStore::new(db.clone()),
+            admin: AdminAuth::new(db.clone(), &admin_token, &jwt_secret),
+            audit,
+            authenticator,
+            broker: Some(broker.clone()),
+            mqtt,
+            registry: Arc::new(registry),
+            http_metrics,
+            limiter: KeyedLimiter::per_minute(settings.http.rate_limit_per_minute),
+            enroll_failures: KeyedLimiter::per_minute(settings.http.enroll_failures_per_minute),
+            jwt_lifetime: JWT_LIFETIME,
+        });
         Ok(Self {
+            ca_pem: tls.map(|t| t.ca_pem_path),
             settings,
             db,
             admin_token,
             addrs,
-            listeners,
-            registry,
-            http_metrics,
+            ctx,
+            broker,
+            http_listener: listeners.http,
+            http_tls,
+            shutdown,
+            tracker,
         })
     }
 
@@ -155,30 +241,36 @@ impl App {
         &self.settings
     }
 
-    /// Serves until `shutdown` is cancelled, then stops every task within the grace period.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let tracker = TaskTracker::new();
-        let registry = Arc::new(self.registry);
-        let state = HttpState {
-            db: self.db.clone(),
-            registry,
-            metrics: self.http_metrics,
-            ready_checks: Vec::new(),
-        };
-        let routes = http::routes(state);
-        let http_shutdown = shutdown.clone();
-        tracker.spawn(
-            warp::serve(routes)
-                .incoming(self.listeners.http)
-                .graceful(async move { http_shutdown.cancelled().await })
-                .run(),
-        );
+    pub fn broker(&self) -> &BrokerHandle {
+        &self.broker
+    }
+
+    pub fn context(&self) -> &Arc<ApiContext> {
+        &self.ctx
+    }
+
+    /// The CA devices must trust (the generated development CA, or the configured cert).
+    pub fn ca_pem_path(&self) -> Option<&std::path::Path> {
+        self.ca_pem.as_deref()
+    }
+
+    /// Serves HTTP until the shutdown token is cancelled, then stops every task within the
+    /// grace period.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let routes = crate::http::routes(&self.ctx);
+        self.tracker.spawn(crate::http::server::serve(
+            routes,
+            self.http_listener,
+            self.http_tls,
+            self.shutdown.clone(),
+            self.tracker.clone(),
+        ));
         tracing::info!("listening {}", self.addrs);
 
-        shutdown.cancelled().await;
+        self.shutdown.cancelled().await;
         tracing::info!("shutting down");
-        tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
             .await
             .is_err()
         {
@@ -187,6 +279,7 @@ impl App {
                 "some tasks did not stop in time"
             );
         }
+        drop(self.ctx);
         self.db.close().await;
         Ok(())
     }
@@ -198,5 +291,8 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    App::build(settings, listeners).await?.run(shutdown).await
+    App::build(settings, listeners, shutdown)
+        .await?
+        .run()
+        .await
 }

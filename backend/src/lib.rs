@@ -10,10 +10,16 @@
 //! `CancellationToken` (cancelled by SIGINT/SIGTERM in `main`) stops them all; shutdown waits
 //! at most [`app::SHUTDOWN_GRACE`].
 
+pub mod api;
 pub mod app;
+pub mod audit;
+pub mod context;
 pub mod db;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt_auth;
+pub mod ratelimit;
+pub mod registry;
 pub mod secrets;
 pub mod settings;

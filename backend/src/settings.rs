@@ -41,12 +41,22 @@ impl Default for Settings {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: String,
+    /// Serve HTTPS with the same certificate as the MQTT TLS listener.
+    pub tls: bool,
+    /// REST requests per minute per admin principal, and per client address for routes
+    /// without admin credentials.
+    pub rate_limit_per_minute: u32,
+    /// Failed enrolment attempts per minute per client address.
+    pub enroll_failures_per_minute: u32,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8000".into(),
+            tls: false,
+            rate_limit_per_minute: 100,
+            enroll_failures_per_minute: 10,
         }
     }
 }
@@ -76,6 +86,8 @@ impl Default for DatabaseSettings {
 pub struct AdminSettings {
     /// The bootstrap admin token. Unset: generated into `{data_dir}/admin-token`.
     pub token: Option<Secret>,
+    /// The HS256 key for admin JWTs. Unset: generated into `{data_dir}/jwt-secret`.
+    pub jwt_secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -214,6 +226,17 @@ impl Settings {
         self.database_kind()?;
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
+        }
+        if self.http.rate_limit_per_minute == 0 {
+            return Err(invalid("http.rate_limit_per_minute", "must be at least 1"));
+        }
+        if self.http.enroll_failures_per_minute == 0 {
+            return Err(invalid("http.enroll_failures_per_minute", "must be at least 1"));
+        }
+        if let Some(secret) = &self.admin.jwt_secret {
+            if secret.expose().len() < 32 {
+                return Err(invalid("admin.jwt_secret", "must be at least 32 characters long"));
+            }
         }
         if let Some(token) = &self.admin.token {
             if token.expose().len() < 16 {
