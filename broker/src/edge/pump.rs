@@ -247,7 +247,7 @@ impl<'a> Pump<'a> {
         let far = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
         // Bytes that arrived with the CONNECT.
-        let mut step = self.from_device(&mut dbuf, max, &mut to_router, &mut to_device);
+        let mut step = self.check_from_device(&mut dbuf, max, &mut to_router, &mut to_device);
         loop {
             if !to_device.is_empty() && !write_or_stop(dw, &mut to_device, control).await {
                 return write_failed(control);
@@ -269,14 +269,14 @@ impl<'a> Pump<'a> {
                         return DisconnectReason::NetworkError;
                     }
                     deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
-                    step = self.from_device(&mut dbuf, max, &mut to_router, &mut to_device);
+                    step = self.check_from_device(&mut dbuf, max, &mut to_router, &mut to_device);
                 }
                 read = ur.read_buf(&mut ubuf) => {
                     if !matches!(read, Ok(n) if n > 0) {
                         tracing::debug!(device_id = %self.device, "router closed the connection");
                         return DisconnectReason::NetworkError;
                     }
-                    step = match self.from_router(&mut ubuf, &mut to_device) {
+                    step = match self.frame_from_router(&mut ubuf, &mut to_device) {
                         Ok(()) => Step::Continue,
                         Err(_) => Step::Close(DisconnectReason::ProtocolError),
                     };
@@ -290,7 +290,7 @@ impl<'a> Pump<'a> {
 
     /// Checks every complete device packet in `buf`; allowed ones go to `to_router`, the
     /// edge's own answers (PUBACK for a dropped publish) to `to_device`.
-    fn from_device(
+    fn check_from_device(
         &mut self,
         buf: &mut BytesMut,
         max: usize,
@@ -419,7 +419,7 @@ impl<'a> Pump<'a> {
     }
 
     /// Frames router packets for the device, counting publishes by class.
-    fn from_router(
+    fn frame_from_router(
         &mut self,
         buf: &mut BytesMut,
         to_device: &mut BytesMut,
