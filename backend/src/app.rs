@@ -118,8 +118,16 @@ impl App {
     ) -> anyhow::Result<Self> {
         let addrs = BoundAddrs {
             http: listeners.http.local_addr()?,
-            mqtt: listeners.mqtt.as_ref().map(|l| l.local_addr()).transpose()?,
-            mqtts: listeners.mqtts.as_ref().map(|l| l.local_addr()).transpose()?,
+            mqtt: listeners
+                .mqtt
+                .as_ref()
+                .map(|l| l.local_addr())
+                .transpose()?,
+            mqtts: listeners
+                .mqtts
+                .as_ref()
+                .map(|l| l.local_addr())
+                .transpose()?,
         };
         let db = Db::connect(&settings).await?;
         db.migrate().await?;
@@ -291,8 +299,5 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    App::build(settings, listeners, shutdown)
-        .await?
-        .run()
-        .await
+    App::build(settings, listeners, shutdown).await?.run().await
 }

@@ -101,7 +101,10 @@ impl ApiContext {
     }
 
     /// The per-address limit on failed enrolments.
-    pub fn enroll_failure_limit(&self, remote: Option<std::net::SocketAddr>) -> Result<(), ApiError> {
+    pub fn enroll_failure_limit(
+        &self,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Result<(), ApiError> {
         self.enroll_failures
             .check(&addr_key(remote))
             .map_err(|retry_after_s| ApiError::TooManyRequests { retry_after_s })

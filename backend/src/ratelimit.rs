@@ -32,13 +32,15 @@ impl KeyedLimiter {
         if self.checks.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             self.limiter.retain_recent();
         }
-        self.limiter.check_key(&key.to_owned()).map_err(|not_until| {
-            not_until
-                .wait_time_from(self.clock.now())
-                .as_secs_f64()
-                .ceil()
-                .max(1.0) as u64
-        })
+        self.limiter
+            .check_key(&key.to_owned())
+            .map_err(|not_until| {
+                not_until
+                    .wait_time_from(self.clock.now())
+                    .as_secs_f64()
+                    .ceil()
+                    .max(1.0) as u64
+            })
     }
 }
 

@@ -231,11 +231,17 @@ impl Settings {
             return Err(invalid("http.rate_limit_per_minute", "must be at least 1"));
         }
         if self.http.enroll_failures_per_minute == 0 {
-            return Err(invalid("http.enroll_failures_per_minute", "must be at least 1"));
+            return Err(invalid(
+                "http.enroll_failures_per_minute",
+                "must be at least 1",
+            ));
         }
         if let Some(secret) = &self.admin.jwt_secret {
             if secret.expose().len() < 32 {
-                return Err(invalid("admin.jwt_secret", "must be at least 32 characters long"));
+                return Err(invalid(
+                    "admin.jwt_secret",
+                    "must be at least 32 characters long",
+                ));
             }
         }
         if let Some(token) = &self.admin.token {

@@ -22,9 +22,9 @@ fn tls_options(ca_pem: &std::path::Path, port: u16, id: &str, token: &str) -> Mq
     let mut o = MqttOptions::new(id, "localhost", port);
     o.set_credentials(id, token);
     o.set_keep_alive(Duration::from_secs(30));
-    o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-        std::sync::Arc::new(config),
-    )));
+    o.set_transport(Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
+    ));
     o
 }
 
@@ -36,7 +36,10 @@ async fn a_full_lifecycle_never_logs_a_secret() {
     let mut cmd = companion_command(&data);
     cmd.env("RUST_LOG", "debug");
     let mut server = ServerProcess::start(cmd).await;
-    let admin = std::fs::read_to_string(data.join("admin-token")).unwrap().trim().to_owned();
+    let admin = std::fs::read_to_string(data.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let http = reqwest::Client::new();
     let mut secrets = vec![admin.clone()];
 
@@ -55,8 +58,14 @@ async fn a_full_lifecycle_never_logs_a_secret() {
     secrets.push(token.clone());
     let mqtts = server.mqtts.unwrap().port();
     let ca = data.join("tls/ca.pem");
-    let _live = Client::connect(tls_options(&ca, mqtts, &id, &token)).await.expect("connects");
-    assert!(Client::connect(tls_options(&ca, mqtts, &id, "wrong-token-value-123")).await.is_err());
+    let _live = Client::connect(tls_options(&ca, mqtts, &id, &token))
+        .await
+        .expect("connects");
+    assert!(
+        Client::connect(tls_options(&ca, mqtts, &id, "wrong-token-value-123"))
+            .await
+            .is_err()
+    );
 
     let rotated: Value = http
         .post(server.url(&format!("/api/v1/devices/{id}/token")))
@@ -124,6 +133,9 @@ async fn a_full_lifecycle_never_logs_a_secret() {
     assert!(log.contains(&id), "the log is about this lifecycle");
     assert!(log.lines().count() > 10, "debug logging was on");
     for secret in &secrets {
-        assert!(!log.contains(secret.as_str()), "a secret appears in the log");
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret appears in the log"
+        );
     }
 }

@@ -45,7 +45,12 @@ pub fn store_error(e: StoreError) -> ApiError {
 pub async fn create(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     let who = ctx.admin(req.auth.as_deref(), req.remote).await?;
     let body: CreateDevice = req.json()?;
-    let new = validate_new_device(body.device_id.as_deref(), &body.name, &body.device_type, &body.capabilities)?;
+    let new = validate_new_device(
+        body.device_id.as_deref(),
+        &body.name,
+        &body.device_type,
+        &body.capabilities,
+    )?;
     let result = ctx.devices.create(&new).await;
     let (device, token) = match result {
         Ok(ok) => ok,
@@ -103,7 +108,10 @@ pub async fn list(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     let cursor = q
         .cursor
         .as_deref()
-        .map(|c| companion_schema::DeviceId::parse(c).map_err(|_| ApiError::BadRequest("invalid cursor".into())))
+        .map(|c| {
+            companion_schema::DeviceId::parse(c)
+                .map_err(|_| ApiError::BadRequest("invalid cursor".into()))
+        })
         .transpose()?;
     let devices = ctx
         .devices
@@ -113,7 +121,13 @@ pub async fn list(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     let next_cursor = (devices.len() == limit as usize)
         .then(|| devices.last().map(|d| d.device_id.to_string()))
         .flatten();
-    Ok(json(StatusCode::OK, &DeviceList { devices, next_cursor }))
+    Ok(json(
+        StatusCode::OK,
+        &DeviceList {
+            devices,
+            next_cursor,
+        },
+    ))
 }
 
 #[derive(Serialize, Default)]
@@ -258,7 +272,11 @@ pub async fn patch(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
         detail.push_str(if enabled { "enabled" } else { "disabled" });
     }
     if body.name.is_some() {
-        detail.push_str(if detail.is_empty() { "renamed" } else { ", renamed" });
+        detail.push_str(if detail.is_empty() {
+            "renamed"
+        } else {
+            ", renamed"
+        });
     }
     if body.enabled == Some(false) {
         let kicked = ctx.kick(&id);

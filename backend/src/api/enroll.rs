@@ -49,7 +49,9 @@ pub async fn create_code(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     }
     let uses = body.uses.unwrap_or(1);
     if uses == 0 || uses > MAX_USES {
-        return Err(ApiError::Unprocessable(format!("uses must be 1-{MAX_USES}")));
+        return Err(ApiError::Unprocessable(format!(
+            "uses must be 1-{MAX_USES}"
+        )));
     }
     if let Some(p) = &body.name_prefix {
         if p.chars().count() > 32 || p.chars().any(char::is_control) {
@@ -84,7 +86,10 @@ pub async fn create_code(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
 pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -103,7 +108,11 @@ pub async fn enroll(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     let body: Enroll = req.json()?;
     // Validate before using the code up, so a typo in the body does not burn it.
     let mut new = validate_new_device(None, &body.name, &body.device_type, &body.capabilities)?;
-    let redeemed = ctx.enrollments.redeem(&body.code).await.map_err(store_error)?;
+    let redeemed = ctx
+        .enrollments
+        .redeem(&body.code)
+        .await
+        .map_err(store_error)?;
     let redeemed = match redeemed {
         Ok(r) => r,
         Err(why) => {
@@ -129,9 +138,13 @@ pub async fn enroll(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     let (device, token) = ctx.devices.create(&new).await.map_err(store_error)?;
     ctx.audit
         .record(
-            AuditEntry::new(format!("enroll:{}", device.device_id), "enrollment.redeem", Outcome::Success)
-                .target(device.device_id.to_string())
-                .remote(req.remote),
+            AuditEntry::new(
+                format!("enroll:{}", device.device_id),
+                "enrollment.redeem",
+                Outcome::Success,
+            )
+            .target(device.device_id.to_string())
+            .remote(req.remote),
         )
         .await;
     tracing::info!(device_id = %device.device_id, "device enrolled");

@@ -22,8 +22,18 @@ pub fn add_routes(t: &mut RouteTable, ctx: &Ctx) {
     t.add(ctx, Method::GET, "/api/v1/devices/{id}", devices::get);
     t.add(ctx, Method::PATCH, "/api/v1/devices/{id}", devices::patch);
     t.add(ctx, Method::DELETE, "/api/v1/devices/{id}", devices::delete);
-    t.add(ctx, Method::POST, "/api/v1/devices/{id}/token", devices::rotate);
-    t.add(ctx, Method::POST, "/api/v1/enrollments", enroll::create_code);
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/devices/{id}/token",
+        devices::rotate,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/enrollments",
+        enroll::create_code,
+    );
     t.add(ctx, Method::POST, "/api/v1/enroll", enroll::enroll);
     t.add(ctx, Method::GET, "/api/v1/audit", audit::list);
     t.add(ctx, Method::POST, "/api/v1/auth/token", auth::exchange);
@@ -44,8 +54,12 @@ pub fn validate_new_device(
 ) -> Result<NewDevice, ApiError> {
     let device_id = device_id
         .map(|id| {
-            let id = DeviceId::parse(id).map_err(|e| ApiError::Unprocessable(format!("device_id: {e}")))?;
-            if id.as_str().starts_with(companion_broker::RESERVED_CLIENT_ID_PREFIX) {
+            let id = DeviceId::parse(id)
+                .map_err(|e| ApiError::Unprocessable(format!("device_id: {e}")))?;
+            if id
+                .as_str()
+                .starts_with(companion_broker::RESERVED_CLIENT_ID_PREFIX)
+            {
                 return Err(ApiError::Unprocessable(format!(
                     "device_id: ids starting with {:?} are reserved",
                     companion_broker::RESERVED_CLIENT_ID_PREFIX
@@ -54,7 +68,8 @@ pub fn validate_new_device(
             Ok(id)
         })
         .transpose()?;
-    let name = DeviceName::parse(name).map_err(|e| ApiError::Unprocessable(format!("name: {e}")))?;
+    let name =
+        DeviceName::parse(name).map_err(|e| ApiError::Unprocessable(format!("name: {e}")))?;
     let device_type = DeviceType::parse(device_type).ok_or_else(|| {
         ApiError::Unprocessable(format!(
             "device_type: {device_type:?} is not one of raspberry_pi, esp32, simulated, other"

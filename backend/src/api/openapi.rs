@@ -22,7 +22,10 @@ fn ok(desc: &str, schema: &str) -> Value {
 
 fn admin_errors(mut responses: Value) -> Value {
     let map = responses.as_object_mut().expect("object");
-    map.insert("401".into(), err("missing, invalid, expired or revoked admin credentials"));
+    map.insert(
+        "401".into(),
+        err("missing, invalid, expired or revoked admin credentials"),
+    );
     map.insert("429".into(), err("rate limited; see Retry-After"));
     responses
 }

@@ -165,20 +165,20 @@ pub fn rejection_to_error(r: &Rejection) -> ApiError {
 impl ApiError {
     /// A copy carrying the same status and message (internal causes are flattened to text).
     pub fn clone_for_wire(&self) -> ApiError {
-    match self {
-        ApiError::BadRequest(m) => ApiError::BadRequest(m.clone()),
-        ApiError::Unauthorized => ApiError::Unauthorized,
-        ApiError::Forbidden(m) => ApiError::Forbidden(m.clone()),
-        ApiError::NotFound(m) => ApiError::NotFound(m.clone()),
-        ApiError::Conflict(m) => ApiError::Conflict(m.clone()),
-        ApiError::PayloadTooLarge { limit } => ApiError::PayloadTooLarge { limit: *limit },
-        ApiError::Unprocessable(m) => ApiError::Unprocessable(m.clone()),
-        ApiError::TooManyRequests { retry_after_s } => ApiError::TooManyRequests {
-            retry_after_s: *retry_after_s,
-        },
-        ApiError::Unavailable(m) => ApiError::Unavailable(m.clone()),
-        ApiError::Internal(e) => ApiError::Internal(anyhow::anyhow!("{e:#}")),
-        ApiError::MethodNotAllowed => ApiError::MethodNotAllowed,
-    }
+        match self {
+            ApiError::BadRequest(m) => ApiError::BadRequest(m.clone()),
+            ApiError::Unauthorized => ApiError::Unauthorized,
+            ApiError::Forbidden(m) => ApiError::Forbidden(m.clone()),
+            ApiError::NotFound(m) => ApiError::NotFound(m.clone()),
+            ApiError::Conflict(m) => ApiError::Conflict(m.clone()),
+            ApiError::PayloadTooLarge { limit } => ApiError::PayloadTooLarge { limit: *limit },
+            ApiError::Unprocessable(m) => ApiError::Unprocessable(m.clone()),
+            ApiError::TooManyRequests { retry_after_s } => ApiError::TooManyRequests {
+                retry_after_s: *retry_after_s,
+            },
+            ApiError::Unavailable(m) => ApiError::Unavailable(m.clone()),
+            ApiError::Internal(e) => ApiError::Internal(anyhow::anyhow!("{e:#}")),
+            ApiError::MethodNotAllowed => ApiError::MethodNotAllowed,
+        }
     }
 }

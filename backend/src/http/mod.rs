@@ -124,7 +124,12 @@ impl RouteTable {
                     let resp = handler(ctx, req)
                         .await
                         .unwrap_or_else(ApiError::into_response);
-                    metrics.observe(method.as_str(), template, resp.status().as_u16(), start.elapsed());
+                    metrics.observe(
+                        method.as_str(),
+                        template,
+                        resp.status().as_u16(),
+                        start.elapsed(),
+                    );
                     resp
                 }
             })
@@ -143,9 +148,11 @@ impl RouteTable {
     /// The whole router: unmatched requests and leftover rejections become JSON errors, and
     /// every response gets the security headers.
     pub fn into_filter(self) -> BoxedFilter<(Response,)> {
-        let base = self
-            .filter
-            .unwrap_or_else(|| warp::any().and_then(|| async { Err::<Response, Rejection>(warp::reject::not_found()) }).boxed());
+        let base = self.filter.unwrap_or_else(|| {
+            warp::any()
+                .and_then(|| async { Err::<Response, Rejection>(warp::reject::not_found()) })
+                .boxed()
+        });
         base.recover(error::recover)
             .unify()
             .map(security_headers)
@@ -203,9 +210,7 @@ struct Parts {
 }
 
 fn request_parts() -> BoxedFilter<(Parts,)> {
-    let query = warp::query::raw()
-        .or(warp::any().map(String::new))
-        .unify();
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
     let auth = warp::header::optional::<String>("authorization")
         .or(warp::any().map(|| None))
         .unify();
@@ -219,7 +224,8 @@ fn request_parts() -> BoxedFilter<(Parts,)> {
             }
             Ok((Err(error::rejection_to_error(&r)),))
         });
-    let remote = warp::ext::optional::<server::PeerAddr>().map(|p: Option<server::PeerAddr>| p.map(|p| p.0));
+    let remote =
+        warp::ext::optional::<server::PeerAddr>().map(|p: Option<server::PeerAddr>| p.map(|p| p.0));
     warp::method()
         .and(auth)
         .and(remote)
@@ -237,7 +243,10 @@ fn request_parts() -> BoxedFilter<(Parts,)> {
 
 fn security_headers(mut resp: Response) -> Response {
     let h = resp.headers_mut();
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     resp
 }

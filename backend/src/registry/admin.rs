@@ -80,7 +80,10 @@ impl AdminAuth {
     }
 
     /// Checks an `Authorization` header value.
-    pub async fn authenticate(&self, header: Option<&str>) -> Result<Result<Principal, AuthFailure>, StoreError> {
+    pub async fn authenticate(
+        &self,
+        header: Option<&str>,
+    ) -> Result<Result<Principal, AuthFailure>, StoreError> {
         let Some(header) = header else {
             return Ok(Err(AuthFailure::Missing));
         };
@@ -157,13 +160,21 @@ impl AdminAuth {
     }
 
     /// Issues a JWT for `principal` valid for `lifetime`. Returns it and its expiry (ms).
-    pub fn issue_jwt(&self, principal: &Principal, lifetime: Duration) -> Result<(Secret, i64), StoreError> {
+    pub fn issue_jwt(
+        &self,
+        principal: &Principal,
+        lifetime: Duration,
+    ) -> Result<(Secret, i64), StoreError> {
         let exp_ms = now_ms() + i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX / 2);
         self.issue_jwt_until(principal, exp_ms)
     }
 
     /// Issues a JWT for `principal` that expires at `exp_ms` (tests use a past time).
-    pub fn issue_jwt_until(&self, principal: &Principal, exp_ms: i64) -> Result<(Secret, i64), StoreError> {
+    pub fn issue_jwt_until(
+        &self,
+        principal: &Principal,
+        exp_ms: i64,
+    ) -> Result<(Secret, i64), StoreError> {
         let now = now_ms();
         let claims = Claims {
             sub: principal.name.clone(),

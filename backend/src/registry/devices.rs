@@ -114,7 +114,9 @@ impl DeviceStore {
                 other => return other,
             }
         }
-        Err(StoreError::Conflict("could not generate a free device id".into()))
+        Err(StoreError::Conflict(
+            "could not generate a free device id".into(),
+        ))
     }
 
     async fn insert(&self, id: &DeviceId, new: &NewDevice) -> Result<(Device, Secret), StoreError> {
@@ -283,13 +285,26 @@ mod tests {
 
     #[test]
     fn generated_ids_follow_the_grammar_and_differ() {
-        for name in ["Kitchen Pi", "", "!!!", "Ünïcödé", &"long name ".repeat(20), "companion-internal x"] {
+        for name in [
+            "Kitchen Pi",
+            "",
+            "!!!",
+            "Ünïcödé",
+            &"long name ".repeat(20),
+            "companion-internal x",
+        ] {
             let a = generate_device_id(name);
             let b = generate_device_id(name);
             assert_ne!(a, b);
             assert!(a.as_str().len() <= 64);
-            assert!(!a.as_str().starts_with(companion_broker::RESERVED_CLIENT_ID_PREFIX), "{a}");
+            assert!(
+                !a.as_str()
+                    .starts_with(companion_broker::RESERVED_CLIENT_ID_PREFIX),
+                "{a}"
+            );
         }
-        assert!(generate_device_id("Kitchen Pi").as_str().starts_with("kitchen-pi-"));
+        assert!(generate_device_id("Kitchen Pi")
+            .as_str()
+            .starts_with("kitchen-pi-"));
     }
 }

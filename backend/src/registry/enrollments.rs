@@ -81,7 +81,8 @@ impl EnrollmentStore {
     ) -> Result<NewCode, StoreError> {
         let code = generate_code();
         let now = now_ms();
-        let expires_at_ms = now.saturating_add(i64::try_from(expires_in_s).unwrap_or(i64::MAX / 2) * 1000);
+        let expires_at_ms =
+            now.saturating_add(i64::try_from(expires_in_s).unwrap_or(i64::MAX / 2) * 1000);
         sqlx::query(
             "INSERT INTO enrollments (code_hash, name_prefix, uses_left, expires_at_ms, created_at_ms, created_by)
              VALUES ($1, $2, $3, $4, $5, $6)",

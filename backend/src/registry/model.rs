@@ -72,7 +72,10 @@ impl Capability {
 
 /// Stored form of a capability set: sorted, comma-separated.
 pub fn capabilities_to_db(caps: &BTreeSet<Capability>) -> String {
-    caps.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(",")
+    caps.iter()
+        .map(|c| c.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn capabilities_from_db(s: &str) -> BTreeSet<Capability> {

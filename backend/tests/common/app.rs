@@ -121,7 +121,10 @@ impl TestApp {
     /// Audit rows for `action` (newest first).
     pub async fn audit(&self, action: &str) -> Vec<Value> {
         let resp = self
-            .admin(reqwest::Method::GET, &format!("/api/v1/audit?action={action}&limit=1000"))
+            .admin(
+                reqwest::Method::GET,
+                &format!("/api/v1/audit?action={action}&limit=1000"),
+            )
             .send()
             .await
             .unwrap();
@@ -166,9 +169,9 @@ impl TestApp {
         let mut o = MqttOptions::new(id, "localhost", self.mqtts.port());
         o.set_credentials(id, token);
         o.set_keep_alive(Duration::from_secs(30));
-        o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-            self.client_tls(),
-        )));
+        o.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(self.client_tls()),
+        ));
         o
     }
 }
