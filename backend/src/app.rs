@@ -13,13 +13,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
+use crate::bus::{Bus, BusMetrics};
 use crate::context::{ApiContext, MqttInfo};
 use crate::db::Db;
+use crate::devices::telemetry::{self, Batcher};
+use crate::devices::{DeviceMetrics, Dispatcher, Runtime, SessionLimits};
 use crate::metrics::HttpMetrics;
 use crate::mqtt_auth::{self, ChannelSink, PresenceMetrics, RegistryAuthenticator};
+use crate::personas::PersonaSet;
 use crate::ratelimit::KeyedLimiter;
 use crate::registry::admin::JWT_LIFETIME;
 use crate::registry::{AdminAuth, DeviceStore, EnrollmentStore};
+use crate::rules::store::{RuleMetrics, RuleStore};
 use crate::secrets::{self, TokenSource};
 use crate::settings::{Secret, Settings};
 
@@ -160,17 +165,21 @@ impl App {
         } else {
             None
         };
+        let personas = Arc::new(
+            PersonaSet::load(settings.personas.dir.as_deref(), &settings.personas.default)
+                .context("loading personas")?,
+        );
+        let rules =
+            RuleStore::open(&settings.rules_path(), personas.clone()).context("loading rules")?;
+        let rule_metrics = RuleMetrics::register(&mut registry);
+        let device_metrics = DeviceMetrics::register(&mut registry);
+        let bus_metrics = BusMetrics::register(&mut registry);
+
         let tracker = TaskTracker::new();
         let devices = DeviceStore::new(db.clone());
         let audit = AuditLog::new(db.clone());
         let authenticator = RegistryAuthenticator::new(devices.clone());
         let (sink, events) = ChannelSink::new(presence_metrics);
-        tracker.spawn(mqtt_auth::write_events(
-            events,
-            db.clone(),
-            audit.clone(),
-            shutdown.clone(),
-        ));
         let broker = companion_broker::start(
             &settings.mqtt,
             tls.as_ref().map(|t| t.server_config.clone()),
@@ -186,6 +195,48 @@ impl App {
         )
         .await
         .context("starting the broker")?;
+
+        // The backend's own MQTT connection to the router, and the device runtime behind it.
+        let internal = broker.internal();
+        let (bus, eventloop) = Bus::new(&internal, bus_metrics);
+        let telemetry = Arc::new(Batcher::default());
+        let runtime = Arc::new(Runtime {
+            db: db.clone(),
+            bus: bus.clone(),
+            personas: personas.clone(),
+            rules: rules.clone(),
+            rule_metrics,
+            metrics: device_metrics,
+            voice: None,
+            audit: audit.clone(),
+            telemetry: telemetry.clone(),
+            limits: SessionLimits {
+                max_listen: Duration::from_millis(settings.sessions.max_listen_ms),
+                watchdog: Duration::from_millis(settings.sessions.watchdog_ms),
+                history: settings.sessions.history,
+            },
+        });
+        let dispatcher = Dispatcher::new(runtime, tracker.clone(), shutdown.clone());
+        tracker.spawn(crate::bus::run(
+            internal,
+            bus,
+            eventloop,
+            dispatcher.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(telemetry::run_writer(
+            telemetry,
+            db.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::rules::store::watch(rules.clone(), shutdown.clone()));
+        tracker.spawn(mqtt_auth::write_events(
+            events,
+            db.clone(),
+            audit.clone(),
+            Some(dispatcher.clone()),
+            shutdown.clone(),
+        ));
 
         let mqtt = MqttInfo {
             host: settings
@@ -217,6 +268,9 @@ impl App {
             limiter: KeyedLimiter::per_minute(settings.http.rate_limit_per_minute),
             enroll_failures: KeyedLimiter::per_minute(settings.http.enroll_failures_per_minute),
             jwt_lifetime: JWT_LIFETIME,
+            personas,
+            rules,
+            dispatcher,
         });
         Ok(Self {
             ca_pem: tls.map(|t| t.ca_pem_path),

@@ -47,6 +47,9 @@ pub struct ApiContext {
     pub enroll_failures: KeyedLimiter,
     /// Lifetime of JWTs from `POST /auth/token` (24 hours; shorter in tests).
     pub jwt_lifetime: Duration,
+    pub personas: Arc<crate::personas::PersonaSet>,
+    pub rules: Arc<crate::rules::store::RuleStore>,
+    pub dispatcher: Arc<crate::devices::Dispatcher>,
 }
 
 pub type Ctx = Arc<ApiContext>;

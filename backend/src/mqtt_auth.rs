@@ -151,10 +151,14 @@ impl ChannelSink {
 impl EventSink for ChannelSink {
     fn send(&self, event: BrokerEvent) {
         match &event {
-            BrokerEvent::Connected { .. } => self.metrics.active_devices.inc(),
-            BrokerEvent::Disconnected { .. } => self.metrics.active_devices.dec(),
-            _ => 0,
-        };
+            BrokerEvent::Connected { .. } => {
+                self.metrics.active_devices.inc();
+            }
+            BrokerEvent::Disconnected { .. } => {
+                self.metrics.active_devices.dec();
+            }
+            _ => {}
+        }
         if self.tx.try_send(event).is_err() {
             self.metrics.events_dropped.inc();
         }
@@ -166,6 +170,7 @@ pub async fn write_events(
     mut rx: mpsc::Receiver<BrokerEvent>,
     db: Db,
     audit: AuditLog,
+    devices: Option<Arc<crate::devices::Dispatcher>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -178,6 +183,23 @@ pub async fn write_events(
             }
         };
         let Some(event) = event else { break };
+        if let Some(d) = &devices {
+            match &event {
+                BrokerEvent::Connected { device, .. } => {
+                    d.dispatch(
+                        device,
+                        crate::devices::DeviceEvent::Presence { online: true },
+                    );
+                }
+                BrokerEvent::Disconnected { device, .. } => {
+                    d.dispatch(
+                        device,
+                        crate::devices::DeviceEvent::Presence { online: false },
+                    );
+                }
+                _ => {}
+            }
+        }
         handle_event(&db, &audit, event).await;
     }
 }

@@ -22,6 +22,9 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    pub personas: PersonaSettings,
+    pub rules: RulesSettings,
+    pub sessions: SessionSettings,
 }
 
 impl Default for Settings {
@@ -33,6 +36,55 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             admin: AdminSettings::default(),
             log: LogSettings::default(),
+            personas: PersonaSettings::default(),
+            rules: RulesSettings::default(),
+            sessions: SessionSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersonaSettings {
+    /// A directory of `*.toml` persona files. Unset: the three shipped personas.
+    pub dir: Option<PathBuf>,
+    /// The persona new devices start with.
+    pub default: String,
+}
+
+impl Default for PersonaSettings {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            default: "aria".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesSettings {
+    /// The rule file. Unset: `{data_dir}/rules.toml`, created from the shipped defaults.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Longest a device may stay in `listening`, in milliseconds.
+    pub max_listen_ms: u64,
+    /// A session stuck thinking or speaking this long returns to idle, in milliseconds.
+    pub watchdog_ms: u64,
+    /// Conversation lines kept per device.
+    pub history: usize,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            max_listen_ms: 30_000,
+            watchdog_ms: 120_000,
+            history: 20,
         }
     }
 }
@@ -227,6 +279,12 @@ impl Settings {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
+        if self.sessions.max_listen_ms == 0 || self.sessions.watchdog_ms == 0 {
+            return Err(invalid(
+                "sessions",
+                "max_listen_ms and watchdog_ms must be positive",
+            ));
+        }
         if self.http.rate_limit_per_minute == 0 {
             return Err(invalid("http.rate_limit_per_minute", "must be at least 1"));
         }
@@ -266,6 +324,14 @@ impl Settings {
 
     pub fn mqtts_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
         optional_addr("mqtt.tls_listen", &self.mqtt.tls_listen)
+    }
+
+    /// The rule file's path.
+    pub fn rules_path(&self) -> PathBuf {
+        self.rules
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("rules.toml"))
     }
 
     /// The database URL, defaulting to a SQLite file in the data dir.

@@ -5,6 +5,8 @@ pub mod auth;
 pub mod devices;
 pub mod enroll;
 pub mod openapi;
+pub mod personas;
+pub mod rules;
 
 use std::collections::BTreeSet;
 
@@ -34,6 +36,16 @@ pub fn add_routes(t: &mut RouteTable, ctx: &Ctx) {
         "/api/v1/enrollments",
         enroll::create_code,
     );
+    t.add(
+        ctx,
+        Method::PUT,
+        "/api/v1/devices/{id}/persona",
+        personas::set,
+    );
+    t.add(ctx, Method::GET, "/api/v1/personas", personas::list);
+    t.add(ctx, Method::GET, "/api/v1/rules", rules::get);
+    t.add(ctx, Method::PUT, "/api/v1/rules", rules::put);
+    t.add(ctx, Method::POST, "/api/v1/rules/test", rules::test);
     t.add(ctx, Method::POST, "/api/v1/enroll", enroll::enroll);
     t.add(ctx, Method::GET, "/api/v1/audit", audit::list);
     t.add(ctx, Method::POST, "/api/v1/auth/token", auth::exchange);

@@ -106,6 +106,27 @@ pub fn document() -> Value {
                 "post": { "summary": "Rotate the device token; the old one stops at once and the live connection is kicked", "parameters": id_param(),
                     "responses": admin_errors(json!({ "200": ok("the new token, shown only here", "Rotated"), "404": err("no such device") })) }
             },
+            "/api/v1/devices/{id}/persona": {
+                "put": { "summary": "Switch the device's persona (published retained on devices/{id}/persona, LED in its colour)", "parameters": id_param(),
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "additionalProperties": false, "required": ["persona_id"], "properties": { "persona_id": { "type": "string" } } } } } },
+                    "responses": admin_errors(json!({ "200": { "description": "the new persona state" }, "404": err("no such device"), "422": err("no such persona") })) }
+            },
+            "/api/v1/personas": {
+                "get": { "summary": "The loaded personas", "responses": admin_errors(json!({ "200": { "description": "personas" } })) }
+            },
+            "/api/v1/rules": {
+                "get": { "summary": "The active rules, parsed and as TOML", "responses": admin_errors(json!({ "200": { "description": "rules" } })) },
+                "put": { "summary": "Replace the rules (validated, persisted, swapped atomically)",
+                    "requestBody": { "required": true, "content": { "application/toml": { "schema": { "type": "string" } }, "application/json": { "schema": { "type": "object", "properties": { "toml": { "type": "string" } } } } } },
+                    "responses": admin_errors(json!({ "200": { "description": "the new rules" }, "422": { "description": "rejected: { error: { code, message, rule, line } }; the previous rules stay active" } })) }
+            },
+            "/api/v1/rules/test": {
+                "post": { "summary": "Evaluate rules against a sample event, without side effects",
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": { "type": "object", "required": ["event"], "properties": {
+                        "event": { "type": "object", "required": ["kind"], "properties": { "kind": { "enum": ["telemetry", "button", "status", "session", "transcript"] }, "topic": { "type": "string" } }, "additionalProperties": true },
+                        "device": { "type": "object" }, "toml": { "type": "string", "description": "rules to test instead of the active ones" } } } } } },
+                    "responses": admin_errors(json!({ "200": { "description": "each candidate rule with matched, error and the actions that would run" }, "422": err("invalid event or rules") })) }
+            },
             "/api/v1/enrollments": {
                 "post": { "summary": "Create a one-time enrolment code", "requestBody": { "required": false, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/CreateEnrollment" } } } },
                     "responses": admin_errors(json!({ "201": ok("the code, shown only here", "Enrollment"), "422": err("invalid field") })) }
