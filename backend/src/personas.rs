@@ -265,7 +265,7 @@ impl PersonaSet {
             .collect();
         self.list.iter().find(|p| {
             let name = p.name.to_lowercase();
-            words.iter().any(|w| *w == name) || words.iter().any(|w| w == p.id.as_str())
+            words.contains(&name) || words.iter().any(|w| w == p.id.as_str())
         })
     }
 }

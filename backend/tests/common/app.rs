@@ -202,6 +202,13 @@ impl Client {
         Ok(Client { client, rx })
     }
 
+    pub async fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+
     pub async fn publish(&self, topic: &str, payload: &[u8]) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
