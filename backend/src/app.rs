@@ -6,14 +6,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use companion_broker::{BrokerHandle, EdgeListeners};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::AuditLog;
+use crate::bus::{Bus, BusMetrics};
+use crate::context::{ApiContext, MqttInfo};
 use crate::db::Db;
-use crate::http::{self, HttpState};
+use crate::devices::telemetry::{self, Batcher};
+use crate::devices::{DeviceMetrics, Dispatcher, Runtime, SessionLimits};
 use crate::metrics::HttpMetrics;
+use crate::mqtt_auth::{self, ChannelSink, PresenceMetrics, RegistryAuthenticator};
+use crate::personas::PersonaSet;
+use crate::ratelimit::KeyedLimiter;
+use crate::registry::admin::JWT_LIFETIME;
+use crate::registry::{AdminAuth, DeviceStore, EnrollmentStore};
+use crate::rules::store::{RuleMetrics, RuleStore};
 use crate::secrets::{self, TokenSource};
 use crate::settings::{Secret, Settings};
 
@@ -86,20 +97,30 @@ impl std::fmt::Display for BoundAddrs {
     }
 }
 
-/// A built, not yet running, server.
+/// A running server's parts that tests and callers may use.
 pub struct App {
     settings: Settings,
     db: Db,
     admin_token: Secret,
     addrs: BoundAddrs,
-    listeners: Listeners,
-    registry: Registry,
-    http_metrics: Arc<HttpMetrics>,
+    ctx: Arc<ApiContext>,
+    broker: BrokerHandle,
+    http_listener: TcpListener,
+    http_tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    ca_pem: Option<std::path::PathBuf>,
 }
 
 impl App {
-    /// Connects and migrates the database, prepares secrets and metrics. Binds nothing new.
-    pub async fn build(settings: Settings, listeners: Listeners) -> anyhow::Result<Self> {
+    /// Connects and migrates the database, prepares secrets and metrics, starts the broker
+    /// and the background tasks (they stop when `shutdown` is cancelled). HTTP is served by
+    /// [`App::run`].
+    pub async fn build(
+        settings: Settings,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
         let addrs = BoundAddrs {
             http: listeners.http.local_addr()?,
             mqtt: listeners
@@ -126,16 +147,143 @@ impl App {
                 tracing::info!(path = %path.display(), "bootstrap admin token")
             }
         }
+        let jwt_secret = secrets::jwt_secret(&settings)?;
+
         let mut registry = Registry::default();
         let http_metrics = HttpMetrics::register(&mut registry);
+        let presence_metrics = PresenceMetrics::register(&mut registry);
+
+        let tls = if listeners.mqtts.is_some() || settings.http.tls {
+            Some(
+                companion_broker::tls::load_or_generate(
+                    &settings.mqtt.tls,
+                    &settings.data_dir,
+                    &settings.mqtt.hosts,
+                )
+                .context("preparing TLS material")?,
+            )
+        } else {
+            None
+        };
+        let personas = Arc::new(
+            PersonaSet::load(settings.personas.dir.as_deref(), &settings.personas.default)
+                .context("loading personas")?,
+        );
+        let rules =
+            RuleStore::open(&settings.rules_path(), personas.clone()).context("loading rules")?;
+        let rule_metrics = RuleMetrics::register(&mut registry);
+        let device_metrics = DeviceMetrics::register(&mut registry);
+        let bus_metrics = BusMetrics::register(&mut registry);
+
+        let tracker = TaskTracker::new();
+        let devices = DeviceStore::new(db.clone());
+        let audit = AuditLog::new(db.clone());
+        let authenticator = RegistryAuthenticator::new(devices.clone());
+        let (sink, events) = ChannelSink::new(presence_metrics);
+        let broker = companion_broker::start(
+            &settings.mqtt,
+            tls.as_ref().map(|t| t.server_config.clone()),
+            EdgeListeners {
+                plain: listeners.mqtt,
+                tls: listeners.mqtts,
+            },
+            authenticator.clone(),
+            sink,
+            &mut registry,
+            shutdown.clone(),
+            &tracker,
+        )
+        .await
+        .context("starting the broker")?;
+
+        // The backend's own MQTT connection to the router, and the device runtime behind it.
+        let internal = broker.internal();
+        let (bus, eventloop) = Bus::new(&internal, bus_metrics);
+        let telemetry = Arc::new(Batcher::default());
+        let runtime = Arc::new(Runtime {
+            db: db.clone(),
+            bus: bus.clone(),
+            personas: personas.clone(),
+            rules: rules.clone(),
+            rule_metrics,
+            metrics: device_metrics,
+            voice: None,
+            audit: audit.clone(),
+            telemetry: telemetry.clone(),
+            limits: SessionLimits {
+                max_listen: Duration::from_millis(settings.sessions.max_listen_ms),
+                watchdog: Duration::from_millis(settings.sessions.watchdog_ms),
+                history: settings.sessions.history,
+            },
+        });
+        let dispatcher = Dispatcher::new(runtime, tracker.clone(), shutdown.clone());
+        tracker.spawn(crate::bus::run(
+            internal,
+            bus,
+            eventloop,
+            dispatcher.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(telemetry::run_writer(
+            telemetry,
+            db.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::rules::store::watch(rules.clone(), shutdown.clone()));
+        tracker.spawn(mqtt_auth::write_events(
+            events,
+            db.clone(),
+            audit.clone(),
+            Some(dispatcher.clone()),
+            shutdown.clone(),
+        ));
+
+        let mqtt = MqttInfo {
+            host: settings
+                .mqtt
+                .hosts
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "localhost".into()),
+            port: addrs.mqtts.or(addrs.mqtt).map_or(8883, |a| a.port()),
+            tls: addrs.mqtts.is_some(),
+        };
+        let http_tls = if settings.http.tls {
+            tls.as_ref()
+                .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone()))
+        } else {
+            None
+        };
+        let ctx = Arc::new(ApiContext {
+            db: db.clone(),
+            devices,
+            enrollments: EnrollmentStore::new(db.clone()),
+            admin: AdminAuth::new(db.clone(), &admin_token, &jwt_secret),
+            audit,
+            authenticator,
+            broker: Some(broker.clone()),
+            mqtt,
+            registry: Arc::new(registry),
+            http_metrics,
+            limiter: KeyedLimiter::per_minute(settings.http.rate_limit_per_minute),
+            enroll_failures: KeyedLimiter::per_minute(settings.http.enroll_failures_per_minute),
+            jwt_lifetime: JWT_LIFETIME,
+            personas,
+            rules,
+            dispatcher,
+        });
         Ok(Self {
+            ca_pem: tls.map(|t| t.ca_pem_path),
             settings,
             db,
             admin_token,
             addrs,
-            listeners,
-            registry,
-            http_metrics,
+            ctx,
+            broker,
+            http_listener: listeners.http,
+            http_tls,
+            shutdown,
+            tracker,
         })
     }
 
@@ -155,30 +303,36 @@ impl App {
         &self.settings
     }
 
-    /// Serves until `shutdown` is cancelled, then stops every task within the grace period.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let tracker = TaskTracker::new();
-        let registry = Arc::new(self.registry);
-        let state = HttpState {
-            db: self.db.clone(),
-            registry,
-            metrics: self.http_metrics,
-            ready_checks: Vec::new(),
-        };
-        let routes = http::routes(state);
-        let http_shutdown = shutdown.clone();
-        tracker.spawn(
-            warp::serve(routes)
-                .incoming(self.listeners.http)
-                .graceful(async move { http_shutdown.cancelled().await })
-                .run(),
-        );
+    pub fn broker(&self) -> &BrokerHandle {
+        &self.broker
+    }
+
+    pub fn context(&self) -> &Arc<ApiContext> {
+        &self.ctx
+    }
+
+    /// The CA devices must trust (the generated development CA, or the configured cert).
+    pub fn ca_pem_path(&self) -> Option<&std::path::Path> {
+        self.ca_pem.as_deref()
+    }
+
+    /// Serves HTTP until the shutdown token is cancelled, then stops every task within the
+    /// grace period.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let routes = crate::http::routes(&self.ctx);
+        self.tracker.spawn(crate::http::server::serve(
+            routes,
+            self.http_listener,
+            self.http_tls,
+            self.shutdown.clone(),
+            self.tracker.clone(),
+        ));
         tracing::info!("listening {}", self.addrs);
 
-        shutdown.cancelled().await;
+        self.shutdown.cancelled().await;
         tracing::info!("shutting down");
-        tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
             .await
             .is_err()
         {
@@ -187,6 +341,7 @@ impl App {
                 "some tasks did not stop in time"
             );
         }
+        drop(self.ctx);
         self.db.close().await;
         Ok(())
     }
@@ -198,5 +353,5 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    App::build(settings, listeners).await?.run(shutdown).await
+    App::build(settings, listeners, shutdown).await?.run().await
 }

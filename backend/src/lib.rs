@@ -10,10 +10,22 @@
 //! `CancellationToken` (cancelled by SIGINT/SIGTERM in `main`) stops them all; shutdown waits
 //! at most [`app::SHUTDOWN_GRACE`].
 
+pub mod api;
 pub mod app;
+pub mod audit;
+pub mod bus;
+pub mod cli;
+pub mod context;
 pub mod db;
+pub mod devices;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt_auth;
+pub mod personas;
+pub mod ratelimit;
+pub mod registry;
+pub mod rules;
 pub mod secrets;
 pub mod settings;
+pub mod voice;

@@ -6,10 +6,11 @@ use crate::settings::LogFormat;
 
 const DEFAULT_FILTER: &str = "info,sqlx=warn,rumqttd=warn,hyper=warn,warp=warn";
 
-/// Installs the global subscriber. Call once, from `main`.
-pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+/// Installs the global subscriber. Call once, from `main`. `quiet` lowers the default level
+/// to warnings (for one-shot commands); `RUST_LOG` always wins.
+pub fn init(format: LogFormat, quiet: bool) {
+    let default = if quiet { "warn" } else { DEFAULT_FILTER };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

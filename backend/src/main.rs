@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use companion_backend::app::{self, Listeners};
+use companion_backend::cli;
 use companion_backend::db::{Db, DbError};
 use companion_backend::logging;
 use companion_backend::settings::Settings;
@@ -38,6 +39,63 @@ enum Command {
     Migrate,
     /// Print the version.
     Version,
+    /// Manage admin credentials.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Manage devices offline.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+    /// Check a running server's /health (exit 0 when healthy); for container health checks.
+    Health {
+        /// Server address, default from http.listen.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Write a consistent copy of the SQLite database (PostgreSQL: use pg_dump).
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Admin tokens besides the bootstrap one.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a named admin token and print it once.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+    /// Revoke a named admin token (and every JWT issued for it).
+    Revoke {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Register N simulated devices; write `device_id,token` lines (mode 0600) for the fleet tool.
+    BulkCreate {
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "fleet")]
+        prefix: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,7 +112,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    logging::init(settings.log.format);
+    // Subcommands other than `serve` and `migrate` print their results; unless RUST_LOG says
+    // otherwise their logs are warnings only.
+    let quiet = !matches!(command, Command::Serve | Command::Migrate);
+    logging::init(settings.log.format, quiet);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -71,6 +132,36 @@ fn main() -> ExitCode {
             Command::Serve => serve(settings).await,
             Command::Migrate => migrate(settings).await,
             Command::Version => Ok(()),
+            Command::Admin {
+                command: AdminCommand::Token { command },
+            } => match command {
+                TokenCommand::Create { name } => {
+                    let token = cli::admin_token_create(&settings, &name).await?;
+                    println!("{token}");
+                    Ok(())
+                }
+                TokenCommand::Revoke { name } => {
+                    if cli::admin_token_revoke(&settings, &name).await? {
+                        println!("revoked {name}");
+                        Ok(())
+                    } else {
+                        anyhow::bail!("no active admin token named {name:?}")
+                    }
+                }
+            },
+            Command::Devices {
+                command: DevicesCommand::BulkCreate { count, out, prefix },
+            } => {
+                cli::devices_bulk_create(&settings, count, &prefix, &out).await?;
+                println!("wrote {count} credentials to {}", out.display());
+                Ok(())
+            }
+            Command::Health { url } => cli::health(&settings, url.as_deref()).await,
+            Command::Backup { out } => {
+                cli::backup(&settings, &out).await?;
+                println!("backup written to {}", out.display());
+                Ok(())
+            }
         }
     });
     match result {

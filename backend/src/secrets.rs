@@ -57,6 +57,14 @@ pub fn bootstrap_admin_token(settings: &Settings) -> Result<(Secret, TokenSource
     Ok((secret, source))
 }
 
+/// The JWT signing key: `admin.jwt_secret` when configured, else `{data_dir}/jwt-secret`.
+pub fn jwt_secret(settings: &Settings) -> Result<Secret, SecretError> {
+    if let Some(secret) = &settings.admin.jwt_secret {
+        return Ok(secret.clone());
+    }
+    read_or_create(&settings.data_dir.join("jwt-secret"), random_token).map(|(s, _)| s)
+}
+
 /// Reads a secret file, or creates it (mode 0600) with `make()`. Returns whether it was created.
 pub fn read_or_create(
     path: &Path,

@@ -22,6 +22,9 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    pub personas: PersonaSettings,
+    pub rules: RulesSettings,
+    pub sessions: SessionSettings,
 }
 
 impl Default for Settings {
@@ -33,6 +36,55 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             admin: AdminSettings::default(),
             log: LogSettings::default(),
+            personas: PersonaSettings::default(),
+            rules: RulesSettings::default(),
+            sessions: SessionSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersonaSettings {
+    /// A directory of `*.toml` persona files. Unset: the three shipped personas.
+    pub dir: Option<PathBuf>,
+    /// The persona new devices start with.
+    pub default: String,
+}
+
+impl Default for PersonaSettings {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            default: "aria".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesSettings {
+    /// The rule file. Unset: `{data_dir}/rules.toml`, created from the shipped defaults.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSettings {
+    /// Longest a device may stay in `listening`, in milliseconds.
+    pub max_listen_ms: u64,
+    /// A session stuck thinking or speaking this long returns to idle, in milliseconds.
+    pub watchdog_ms: u64,
+    /// Conversation lines kept per device.
+    pub history: usize,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            max_listen_ms: 30_000,
+            watchdog_ms: 120_000,
+            history: 20,
         }
     }
 }
@@ -41,12 +93,22 @@ impl Default for Settings {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: String,
+    /// Serve HTTPS with the same certificate as the MQTT TLS listener.
+    pub tls: bool,
+    /// REST requests per minute per admin principal, and per client address for routes
+    /// without admin credentials.
+    pub rate_limit_per_minute: u32,
+    /// Failed enrolment attempts per minute per client address.
+    pub enroll_failures_per_minute: u32,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8000".into(),
+            tls: false,
+            rate_limit_per_minute: 100,
+            enroll_failures_per_minute: 10,
         }
     }
 }
@@ -76,6 +138,8 @@ impl Default for DatabaseSettings {
 pub struct AdminSettings {
     /// The bootstrap admin token. Unset: generated into `{data_dir}/admin-token`.
     pub token: Option<Secret>,
+    /// The HS256 key for admin JWTs. Unset: generated into `{data_dir}/jwt-secret`.
+    pub jwt_secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -215,6 +279,29 @@ impl Settings {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
+        if self.sessions.max_listen_ms == 0 || self.sessions.watchdog_ms == 0 {
+            return Err(invalid(
+                "sessions",
+                "max_listen_ms and watchdog_ms must be positive",
+            ));
+        }
+        if self.http.rate_limit_per_minute == 0 {
+            return Err(invalid("http.rate_limit_per_minute", "must be at least 1"));
+        }
+        if self.http.enroll_failures_per_minute == 0 {
+            return Err(invalid(
+                "http.enroll_failures_per_minute",
+                "must be at least 1",
+            ));
+        }
+        if let Some(secret) = &self.admin.jwt_secret {
+            if secret.expose().len() < 32 {
+                return Err(invalid(
+                    "admin.jwt_secret",
+                    "must be at least 32 characters long",
+                ));
+            }
+        }
         if let Some(token) = &self.admin.token {
             if token.expose().len() < 16 {
                 return Err(invalid(
@@ -237,6 +324,14 @@ impl Settings {
 
     pub fn mqtts_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
         optional_addr("mqtt.tls_listen", &self.mqtt.tls_listen)
+    }
+
+    /// The rule file's path.
+    pub fn rules_path(&self) -> PathBuf {
+        self.rules
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("rules.toml"))
     }
 
     /// The database URL, defaulting to a SQLite file in the data dir.

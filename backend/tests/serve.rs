@@ -198,3 +198,134 @@ async fn migrate_subcommand_applies_migrations_and_version_prints() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("companion "));
 }
+
+#[tokio::test]
+async fn cli_admin_tokens_bulk_devices_backup_and_health_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let mut cmd = companion_command(&data);
+        cmd.args(args).stdout(Stdio::piped());
+        cmd
+    };
+    // Admin tokens: create prints the token once; revoke works once.
+    let out = run(&["admin", "token", "create", "--name", "ops"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.len(), 43);
+    let dup = run(&["admin", "token", "create", "--name", "ops"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !dup.status.success(),
+        "a second token with the same name is refused"
+    );
+
+    // Bulk-created devices: distinct ids, 0600 file.
+    let creds = dir.path().join("fleet.csv");
+    let out = run(&[
+        "devices",
+        "bulk-create",
+        "--count",
+        "5",
+        "--out",
+        creds.to_str().unwrap(),
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&creds).unwrap();
+    let ids: std::collections::HashSet<_> = text
+        .lines()
+        .map(|l| l.split(',').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert!(text
+        .lines()
+        .all(|l| l.split(',').nth(1).is_some_and(|t| t.len() == 43)));
+    assert_eq!(
+        std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The named token and the devices are visible to a running server; health passes.
+    let mut server = ServerProcess::start(companion_command(&data)).await;
+    let client = reqwest::Client::new();
+    let list: serde_json::Value = client
+        .get(server.url("/api/v1/devices"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["devices"].as_array().unwrap().len(), 5);
+    let url = format!("http://{}", server.http);
+    assert!(run(&["health", "--url", &url])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    let (status, _) = server.terminate().await;
+    assert!(status.success());
+    assert!(
+        !run(&["health", "--url", &url])
+            .status()
+            .await
+            .unwrap()
+            .success(),
+        "health fails when the server is down"
+    );
+
+    let out = run(&["admin", "token", "revoke", "--name", "ops"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let again = run(&["admin", "token", "revoke", "--name", "ops"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!again.status.success());
+
+    // Backup: a consistent SQLite copy with the devices in it.
+    let backup = dir.path().join("backup.db");
+    let out = run(&["backup", "--out", backup.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut settings = companion_backend::settings::Settings::default();
+    settings.database.url = Some(companion_backend::settings::Secret::new(format!(
+        "sqlite://{}",
+        backup.display()
+    )));
+    let db = companion_backend::db::Db::connect(&settings).await.unwrap();
+    let n: i64 = sqlx::Row::try_get(
+        &sqlx::query("SELECT COUNT(*) AS n FROM devices")
+            .fetch_one(db.pool())
+            .await
+            .unwrap(),
+        "n",
+    )
+    .unwrap();
+    assert_eq!(n, 5);
+}

@@ -253,9 +253,19 @@ impl ConnectInfo {
     }
 
     /// Re-encodes the CONNECT with `username`/`password` replaced (the upstream CONNECT).
-    pub fn rewrite(&self, username: &str, password: &str) -> Result<BytesMut, PacketError> {
+    /// The CONNECT to send upstream: `client_id` replaced (see `edge::pump`), a clean
+    /// session forced (rumqttd never expires persistent sessions), and the login replaced by
+    /// the internal credentials.
+    pub fn rewrite(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<BytesMut, PacketError> {
         let mut packet = self.packet.clone();
-        if let Packet::Connect(_, _, _, _, login) = &mut packet {
+        if let Packet::Connect(connect, _, _, _, login) = &mut packet {
+            connect.client_id = client_id.to_owned();
+            connect.clean_session = true;
             *login = Some(protocol::Login {
                 username: username.to_owned(),
                 password: password.to_owned(),

@@ -225,11 +225,22 @@ async fn wait_listening(
     Err(())
 }
 
+fn next_probe() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 async fn probe(addr: SocketAddr, level: u8, endpoint: &InternalEndpoint) -> std::io::Result<bool> {
     let mut stream = TcpStream::connect(addr).await?;
     let connect = connect_packet(
         level,
-        &format!("{RESERVED_CLIENT_ID_PREFIX}-probe-{}", addr.port()),
+        // A fresh id per attempt: see `edge::pump::upstream_client_id` for the rumqttd trap
+        // that a reused id after a failed attempt springs.
+        &format!(
+            "{RESERVED_CLIENT_ID_PREFIX}-probe-{}-{}",
+            addr.port(),
+            next_probe()
+        ),
         &endpoint.username,
         &endpoint.password,
     );

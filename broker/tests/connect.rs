@@ -284,3 +284,34 @@ async fn mosquitto_clients_publish_and_subscribe_through_the_tls_edge() {
         ("devices/b/telemetry".to_owned(), b"hello".to_vec())
     );
 }
+
+#[tokio::test]
+async fn a_device_that_aborts_its_handshakes_again_and_again_can_still_connect() {
+    // rumqttd 0.20 poisons a listener when a client id is reused after a connection died
+    // between CONNECT and CONNACK; the edge must never let a device trigger that.
+    let app = TestApp::start().await;
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(app.plain).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        s.write_all(&common::raw_connect("a", "a", "token-a", None))
+            .await
+            .unwrap();
+        drop(s);
+    }
+    for _ in 0..3 {
+        let device = Client::connect(app.device_plain("a", "token-a"))
+            .await
+            .expect("the device still connects");
+        device.client.disconnect().await.unwrap();
+    }
+    let mut backend = app.backend("after", &["devices/+/telemetry"]).await;
+    backend.wait_suback().await;
+    let other = Client::connect(app.device_plain("b", "token-b"))
+        .await
+        .unwrap();
+    other.publish("devices/b/telemetry", b"still-routing").await;
+    assert_eq!(
+        backend.next_publish().await,
+        ("devices/b/telemetry".to_owned(), b"still-routing".to_vec())
+    );
+}

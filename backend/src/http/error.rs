@@ -21,6 +21,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
     #[error("{0}")]
@@ -52,6 +54,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -68,6 +71,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::TooManyRequests { .. } => "rate_limited",
@@ -126,7 +130,7 @@ pub fn rejection_to_error(r: &Rejection) -> ApiError {
         return ApiError::NotFound("no such route".into());
     }
     if let Some(e) = r.find::<ApiError>() {
-        return clone_error(e);
+        return e.clone_for_wire();
     }
     if let Some(e) = r.find::<warp::filters::body::BodyDeserializeError>() {
         return ApiError::BadRequest(format!("invalid JSON body: {e}"));
@@ -145,8 +149,10 @@ pub fn rejection_to_error(r: &Rejection) -> ApiError {
     if r.find::<warp::reject::InvalidQuery>().is_some() {
         return ApiError::BadRequest("invalid query string".into());
     }
-    if r.find::<warp::reject::MethodNotAllowed>().is_some() {
-        return ApiError::NotFound("no such route for this method".into());
+    if r.find::<warp::reject::MethodNotAllowed>().is_some()
+        || r.find::<crate::http::MethodMismatch>().is_some()
+    {
+        return ApiError::MethodNotAllowed;
     }
     if r.find::<warp::reject::MissingHeader>().is_some()
         || r.find::<warp::reject::InvalidHeader>().is_some()
@@ -156,19 +162,23 @@ pub fn rejection_to_error(r: &Rejection) -> ApiError {
     ApiError::Internal(anyhow::anyhow!("unhandled rejection: {r:?}"))
 }
 
-fn clone_error(e: &ApiError) -> ApiError {
-    match e {
-        ApiError::BadRequest(m) => ApiError::BadRequest(m.clone()),
-        ApiError::Unauthorized => ApiError::Unauthorized,
-        ApiError::Forbidden(m) => ApiError::Forbidden(m.clone()),
-        ApiError::NotFound(m) => ApiError::NotFound(m.clone()),
-        ApiError::Conflict(m) => ApiError::Conflict(m.clone()),
-        ApiError::PayloadTooLarge { limit } => ApiError::PayloadTooLarge { limit: *limit },
-        ApiError::Unprocessable(m) => ApiError::Unprocessable(m.clone()),
-        ApiError::TooManyRequests { retry_after_s } => ApiError::TooManyRequests {
-            retry_after_s: *retry_after_s,
-        },
-        ApiError::Unavailable(m) => ApiError::Unavailable(m.clone()),
-        ApiError::Internal(e) => ApiError::Internal(anyhow::anyhow!("{e:#}")),
+impl ApiError {
+    /// A copy carrying the same status and message (internal causes are flattened to text).
+    pub fn clone_for_wire(&self) -> ApiError {
+        match self {
+            ApiError::BadRequest(m) => ApiError::BadRequest(m.clone()),
+            ApiError::Unauthorized => ApiError::Unauthorized,
+            ApiError::Forbidden(m) => ApiError::Forbidden(m.clone()),
+            ApiError::NotFound(m) => ApiError::NotFound(m.clone()),
+            ApiError::Conflict(m) => ApiError::Conflict(m.clone()),
+            ApiError::PayloadTooLarge { limit } => ApiError::PayloadTooLarge { limit: *limit },
+            ApiError::Unprocessable(m) => ApiError::Unprocessable(m.clone()),
+            ApiError::TooManyRequests { retry_after_s } => ApiError::TooManyRequests {
+                retry_after_s: *retry_after_s,
+            },
+            ApiError::Unavailable(m) => ApiError::Unavailable(m.clone()),
+            ApiError::Internal(e) => ApiError::Internal(anyhow::anyhow!("{e:#}")),
+            ApiError::MethodNotAllowed => ApiError::MethodNotAllowed,
+        }
     }
 }

@@ -1,119 +1,244 @@
-//! The REST API and operational endpoints, served by warp.
+//! The HTTP server: a table of routes (method, path template, handler) turned into one warp
+//! filter.
 //!
-//! Every route is wrapped by [`metered`], which records `api_requests_total` and
-//! `api_request_latency_seconds` under the route template, maps errors to the JSON shape
-//! in one place ([`error`]) and adds the security headers.
+//! Every route is built from its template, so the table is the truth for routing, for the
+//! `endpoint` label of `api_requests_total`/`api_request_latency_seconds`, and for the
+//! OpenAPI completeness test. Handlers receive a uniform [`Req`] and return
+//! `Result<Response, ApiError>`; errors are mapped to JSON in one place ([`error`]).
 
 pub mod error;
+pub mod ops;
+pub mod server;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use prometheus_client::registry::Registry;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use warp::filters::BoxedFilter;
 use warp::http::{header, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::db::Db;
-use crate::metrics::HttpMetrics;
-
 pub use error::ApiError;
+
+use crate::context::Ctx;
 
 /// Largest accepted request body, in bytes.
 pub const MAX_BODY: u64 = 64 * 1024;
 
-/// A named check that `/ready` runs besides the database ping.
-pub type ReadyCheck = Arc<dyn Fn() -> bool + Send + Sync>;
-
-/// What the HTTP layer needs from the rest of the application.
-#[derive(Clone)]
-pub struct HttpState {
-    pub db: Db,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<HttpMetrics>,
-    pub ready_checks: Vec<(&'static str, ReadyCheck)>,
+/// What every handler gets.
+pub struct Req {
+    /// Path parameters, in template order.
+    pub params: Vec<String>,
+    /// The `Authorization` header.
+    pub auth: Option<String>,
+    pub remote: Option<SocketAddr>,
+    /// The raw query string (empty when absent).
+    pub query: String,
+    /// The body (at most [`MAX_BODY`] bytes), or why it could not be read.
+    pub body: Result<Bytes, ApiError>,
 }
 
-/// All routes, with errors recovered into JSON.
-pub fn routes(state: HttpState) -> BoxedFilter<(Response,)> {
-    let state = Arc::new(state);
-    let health = warp::path("health").and(warp::path::end()).and(warp::get());
-    let health = metered("/health", &state, health.map(|| Ok(health_reply())));
+impl Req {
+    /// The `i`th path parameter.
+    pub fn param(&self, i: usize) -> &str {
+        self.params.get(i).map(String::as_str).unwrap_or("")
+    }
 
-    let ready = warp::path("ready")
-        .and(warp::path::end())
-        .and(warp::get())
-        .and(with(&state))
-        .then(|s: Arc<HttpState>| async move { ready(&s).await });
-    let ready = metered("/ready", &state, ready);
+    /// Parses the body as JSON into `T` (unknown fields are rejected by `T`).
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let body = match &self.body {
+            Ok(b) => b,
+            Err(e) => return Err(e.clone_for_wire()),
+        };
+        if body.is_empty() {
+            return Err(ApiError::BadRequest("a JSON body is required".into()));
+        }
+        serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                ApiError::Unprocessable(e.to_string())
+            } else {
+                ApiError::BadRequest(format!("invalid JSON: {e}"))
+            }
+        })
+    }
 
-    let metrics = warp::path("metrics")
-        .and(warp::path::end())
-        .and(warp::get())
-        .and(with(&state))
-        .map(|s: Arc<HttpState>| metrics(&s));
-    let metrics = metered("/metrics", &state, metrics);
+    /// Parses the query string into `T`.
+    pub fn query<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        serde_urlencoded::from_str(&self.query)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))
+    }
+}
 
-    health
-        .or(ready)
-        .unify()
-        .or(metrics)
-        .unify()
-        .recover(error::recover)
-        .unify()
-        .map(security_headers)
+/// A JSON response with a status.
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+/// A JSON response that carries a secret: never cached.
+pub fn json_no_store<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let mut resp = json(status, body);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The routes, as declared.
+#[derive(Default)]
+pub struct RouteTable {
+    routes: Vec<(Method, &'static str)>,
+    filter: Option<BoxedFilter<(Response,)>>,
+}
+
+impl RouteTable {
+    /// Adds a route. `template` is a path like `/api/v1/devices/{id}`.
+    pub fn add<H, Fut>(&mut self, ctx: &Ctx, method: Method, template: &'static str, handler: H)
+    where
+        H: Fn(Ctx, Req) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response, ApiError>> + Send + 'static,
+    {
+        self.routes.push((method.clone(), template));
+        let ctx = ctx.clone();
+        let metrics = ctx.http_metrics.clone();
+        let route = path_filter(template)
+            .and(method_filter(method))
+            .and(warp::any().map(Instant::now))
+            .and(request_parts())
+            .then(move |params: Vec<String>, start: Instant, parts: Parts| {
+                let ctx = ctx.clone();
+                let handler = handler.clone();
+                let metrics = metrics.clone();
+                async move {
+                    let method = parts.method.clone();
+                    let req = Req {
+                        params,
+                        auth: parts.auth,
+                        remote: parts.remote,
+                        query: parts.query,
+                        body: parts.body,
+                    };
+                    let resp = handler(ctx, req)
+                        .await
+                        .unwrap_or_else(ApiError::into_response);
+                    metrics.observe(
+                        method.as_str(),
+                        template,
+                        resp.status().as_u16(),
+                        start.elapsed(),
+                    );
+                    resp
+                }
+            })
+            .boxed();
+        self.filter = Some(match self.filter.take() {
+            None => route,
+            Some(prev) => prev.or(route).unify().boxed(),
+        });
+    }
+
+    /// Every (method, template) pair, in declaration order.
+    pub fn routes(&self) -> &[(Method, &'static str)] {
+        &self.routes
+    }
+
+    /// The whole router: unmatched requests and leftover rejections become JSON errors, and
+    /// every response gets the security headers.
+    pub fn into_filter(self) -> BoxedFilter<(Response,)> {
+        let base = self.filter.unwrap_or_else(|| {
+            warp::any()
+                .and_then(|| async { Err::<Response, Rejection>(warp::reject::not_found()) })
+                .boxed()
+        });
+        base.recover(error::recover)
+            .unify()
+            .map(security_headers)
+            .boxed()
+    }
+}
+
+/// The path filter for a template: literal segments must match, `{name}` segments are
+/// collected in order.
+fn path_filter(template: &'static str) -> BoxedFilter<(Vec<String>,)> {
+    let mut filter: BoxedFilter<(Vec<String>,)> = warp::any().map(Vec::new).boxed();
+    for segment in template.split('/').filter(|s| !s.is_empty()) {
+        if segment.starts_with('{') && segment.ends_with('}') {
+            filter = filter
+                .and(warp::path::param::<String>())
+                .map(|mut v: Vec<String>, p: String| {
+                    v.push(p);
+                    v
+                })
+                .boxed();
+        } else {
+            filter = filter.and(warp::path(segment)).boxed();
+        }
+    }
+    filter.and(warp::path::end()).boxed()
+}
+
+fn method_filter(method: Method) -> BoxedFilter<()> {
+    warp::method()
+        .and_then(move |m: Method| {
+            let ok = m == method;
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(warp::reject::custom(MethodMismatch))
+                }
+            }
+        })
+        .untuple_one()
         .boxed()
 }
 
-fn with<T: Clone + Send + Sync>(
-    v: &T,
-) -> impl Filter<Extract = (T,), Error = std::convert::Infallible> + Clone {
-    let v = v.clone();
-    warp::any().map(move || v.clone())
+/// A route's path matched but its method did not.
+#[derive(Debug)]
+pub struct MethodMismatch;
+impl warp::reject::Reject for MethodMismatch {}
+
+struct Parts {
+    method: Method,
+    auth: Option<String>,
+    remote: Option<SocketAddr>,
+    query: String,
+    body: Result<Bytes, ApiError>,
 }
 
-/// Times a route, maps its `ApiError` to JSON, and counts it under `endpoint`.
-pub fn metered<F>(
-    endpoint: &'static str,
-    state: &Arc<HttpState>,
-    route: F,
-) -> BoxedFilter<(Response,)>
-where
-    F: Filter<Extract = (Result<Response, ApiError>,), Error = Rejection>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
-    let metrics = state.metrics.clone();
-    warp::any()
-        .map(Instant::now)
-        .and(warp::method())
-        .and(route)
-        .map(
-            move |start: Instant, method: Method, result: Result<Response, ApiError>| {
-                let resp = result.unwrap_or_else(ApiError::into_response);
-                metrics.observe(
-                    method.as_str(),
-                    endpoint,
-                    resp.status().as_u16(),
-                    start.elapsed(),
-                );
-                resp
-            },
-        )
+fn request_parts() -> BoxedFilter<(Parts,)> {
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let auth = warp::header::optional::<String>("authorization")
+        .or(warp::any().map(|| None))
+        .unify();
+    let body = warp::body::content_length_limit(MAX_BODY)
+        .and(warp::body::bytes())
+        .map(Ok)
+        .or_else(|r: Rejection| async move {
+            // No Content-Length: no body (GET, DELETE, or a bodiless POST).
+            if r.find::<warp::reject::LengthRequired>().is_some() {
+                return Ok::<_, Rejection>((Ok(Bytes::new()),));
+            }
+            Ok((Err(error::rejection_to_error(&r)),))
+        });
+    let remote =
+        warp::ext::optional::<server::PeerAddr>().map(|p: Option<server::PeerAddr>| p.map(|p| p.0));
+    warp::method()
+        .and(auth)
+        .and(remote)
+        .and(query)
+        .and(body)
+        .map(|method, auth, remote, query, body| Parts {
+            method,
+            auth,
+            remote,
+            query,
+            body,
+        })
         .boxed()
-}
-
-/// Runs an async handler and keeps its result for [`metered`].
-pub fn handle<Fut>(fut: Fut) -> impl Future<Output = Result<Response, ApiError>>
-where
-    Fut: Future<Output = Result<Response, ApiError>>,
-{
-    fut
 }
 
 fn security_headers(mut resp: Response) -> Response {
@@ -126,60 +251,21 @@ fn security_headers(mut resp: Response) -> Response {
     resp
 }
 
-#[derive(Serialize)]
-struct Health {
-    status: &'static str,
-    version: &'static str,
+/// All routes of the server.
+pub fn route_table(ctx: &Ctx) -> RouteTable {
+    let mut t = RouteTable::default();
+    ops::add_routes(&mut t, ctx);
+    crate::api::add_routes(&mut t, ctx);
+    t
 }
 
-fn health_reply() -> Response {
-    warp::reply::json(&Health {
-        status: "ok",
-        version: env!("CARGO_PKG_VERSION"),
-    })
-    .into_response()
+/// The whole router for `ctx`.
+pub fn routes(ctx: &Ctx) -> BoxedFilter<(Response,)> {
+    route_table(ctx).into_filter()
 }
 
-#[derive(Serialize)]
-struct Ready {
-    status: &'static str,
-    checks: Vec<Check>,
-}
+/// Shorthand used by handlers.
+pub type HandlerResult = Result<Response, ApiError>;
 
-#[derive(Serialize)]
-struct Check {
-    name: &'static str,
-    ok: bool,
-}
-
-async fn ready(state: &HttpState) -> Result<Response, ApiError> {
-    let mut checks = vec![Check {
-        name: "database",
-        ok: state.db.ping(Duration::from_secs(2)).await,
-    }];
-    for (name, check) in &state.ready_checks {
-        checks.push(Check { name, ok: check() });
-    }
-    let all_ok = checks.iter().all(|c| c.ok);
-    let body = Ready {
-        status: if all_ok { "ready" } else { "not_ready" },
-        checks,
-    };
-    let status = if all_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    Ok(warp::reply::with_status(warp::reply::json(&body), status).into_response())
-}
-
-fn metrics(state: &HttpState) -> Result<Response, ApiError> {
-    let text = crate::metrics::render(&state.registry)
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("encoding metrics: {e}")))?;
-    let mut resp = text.into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
-    );
-    Ok(resp)
-}
+/// Shared pointer alias used by route builders.
+pub type Shared<T> = Arc<T>;

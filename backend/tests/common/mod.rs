@@ -113,7 +113,8 @@ impl ServerProcess {
                 ),
             };
             log.push(line.clone());
-            if let Some(rest) = line.split("listening ").nth(1) {
+            if let Some(at) = line.find("listening http=") {
+                let rest = &line[at + "listening ".len()..];
                 let field = |name: &str| -> Option<SocketAddr> {
                     rest.split_whitespace()
                         .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
@@ -166,3 +167,4 @@ impl ServerProcess {
         &self.log
     }
 }
+pub mod app;

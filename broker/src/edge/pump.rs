@@ -129,7 +129,11 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
         let mut up = TcpStream::connect(addr).await?;
         up.set_nodelay(true)?;
         let rewritten = connect
-            .rewrite(device.as_str(), &edge.internal.password)
+            .rewrite(
+                &upstream_client_id(device),
+                device.as_str(),
+                &edge.internal.password,
+            )
             .map_err(std::io::Error::other)?;
         up.write_all(&rewritten).await?;
         let mut buf = BytesMut::with_capacity(64);
@@ -487,4 +491,17 @@ async fn write_or_stop<W: AsyncWrite + Unpin>(
     };
     buf.clear();
     ok
+}
+
+/// A client id used upstream once only: `{device}~{n}`.
+///
+/// rumqttd 0.20 keeps a Will handler per client id and, when a connection fails between
+/// CONNECT and CONNACK, leaves a dead one behind; the next CONNECT with that id then panics
+/// inside rumqttd while holding its lock, poisoning it, and every later connection to that
+/// listener panics too. Never reusing an id upstream avoids the trap; takeover by the same
+/// device id is the edge's job (`sessions`), not rumqttd's.
+pub(crate) fn upstream_client_id(device: &DeviceId) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{device}~{n}")
 }

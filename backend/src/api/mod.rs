@@ -1,0 +1,105 @@
+//! The REST API under `/api/v1`: devices, enrolment, admin tokens, audit, OpenAPI.
+
+pub mod audit;
+pub mod auth;
+pub mod devices;
+pub mod enroll;
+pub mod openapi;
+pub mod personas;
+pub mod rules;
+
+use std::collections::BTreeSet;
+
+use companion_schema::DeviceId;
+use warp::http::Method;
+
+use crate::context::Ctx;
+use crate::http::{ApiError, RouteTable};
+use crate::registry::model::{Capability, DeviceName, DeviceType};
+use crate::registry::NewDevice;
+
+pub fn add_routes(t: &mut RouteTable, ctx: &Ctx) {
+    t.add(ctx, Method::POST, "/api/v1/devices", devices::create);
+    t.add(ctx, Method::GET, "/api/v1/devices", devices::list);
+    t.add(ctx, Method::GET, "/api/v1/devices/{id}", devices::get);
+    t.add(ctx, Method::PATCH, "/api/v1/devices/{id}", devices::patch);
+    t.add(ctx, Method::DELETE, "/api/v1/devices/{id}", devices::delete);
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/devices/{id}/token",
+        devices::rotate,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/enrollments",
+        enroll::create_code,
+    );
+    t.add(
+        ctx,
+        Method::PUT,
+        "/api/v1/devices/{id}/persona",
+        personas::set,
+    );
+    t.add(ctx, Method::GET, "/api/v1/personas", personas::list);
+    t.add(ctx, Method::GET, "/api/v1/rules", rules::get);
+    t.add(ctx, Method::PUT, "/api/v1/rules", rules::put);
+    t.add(ctx, Method::POST, "/api/v1/rules/test", rules::test);
+    t.add(ctx, Method::POST, "/api/v1/enroll", enroll::enroll);
+    t.add(ctx, Method::GET, "/api/v1/audit", audit::list);
+    t.add(ctx, Method::POST, "/api/v1/auth/token", auth::exchange);
+    t.add(ctx, Method::GET, "/api/v1/openapi.json", openapi::serve);
+}
+
+/// Parses a path's device id (an invalid one cannot exist: 404).
+pub fn device_id_param(s: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(s).map_err(|_| ApiError::NotFound(format!("no device {s:?}")))
+}
+
+/// Validates the registration fields shared by `POST /devices` and `POST /enroll`.
+pub fn validate_new_device(
+    device_id: Option<&str>,
+    name: &str,
+    device_type: &str,
+    capabilities: &[String],
+) -> Result<NewDevice, ApiError> {
+    let device_id = device_id
+        .map(|id| {
+            let id = DeviceId::parse(id)
+                .map_err(|e| ApiError::Unprocessable(format!("device_id: {e}")))?;
+            if id
+                .as_str()
+                .starts_with(companion_broker::RESERVED_CLIENT_ID_PREFIX)
+            {
+                return Err(ApiError::Unprocessable(format!(
+                    "device_id: ids starting with {:?} are reserved",
+                    companion_broker::RESERVED_CLIENT_ID_PREFIX
+                )));
+            }
+            Ok(id)
+        })
+        .transpose()?;
+    let name =
+        DeviceName::parse(name).map_err(|e| ApiError::Unprocessable(format!("name: {e}")))?;
+    let device_type = DeviceType::parse(device_type).ok_or_else(|| {
+        ApiError::Unprocessable(format!(
+            "device_type: {device_type:?} is not one of raspberry_pi, esp32, simulated, other"
+        ))
+    })?;
+    let mut caps = BTreeSet::new();
+    for c in capabilities {
+        let cap = Capability::parse(c).ok_or_else(|| {
+            ApiError::Unprocessable(format!(
+                "capabilities: {c:?} is not one of audio_input, audio_output, buttons, leds, display"
+            ))
+        })?;
+        caps.insert(cap);
+    }
+    Ok(NewDevice {
+        device_id,
+        name,
+        device_type,
+        capabilities: caps,
+    })
+}

@@ -1,0 +1,121 @@
+//! What request handlers share: stores, authenticators, the broker handle, limits, metrics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use companion_broker::BrokerHandle;
+use companion_schema::DeviceId;
+use prometheus_client::registry::Registry;
+
+use crate::audit::{AuditEntry, AuditLog, Outcome};
+use crate::db::Db;
+use crate::http::ApiError;
+use crate::metrics::HttpMetrics;
+use crate::mqtt_auth::RegistryAuthenticator;
+use crate::ratelimit::KeyedLimiter;
+use crate::registry::admin::AuthFailure;
+use crate::registry::{AdminAuth, DeviceStore, EnrollmentStore, Principal};
+
+/// How devices reach the broker, as registration answers tell them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MqttInfo {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+/// Limits applied by the REST layer.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    pub requests_per_minute: u32,
+    pub enroll_failures_per_minute: u32,
+}
+
+/// Shared state of the HTTP handlers.
+pub struct ApiContext {
+    pub db: Db,
+    pub devices: DeviceStore,
+    pub enrollments: EnrollmentStore,
+    pub admin: AdminAuth,
+    pub audit: AuditLog,
+    pub authenticator: Arc<RegistryAuthenticator>,
+    pub broker: Option<BrokerHandle>,
+    pub mqtt: MqttInfo,
+    pub registry: Arc<Registry>,
+    pub http_metrics: Arc<HttpMetrics>,
+    pub limiter: KeyedLimiter,
+    pub enroll_failures: KeyedLimiter,
+    /// Lifetime of JWTs from `POST /auth/token` (24 hours; shorter in tests).
+    pub jwt_lifetime: Duration,
+    pub personas: Arc<crate::personas::PersonaSet>,
+    pub rules: Arc<crate::rules::store::RuleStore>,
+    pub dispatcher: Arc<crate::devices::Dispatcher>,
+}
+
+pub type Ctx = Arc<ApiContext>;
+
+fn addr_key(remote: Option<std::net::SocketAddr>) -> String {
+    remote.map_or_else(|| "addr:unknown".into(), |r| format!("addr:{}", r.ip()))
+}
+
+impl ApiContext {
+    /// Authenticates an admin request and applies its rate limit. A failure is audited and
+    /// counts against the caller's address.
+    pub async fn admin(
+        &self,
+        auth: Option<&str>,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Result<Principal, ApiError> {
+        let result = self
+            .admin
+            .authenticate(auth)
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?;
+        match result {
+            Ok(principal) => {
+                self.limiter
+                    .check(&format!("principal:{}", principal.token_id))
+                    .map_err(|retry_after_s| ApiError::TooManyRequests { retry_after_s })?;
+                Ok(principal)
+            }
+            Err(failure) => {
+                self.limiter
+                    .check(&addr_key(remote))
+                    .map_err(|retry_after_s| ApiError::TooManyRequests { retry_after_s })?;
+                if failure != AuthFailure::Missing {
+                    self.audit
+                        .record(
+                            AuditEntry::new("anonymous", "admin.auth", Outcome::Denied)
+                                .remote(remote)
+                                .detail(failure.as_str()),
+                        )
+                        .await;
+                }
+                Err(ApiError::Unauthorized)
+            }
+        }
+    }
+
+    /// The per-address limit for routes without admin authentication.
+    pub fn public_limit(&self, remote: Option<std::net::SocketAddr>) -> Result<(), ApiError> {
+        self.limiter
+            .check(&addr_key(remote))
+            .map_err(|retry_after_s| ApiError::TooManyRequests { retry_after_s })
+    }
+
+    /// The per-address limit on failed enrolments.
+    pub fn enroll_failure_limit(
+        &self,
+        remote: Option<std::net::SocketAddr>,
+    ) -> Result<(), ApiError> {
+        self.enroll_failures
+            .check(&addr_key(remote))
+            .map_err(|retry_after_s| ApiError::TooManyRequests { retry_after_s })
+    }
+
+    /// Ends a device's live connection and forgets its cached credential.
+    pub fn kick(&self, device: &DeviceId) -> bool {
+        self.authenticator.invalidate(device);
+        self.broker.as_ref().is_some_and(|b| b.kick(device))
+    }
+}

@@ -1,0 +1,718 @@
+//! The conversation session state machine of one device:
+//! `idle → listening → thinking → speaking → idle`.
+//!
+//! Listening buffers the uplink audio (reordered by `seq`, duplicates dropped, late chunks
+//! counted) into the voice pipeline's decoder, and ends on `stop`, the decoder's end of
+//! speech, the last chunk, or the listening limit. Thinking and speaking run in a turn task
+//! (transcribe → rules see the transcript → respond, streamed to `audio/down`); `cancel` or a
+//! new `start` cancels it (barge-in). Every transition is published on `session/down` and
+//! drives the LED.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use companion_schema::{
+    AudioChunk, Codec, DeviceId, LedCommand, LedPattern, SessionAction, SessionControl,
+    SessionEvent, SessionId, SessionState, TopicKind, AUDIO_FRAME_MS, AUDIO_SAMPLE_RATE,
+    SCHEMA_VERSION,
+};
+use rand::Rng;
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::ReasonLabel;
+use super::worker::Worker;
+use super::Runtime;
+use crate::db::now_ms;
+use crate::personas::Persona;
+use crate::rules::{EventKind, Field, RuleEvent, SessionVerb};
+use crate::voice::{ChatTurn, Reply, Role, UplinkAudio, VoiceError, VoiceOutput, OUTPUT_QUEUE};
+
+/// Messages from a device's turn task to its worker.
+pub const INTERNAL_QUEUE: usize = 16;
+/// Most out-of-order chunks held while waiting for a missing one.
+const MAX_PENDING_CHUNKS: usize = 64;
+
+pub enum Internal {
+    /// Speech became text; the worker runs the rules and answers with the plan.
+    Transcribed {
+        session: SessionId,
+        text: String,
+        reply: oneshot::Sender<TurnPlan>,
+    },
+    /// The turn finished (or failed).
+    Done {
+        session: SessionId,
+        outcome: TurnOutcome,
+    },
+}
+
+/// What to answer with, decided after the transcript went through the rules.
+pub struct TurnPlan {
+    pub persona: Arc<Persona>,
+    pub history: Vec<ChatTurn>,
+    /// The persona changed because of what was said: greet in the new voice.
+    pub greet: bool,
+}
+
+pub enum TurnOutcome {
+    Replied {
+        transcript: String,
+        reply: Reply,
+    },
+    Spoke {
+        text: String,
+        degraded: Option<String>,
+    },
+    Failed(String),
+}
+
+struct Listening {
+    id: SessionId,
+    deadline: tokio::time::Instant,
+    next_seq: u32,
+    pending: BTreeMap<u32, AudioChunk>,
+    // In a Mutex only to make the worker `Sync` (the decoder is `Send`, not `Sync`).
+    uplink: Option<std::sync::Mutex<Box<dyn UplinkAudio>>>,
+    frames: usize,
+}
+
+struct Busy {
+    id: SessionId,
+    cancel: CancellationToken,
+    deadline: tokio::time::Instant,
+}
+
+#[derive(Default)]
+enum Phase {
+    #[default]
+    Idle,
+    Listening(Listening),
+    Busy(Busy),
+}
+
+#[derive(Default)]
+pub struct Session {
+    phase: Phase,
+}
+
+impl Session {
+    pub fn is_idle(&self) -> bool {
+        matches!(self.phase, Phase::Idle)
+    }
+
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        match &self.phase {
+            Phase::Idle => None,
+            Phase::Listening(l) => Some(l.deadline),
+            Phase::Busy(b) => Some(b.deadline),
+        }
+    }
+
+    /// Drops the session without announcing anything (worker exit, shutdown).
+    pub fn abandon(&mut self, rt: &Runtime) {
+        match std::mem::take(&mut self.phase) {
+            Phase::Idle => {}
+            Phase::Listening(_) => {
+                rt.metrics.active_sessions.dec();
+            }
+            Phase::Busy(b) => {
+                b.cancel.cancel();
+                rt.metrics.active_sessions.dec();
+            }
+        };
+    }
+}
+
+fn new_session_id() -> SessionId {
+    let n: u64 = rand::rng().random();
+    SessionId::parse(&format!("s{n:016x}"))
+        .unwrap_or_else(|_| SessionId::parse("s").expect("valid literal"))
+}
+
+fn led_for(state: SessionState, persona: &Persona) -> LedCommand {
+    let (pattern, color, brightness) = match state {
+        SessionState::Listening => (LedPattern::Pulse, persona.color, 255),
+        SessionState::Thinking => (LedPattern::Spin, persona.color, 255),
+        SessionState::Speaking => (LedPattern::Solid, persona.color, 255),
+        SessionState::Idle => (LedPattern::Solid, persona.color, 96),
+        SessionState::Error => (LedPattern::Blink, [255, 40, 40], 255),
+    };
+    LedCommand {
+        v: SCHEMA_VERSION,
+        pattern,
+        color,
+        brightness,
+        duration_ms: matches!(state, SessionState::Error).then_some(2000),
+    }
+}
+
+/// Publishes a session event and the matching LED command.
+async fn announce(rt: &Runtime, device: &DeviceId, persona: &Persona, event: SessionEvent) {
+    let state = event.state;
+    if let Err(e) = rt.bus.publish(device, TopicKind::SessionDown, &event).await {
+        tracing::warn!(device_id = %device, error = %e, "publishing a session event failed");
+    }
+    let _ = rt
+        .bus
+        .publish(device, TopicKind::Led, &led_for(state, persona))
+        .await;
+}
+
+fn event(id: &SessionId, state: SessionState) -> SessionEvent {
+    SessionEvent {
+        v: SCHEMA_VERSION,
+        session_id: id.clone(),
+        state,
+        transcript: None,
+        reply_text: None,
+        error: None,
+    }
+}
+
+impl Worker {
+    async fn announce(&self, ev: SessionEvent) {
+        announce(&self.rt, &self.device, &self.persona, ev).await;
+    }
+
+    fn end_metric(&self, reason: &'static str) {
+        self.rt
+            .metrics
+            .sessions
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A `SessionControl` from the device.
+    pub(super) async fn control(&mut self, c: SessionControl) {
+        match c.action {
+            SessionAction::Start => self.start(Some(c.session_id)).await,
+            SessionAction::Stop => self.stop(Some(&c.session_id), "stop").await,
+            SessionAction::Cancel => self.cancel(Some(&c.session_id)).await,
+        }
+    }
+
+    /// A `session` rule action. Safe to run twice: starting while listening, or stopping
+    /// when not listening, changes nothing.
+    pub(super) async fn rule_session(&mut self, verb: SessionVerb) {
+        match verb {
+            SessionVerb::Start => {
+                if !matches!(self.session.phase, Phase::Listening(_)) {
+                    self.start(None).await;
+                }
+            }
+            SessionVerb::Stop => self.stop(None, "stop").await,
+            SessionVerb::Cancel => self.cancel(None).await,
+        }
+    }
+
+    async fn start(&mut self, id: Option<SessionId>) {
+        match &self.session.phase {
+            Phase::Listening(l) if id.as_ref() == Some(&l.id) => return, // a repeated delivery
+            Phase::Busy(_) => self.cancel(None).await,                   // barge-in
+            _ => {}
+        }
+        if self.session.is_idle() {
+            self.rt.metrics.active_sessions.inc();
+        }
+        let id = id.unwrap_or_else(new_session_id);
+        let uplink = self
+            .rt
+            .voice
+            .as_ref()
+            .map(|v| std::sync::Mutex::new(v.uplink()));
+        self.session.phase = Phase::Listening(Listening {
+            id: id.clone(),
+            deadline: tokio::time::Instant::now() + self.rt.limits.max_listen,
+            next_seq: 0,
+            pending: BTreeMap::new(),
+            uplink,
+            frames: 0,
+        });
+        self.announce(event(&id, SessionState::Listening)).await;
+    }
+
+    async fn cancel(&mut self, id: Option<&SessionId>) {
+        let current = match &self.session.phase {
+            Phase::Idle => return,
+            Phase::Listening(l) => l.id.clone(),
+            Phase::Busy(b) => b.id.clone(),
+        };
+        if id.is_some_and(|i| *i != current) {
+            return;
+        }
+        if let Phase::Busy(b) = &self.session.phase {
+            b.cancel.cancel();
+        }
+        self.session.phase = Phase::Idle;
+        self.rt.metrics.active_sessions.dec();
+        self.end_metric("cancelled");
+        let mut ev = event(&current, SessionState::Idle);
+        ev.error = Some("cancelled".into());
+        self.announce(ev).await;
+    }
+
+    async fn stop(&mut self, id: Option<&SessionId>, why: &'static str) {
+        let Phase::Listening(l) = &self.session.phase else {
+            return;
+        };
+        if id.is_some_and(|i| *i != l.id) {
+            return;
+        }
+        self.end_listening(why).await;
+    }
+
+    /// An uplink audio chunk.
+    pub(super) async fn audio(&mut self, chunk: AudioChunk) {
+        let Phase::Listening(l) = &mut self.session.phase else {
+            self.rt.metrics.audio_chunks_late.inc();
+            return;
+        };
+        if chunk.session_id != l.id {
+            self.rt.metrics.audio_chunks_late.inc();
+            return;
+        }
+        if chunk.seq < l.next_seq || l.pending.contains_key(&chunk.seq) {
+            self.rt.metrics.audio_chunks_duplicate.inc();
+            return;
+        }
+        l.pending.insert(chunk.seq, chunk);
+        if l.pending.len() > MAX_PENDING_CHUNKS {
+            // A chunk is lost for good: skip to the oldest one held.
+            if let Some(&first) = l.pending.keys().next() {
+                self.rt.metrics.audio_chunks_late.inc();
+                l.next_seq = first;
+            }
+        }
+        let mut ended = false;
+        while let Some(chunk) = l.pending.remove(&l.next_seq) {
+            l.next_seq = l.next_seq.wrapping_add(1);
+            for frame in &chunk.frames {
+                l.frames += 1;
+                if let Some(up) = l.uplink.as_mut().and_then(|m| m.get_mut().ok()) {
+                    match up.push(frame) {
+                        Ok(true) => ended = true,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::debug!(device_id = %self.device, error = %e, "undecodable uplink frame")
+                        }
+                    }
+                }
+            }
+            if chunk.last {
+                ended = true;
+            }
+        }
+        if ended {
+            self.end_listening("end_of_speech").await;
+        }
+    }
+
+    /// The listening limit or the watchdog fired.
+    pub(super) async fn session_deadline(&mut self) {
+        match &self.session.phase {
+            Phase::Listening(_) => self.end_listening("timeout").await,
+            Phase::Busy(b) => {
+                let id = b.id.clone();
+                b.cancel.cancel();
+                self.session.phase = Phase::Idle;
+                self.rt.metrics.active_sessions.dec();
+                self.end_metric("watchdog");
+                let mut ev = event(&id, SessionState::Error);
+                ev.error = Some("the reply took too long".into());
+                self.announce(ev).await;
+                self.announce(event(&id, SessionState::Idle)).await;
+            }
+            Phase::Idle => {}
+        }
+    }
+
+    async fn end_listening(&mut self, why: &'static str) {
+        let Phase::Listening(mut l) = std::mem::take(&mut self.session.phase) else {
+            return;
+        };
+        let end_of_speech = Instant::now();
+        let pcm = l
+            .uplink
+            .as_mut()
+            .and_then(|m| m.get_mut().ok())
+            .map(|u| u.take_pcm())
+            .unwrap_or_default();
+        tracing::debug!(device_id = %self.device, session_id = %l.id, why, frames = l.frames, "listening ended");
+        self.announce(event(&l.id, SessionState::Thinking)).await;
+        let Some(voice) = self.rt.voice.clone() else {
+            return self
+                .fail(&l.id, "voice is not available on this server")
+                .await;
+        };
+        if pcm.is_empty() {
+            return self.fail(&l.id, "no audio was received").await;
+        }
+        let cancel = CancellationToken::new();
+        self.session.phase = Phase::Busy(Busy {
+            id: l.id.clone(),
+            cancel: cancel.clone(),
+            deadline: tokio::time::Instant::now() + self.rt.limits.watchdog,
+        });
+        let turn = Turn {
+            rt: self.rt.clone(),
+            device: self.device.clone(),
+            session: l.id,
+            internal: self.internal_tx.clone(),
+            cancel,
+            end_of_speech,
+        };
+        tokio::spawn(turn.listen_and_reply(voice, pcm));
+    }
+
+    /// The rule action `say`: speaks in the current persona's voice when no session runs.
+    pub(super) async fn say(&mut self, text: &str) -> Result<(), String> {
+        if !self.session.is_idle() {
+            return Err("a session is running".into());
+        }
+        let Some(voice) = self.rt.voice.clone() else {
+            return Err("voice is not available on this server".into());
+        };
+        let id = new_session_id();
+        let cancel = CancellationToken::new();
+        self.rt.metrics.active_sessions.inc();
+        self.session.phase = Phase::Busy(Busy {
+            id: id.clone(),
+            cancel: cancel.clone(),
+            deadline: tokio::time::Instant::now() + self.rt.limits.watchdog,
+        });
+        let turn = Turn {
+            rt: self.rt.clone(),
+            device: self.device.clone(),
+            session: id,
+            internal: self.internal_tx.clone(),
+            cancel,
+            end_of_speech: Instant::now(),
+        };
+        tokio::spawn(turn.say(voice, self.persona.clone(), text.to_owned()));
+        Ok(())
+    }
+
+    async fn fail(&mut self, id: &SessionId, message: &str) {
+        self.session.phase = Phase::Idle;
+        self.rt.metrics.active_sessions.dec();
+        self.end_metric("error");
+        let mut ev = event(id, SessionState::Error);
+        ev.error = Some(message.to_owned());
+        self.announce(ev).await;
+        self.announce(event(id, SessionState::Idle)).await;
+    }
+
+    pub(super) async fn handle_internal(&mut self, msg: Internal) {
+        let current = match &self.session.phase {
+            Phase::Busy(b) => Some(b.id.clone()),
+            _ => None,
+        };
+        match msg {
+            Internal::Transcribed {
+                session,
+                text,
+                reply,
+            } => {
+                if current.as_ref() != Some(&session) {
+                    return; // cancelled meanwhile; dropping `reply` ends the task
+                }
+                let mut ev = event(&session, SessionState::Thinking);
+                ev.transcript = Some(text.clone());
+                self.announce(ev).await;
+                let before = self.persona.id.clone();
+                let rule_event = RuleEvent {
+                    kind: EventKind::Transcript,
+                    topic: companion_schema::Topic::new(self.device.clone(), TopicKind::SessionUp)
+                        .to_string(),
+                    fields: vec![
+                        ("session_id", Field::Text(session.to_string())),
+                        ("text", Field::Text(text)),
+                    ],
+                };
+                self.run_rules(rule_event, Instant::now()).await;
+                let plan = TurnPlan {
+                    persona: self.persona.clone(),
+                    history: self.history().await,
+                    greet: self.persona.id != before,
+                };
+                let _ = reply.send(plan);
+            }
+            Internal::Done { session, outcome } => {
+                if current.as_ref() != Some(&session) {
+                    return;
+                }
+                self.session.phase = Phase::Idle;
+                self.rt.metrics.active_sessions.dec();
+                let mut idle = event(&session, SessionState::Idle);
+                match outcome {
+                    TurnOutcome::Replied { transcript, reply } => {
+                        self.remember(&session, &transcript, &reply.text).await;
+                        idle.transcript = Some(transcript);
+                        idle.reply_text = Some(reply.text);
+                        if let Some(why) = reply.degraded {
+                            self.end_metric("degraded");
+                            let mut ev = event(&session, SessionState::Error);
+                            ev.error = Some(why);
+                            self.announce(ev).await;
+                        } else {
+                            self.end_metric("replied");
+                        }
+                    }
+                    TurnOutcome::Spoke { text, degraded } => {
+                        idle.reply_text = Some(text);
+                        if let Some(why) = degraded {
+                            let mut ev = event(&session, SessionState::Error);
+                            ev.error = Some(why);
+                            self.announce(ev).await;
+                        }
+                        self.end_metric("spoke");
+                    }
+                    TurnOutcome::Failed(why) => {
+                        self.end_metric("error");
+                        let mut ev = event(&session, SessionState::Error);
+                        ev.error = Some(why);
+                        self.announce(ev).await;
+                    }
+                }
+                self.announce(idle).await;
+            }
+        }
+    }
+
+    async fn history(&self) -> Vec<ChatTurn> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT role, content FROM conversation_messages WHERE device_id = $1
+             ORDER BY created_at_ms DESC, message_id DESC LIMIT $2",
+        )
+        .bind(self.device.as_str())
+        .bind(i64::try_from(self.rt.limits.history).unwrap_or(20))
+        .fetch_all(self.rt.db.pool())
+        .await
+        .unwrap_or_default();
+        rows.into_iter()
+            .rev()
+            .map(|(role, content)| ChatTurn {
+                role: if role == "assistant" {
+                    Role::Assistant
+                } else {
+                    Role::User
+                },
+                content,
+            })
+            .collect()
+    }
+
+    async fn remember(&self, session: &SessionId, user: &str, assistant: &str) {
+        let now = now_ms();
+        for (i, (role, content)) in [(Role::User, user), (Role::Assistant, assistant)]
+            .into_iter()
+            .enumerate()
+        {
+            let id = format!("{now:013}-{i}-{:08x}", rand::rng().random::<u32>());
+            let r = sqlx::query(
+                "INSERT INTO conversation_messages (message_id, device_id, session_id, persona_id, role, content, created_at_ms)
+                 SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $2)",
+            )
+            .bind(id)
+            .bind(self.device.as_str())
+            .bind(session.as_str())
+            .bind(self.persona.id.as_str())
+            .bind(role.as_str())
+            .bind(content)
+            .bind(now + i as i64)
+            .execute(self.rt.db.pool())
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(device_id = %self.device, error = %e, "storing conversation history failed");
+                return;
+            }
+        }
+        let _ = sqlx::query(
+            "DELETE FROM conversation_messages WHERE device_id = $1 AND message_id NOT IN
+               (SELECT message_id FROM conversation_messages WHERE device_id = $1
+                ORDER BY created_at_ms DESC, message_id DESC LIMIT $2)",
+        )
+        .bind(self.device.as_str())
+        .bind(i64::try_from(self.rt.limits.history).unwrap_or(20))
+        .execute(self.rt.db.pool())
+        .await;
+    }
+}
+
+/// One turn's task: everything after listening ends.
+struct Turn {
+    rt: Arc<Runtime>,
+    device: DeviceId,
+    session: SessionId,
+    internal: mpsc::Sender<Internal>,
+    cancel: CancellationToken,
+    end_of_speech: Instant,
+}
+
+impl Turn {
+    async fn done(&self, outcome: TurnOutcome) {
+        let _ = self
+            .internal
+            .send(Internal::Done {
+                session: self.session.clone(),
+                outcome,
+            })
+            .await;
+    }
+
+    async fn listen_and_reply(self, voice: Arc<dyn crate::voice::VoicePipeline>, pcm: Vec<i16>) {
+        let text = match voice.transcribe(&pcm, &self.cancel).await {
+            Ok(t) => t,
+            Err(VoiceError::Cancelled) => return,
+            Err(e) => {
+                return self
+                    .done(TurnOutcome::Failed(format!(
+                        "speech recognition failed: {e}"
+                    )))
+                    .await
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let asked = self
+            .internal
+            .send(Internal::Transcribed {
+                session: self.session.clone(),
+                text: text.clone(),
+                reply: tx,
+            })
+            .await;
+        let Ok(plan) = (match asked {
+            Ok(()) => rx.await,
+            Err(_) => return,
+        }) else {
+            return; // the session was cancelled
+        };
+        let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE);
+        let producer = async {
+            let r = if plan.greet {
+                voice
+                    .speak(&plan.persona, &plan.persona.greeting, &out_tx, &self.cancel)
+                    .await
+                    .map(|()| Reply {
+                        text: plan.persona.greeting.clone(),
+                        degraded: None,
+                    })
+            } else {
+                voice
+                    .respond(&plan.persona, &plan.history, &text, &out_tx, &self.cancel)
+                    .await
+            };
+            drop(out_tx);
+            r
+        };
+        let (reply, _) = tokio::join!(producer, self.stream(out_rx, &plan.persona));
+        match reply {
+            _ if self.cancel.is_cancelled() => {}
+            Ok(reply) => {
+                self.done(TurnOutcome::Replied {
+                    transcript: text,
+                    reply,
+                })
+                .await
+            }
+            Err(e) => self.done(TurnOutcome::Failed(e.to_string())).await,
+        }
+    }
+
+    async fn say(
+        self,
+        voice: Arc<dyn crate::voice::VoicePipeline>,
+        persona: Arc<Persona>,
+        text: String,
+    ) {
+        let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE);
+        let producer = async {
+            let r = voice.speak(&persona, &text, &out_tx, &self.cancel).await;
+            drop(out_tx);
+            r
+        };
+        let (r, _) = tokio::join!(producer, self.stream(out_rx, &persona));
+        match r {
+            _ if self.cancel.is_cancelled() => {}
+            Ok(()) => {
+                self.done(TurnOutcome::Spoke {
+                    text,
+                    degraded: None,
+                })
+                .await
+            }
+            Err(e) => self.done(TurnOutcome::Failed(e.to_string())).await,
+        }
+    }
+
+    /// Publishes the reply as it is produced: `speaking` before the first audio, chunks with
+    /// increasing `seq`, and a final empty chunk with `last = true`.
+    async fn stream(&self, mut out: mpsc::Receiver<VoiceOutput>, persona: &Persona) {
+        let mut seq: u32 = 0;
+        let mut first_sentence: Option<String> = None;
+        let mut speaking = false;
+        loop {
+            // Cases: the next output; cancellation (stop at once).
+            let item = tokio::select! {
+                item = out.recv() => item,
+                _ = self.cancel.cancelled() => return,
+            };
+            let Some(item) = item else { break };
+            match item {
+                VoiceOutput::Sentence(s) => {
+                    first_sentence.get_or_insert(s);
+                }
+                VoiceOutput::Audio(frames) => {
+                    if self.cancel.is_cancelled() {
+                        return;
+                    }
+                    if !speaking {
+                        speaking = true;
+                        self.rt
+                            .metrics
+                            .first_audio
+                            .observe(self.end_of_speech.elapsed().as_secs_f64());
+                        let mut ev = event(&self.session, SessionState::Speaking);
+                        ev.reply_text = first_sentence.clone();
+                        announce(&self.rt, &self.device, persona, ev).await;
+                    }
+                    let chunk = self.chunk(seq, frames, false);
+                    seq = seq.wrapping_add(1);
+                    if let Err(e) = self
+                        .rt
+                        .bus
+                        .publish(&self.device, TopicKind::AudioDown, &chunk)
+                        .await
+                    {
+                        tracing::warn!(device_id = %self.device, error = %e, "publishing reply audio failed");
+                    }
+                }
+            }
+        }
+        if !self.cancel.is_cancelled() {
+            let last = self.chunk(seq, Vec::new(), true);
+            let _ = self
+                .rt
+                .bus
+                .publish(&self.device, TopicKind::AudioDown, &last)
+                .await;
+        }
+    }
+
+    fn chunk(&self, seq: u32, frames: Vec<Vec<u8>>, last: bool) -> AudioChunk {
+        AudioChunk {
+            v: SCHEMA_VERSION,
+            session_id: self.session.clone(),
+            seq,
+            ts_ms: u64::try_from(now_ms()).unwrap_or(0),
+            codec: Codec::Opus,
+            sample_rate: AUDIO_SAMPLE_RATE,
+            frame_ms: AUDIO_FRAME_MS,
+            frames: frames.into_iter().map(ByteBuf::from).collect(),
+            last,
+        }
+    }
+}

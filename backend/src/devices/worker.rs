@@ -1,0 +1,444 @@
+//! One device's worker: handles its events in order, runs the rules, owns its persona, config
+//! and session state.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use companion_schema::{DeviceConfig, DeviceId, Status, Telemetry, TopicKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::persona::{self, Actor};
+use super::session::{Internal, Session, INTERNAL_QUEUE};
+use super::telemetry::{classify, last_seq, SeqVerdict};
+use super::{Command, DeviceEvent, Dispatcher, Runtime, IDLE_EXIT};
+use crate::db::now_ms;
+use crate::personas::Persona;
+use crate::rules::{Action, DeviceView, EventKind, Field, PersonaTarget, RuleEvent};
+
+pub struct Worker {
+    pub(super) device: DeviceId,
+    pub(super) rt: Arc<Runtime>,
+    dispatcher: Arc<Dispatcher>,
+    pub(super) persona: Arc<Persona>,
+    persona_at: u64,
+    persona_trigger: String,
+    online: bool,
+    last_seq: Option<u64>,
+    battery: Option<f64>,
+    config: DeviceConfig,
+    pub(super) session: Session,
+    pub(super) internal_tx: mpsc::Sender<Internal>,
+    internal_rx: mpsc::Receiver<Internal>,
+}
+
+impl Worker {
+    pub fn new(device: DeviceId, rt: Arc<Runtime>, dispatcher: Arc<Dispatcher>) -> Self {
+        let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
+        Self {
+            device,
+            persona: rt.personas.default_persona().clone(),
+            rt,
+            dispatcher,
+            persona_at: 0,
+            persona_trigger: "default".into(),
+            online: false,
+            last_seq: None,
+            battery: None,
+            config: DeviceConfig::default(),
+            session: Session::default(),
+            internal_tx,
+            internal_rx,
+        }
+    }
+
+    async fn load(&mut self) {
+        let (p, at, trigger) = persona::load(&self.rt, &self.device).await;
+        self.persona = p;
+        self.persona_at = at;
+        self.persona_trigger = trigger;
+        self.last_seq = last_seq(&self.rt.db, &self.device).await;
+        let cfg: Option<String> =
+            sqlx::query_scalar("SELECT config_json FROM device_configs WHERE device_id = $1")
+                .bind(self.device.as_str())
+                .fetch_optional(self.rt.db.pool())
+                .await
+                .ok()
+                .flatten();
+        if let Some(cfg) = cfg.and_then(|c| serde_json::from_str(&c).ok()) {
+            self.config = cfg;
+        }
+    }
+
+    pub async fn run(mut self, mut rx: mpsc::Receiver<DeviceEvent>, shutdown: CancellationToken) {
+        self.load().await;
+        loop {
+            let deadline = self.session.deadline();
+            let idle = self.session.is_idle();
+            // Cases: a device event; a message from this device's turn task; the session's
+            // deadline (listening limit or watchdog); nothing to do for a while (exit);
+            // shutdown.
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.handle(ev).await,
+                    None => break,
+                },
+                Some(msg) = self.internal_rx.recv() => self.handle_internal(msg).await,
+                _ = sleep_until(deadline), if deadline.is_some() => self.session_deadline().await,
+                _ = tokio::time::sleep(IDLE_EXIT), if idle => {
+                    if self.dispatcher.retire(&self.device, &rx) {
+                        return;
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    self.session.abandon(&self.rt);
+                    break;
+                }
+            }
+        }
+        self.session.abandon(&self.rt);
+        self.dispatcher.retire(&self.device, &rx);
+    }
+
+    async fn handle(&mut self, ev: DeviceEvent) {
+        match ev {
+            DeviceEvent::Telemetry(t) => self.telemetry(t).await,
+            DeviceEvent::Button(b, arrived) => {
+                let event = RuleEvent {
+                    kind: EventKind::Button,
+                    topic: self.topic(TopicKind::Button),
+                    fields: vec![
+                        ("seq", Field::Int(i64::try_from(b.seq).unwrap_or(i64::MAX))),
+                        (
+                            "ts_ms",
+                            Field::Int(i64::try_from(b.ts_ms).unwrap_or(i64::MAX)),
+                        ),
+                        ("button", Field::Text(b.button.clone())),
+                        ("action", Field::Text(b.action.as_str().to_owned())),
+                    ],
+                };
+                self.run_rules(event, arrived).await;
+            }
+            DeviceEvent::Status(s) => self.status(s).await,
+            DeviceEvent::Audio(chunk) => self.audio(chunk).await,
+            DeviceEvent::SessionControl(c, arrived) => {
+                let event = RuleEvent {
+                    kind: EventKind::Session,
+                    topic: self.topic(TopicKind::SessionUp),
+                    fields: vec![
+                        ("session_id", Field::Text(c.session_id.to_string())),
+                        (
+                            "action",
+                            Field::Text(format!("{:?}", c.action).to_lowercase()),
+                        ),
+                    ],
+                };
+                self.control(c).await;
+                self.run_rules(event, arrived).await;
+            }
+            DeviceEvent::Presence { online } => {
+                self.online = online;
+                if online {
+                    self.republish_retained().await;
+                }
+            }
+            DeviceEvent::Command(c) => self.command(c).await,
+        }
+    }
+
+    fn topic(&self, kind: TopicKind) -> String {
+        companion_schema::Topic::new(self.device.clone(), kind).to_string()
+    }
+
+    pub(super) fn view(&self) -> DeviceView {
+        DeviceView {
+            id: self.device.to_string(),
+            persona: self.persona.id.to_string(),
+            online: self.online,
+            battery_pct: self.battery,
+        }
+    }
+
+    /// Rumqttd keeps retained messages in memory only: after a restart, or for a device that
+    /// connects, the backend announces its state again.
+    async fn republish_retained(&mut self) {
+        let state = persona::state(&self.persona, self.persona_at, &self.persona_trigger);
+        if let Err(e) = self
+            .rt
+            .bus
+            .publish(&self.device, TopicKind::Persona, &state)
+            .await
+        {
+            tracing::warn!(device_id = %self.device, error = %e, "republishing the persona failed");
+        }
+        if let Err(e) = self
+            .rt
+            .bus
+            .publish(&self.device, TopicKind::Config, &self.config)
+            .await
+        {
+            tracing::warn!(device_id = %self.device, error = %e, "republishing the config failed");
+        }
+    }
+
+    async fn telemetry(&mut self, t: Telemetry) {
+        match classify(self.last_seq, t.seq) {
+            SeqVerdict::Duplicate => {
+                self.rt.metrics.telemetry_duplicates.inc();
+                return;
+            }
+            SeqVerdict::Accept { gap } => {
+                if gap > 0 {
+                    self.rt.metrics.telemetry_gaps.inc_by(gap);
+                }
+            }
+            SeqVerdict::Reset => {
+                tracing::info!(device_id = %self.device, seq = t.seq, "telemetry sequence restarted");
+            }
+        }
+        self.last_seq = Some(t.seq);
+        self.battery = t.battery_pct.map(f64::from);
+        let mut fields = vec![
+            ("seq", Field::Int(i64::try_from(t.seq).unwrap_or(i64::MAX))),
+            (
+                "ts_ms",
+                Field::Int(i64::try_from(t.ts_ms).unwrap_or(i64::MAX)),
+            ),
+            (
+                "uptime_s",
+                Field::Int(i64::try_from(t.uptime_s).unwrap_or(i64::MAX)),
+            ),
+        ];
+        if let Some(b) = t.battery_pct {
+            fields.push(("battery_pct", Field::Float(f64::from(b))));
+        }
+        if let Some(c) = t.cpu_temp_c {
+            fields.push(("cpu_temp_c", Field::Float(f64::from(c))));
+        }
+        if let Some(r) = t.rssi_dbm {
+            fields.push(("rssi_dbm", Field::Int(i64::from(r))));
+        }
+        if let Some(m) = t.free_mem_kb {
+            fields.push((
+                "free_mem_kb",
+                Field::Int(i64::try_from(m).unwrap_or(i64::MAX)),
+            ));
+        }
+        let event = RuleEvent {
+            kind: EventKind::Telemetry,
+            topic: self.topic(TopicKind::Telemetry),
+            fields,
+        };
+        self.rt.telemetry.put(&self.device, t);
+        self.run_rules(event, Instant::now()).await;
+    }
+
+    async fn status(&mut self, s: Status) {
+        self.online = s.online;
+        let event = RuleEvent {
+            kind: EventKind::Status,
+            topic: self.topic(TopicKind::Status),
+            fields: vec![
+                ("online", Field::Bool(s.online)),
+                ("agent_version", Field::Text(s.agent_version.clone())),
+                ("boot_id", Field::Text(s.boot_id.clone())),
+            ],
+        };
+        self.run_rules(event, Instant::now()).await;
+    }
+
+    async fn command(&mut self, c: Command) {
+        match c {
+            Command::SwitchPersona {
+                persona,
+                actor,
+                remote,
+                started,
+                reply,
+            } => {
+                let result = match self.rt.personas.get(&persona).cloned() {
+                    None => Err(super::SwitchError::UnknownPersona(persona.to_string())),
+                    Some(to) => {
+                        self.switch_to(
+                            &to,
+                            "api",
+                            started,
+                            Some(Actor {
+                                name: &actor,
+                                remote,
+                            }),
+                        )
+                        .await
+                    }
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    pub(super) async fn switch_to(
+        &mut self,
+        to: &Arc<Persona>,
+        trigger: &str,
+        started: Instant,
+        actor: Option<Actor<'_>>,
+    ) -> Result<companion_schema::PersonaState, super::SwitchError> {
+        let from = self.persona.clone();
+        let state =
+            persona::switch(&self.rt, &self.device, &from, to, trigger, started, actor).await?;
+        self.persona = to.clone();
+        self.persona_at = state.switched_at_ms;
+        self.persona_trigger = trigger.to_owned();
+        Ok(state)
+    }
+
+    /// Evaluates the rules for `event` and runs the actions of those that match. A failing
+    /// rule or action is logged and counted and never stops the others.
+    pub(super) async fn run_rules(&mut self, event: RuleEvent, started: Instant) {
+        let set = self.rt.rules.current();
+        let t0 = Instant::now();
+        let results = set.evaluate(&event, &self.view(), now_ms());
+        self.rt
+            .rule_metrics
+            .eval_seconds
+            .observe(t0.elapsed().as_secs_f64());
+        for (rule, verdict) in results {
+            let label = crate::rules::store::RuleLabel {
+                rule: rule.name.clone(),
+            };
+            match verdict {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.rt.rule_metrics.matches.get_or_create(&label).inc();
+                    for action in &rule.actions {
+                        if let Err(reason) = self.execute(action, &event, &rule.name, started).await
+                        {
+                            self.rt.rule_metrics.failures.get_or_create(&label).inc();
+                            self.rt.metrics.action_failures.inc();
+                            tracing::error!(rule = %rule.name, device_id = %self.device, topic = %event.topic, reason = %reason, "rule action failed");
+                        }
+                    }
+                }
+                Err(failure) => {
+                    self.rt.rule_metrics.failures.get_or_create(&label).inc();
+                    tracing::error!(rule = %rule.name, device_id = %self.device, topic = %event.topic, reason = %failure.0, "rule condition failed");
+                }
+            }
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        action: &Action,
+        event: &RuleEvent,
+        rule: &str,
+        started: Instant,
+    ) -> Result<(), String> {
+        match action {
+            Action::Persona(target) => {
+                let to = match target {
+                    PersonaTarget::Next => self.rt.personas.next(&self.persona.id).clone(),
+                    PersonaTarget::Previous => self.rt.personas.previous(&self.persona.id).clone(),
+                    PersonaTarget::Id(id) => self
+                        .rt
+                        .personas
+                        .get(id)
+                        .cloned()
+                        .ok_or_else(|| format!("no persona {id}"))?,
+                    PersonaTarget::Named => {
+                        let text = event.fields.iter().find_map(|(k, v)| match (k, v) {
+                            (&"text", Field::Text(t)) => Some(t.as_str()),
+                            _ => None,
+                        });
+                        let Some(found) = text.and_then(|t| self.rt.personas.named_in(t)) else {
+                            return Err("no persona is named in the event's text".into());
+                        };
+                        found.clone()
+                    }
+                };
+                self.switch_to(&to, &format!("rule:{rule}"), started, None)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            Action::Led(cmd) => self
+                .rt
+                .bus
+                .publish(&self.device, TopicKind::Led, cmd)
+                .await
+                .map_err(|e| e.to_string()),
+            Action::Session(verb) => {
+                self.rule_session(*verb).await;
+                Ok(())
+            }
+            Action::Say(text) => self.say(text).await,
+            Action::Publish { kind, payload_json } => self.publish_json(*kind, payload_json).await,
+            Action::Config(patch) => {
+                patch.apply(&mut self.config);
+                self.store_config().await?;
+                self.rt
+                    .bus
+                    .publish(&self.device, TopicKind::Config, &self.config)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Action::Log(message) => {
+                tracing::info!(rule, device_id = %self.device, topic = %event.topic, "{message}");
+                Ok(())
+            }
+        }
+    }
+
+    async fn publish_json(&self, kind: TopicKind, json: &serde_json::Value) -> Result<(), String> {
+        use companion_schema::{LedCommand, PersonaState, SessionEvent};
+        let bus = &self.rt.bus;
+        let d = &self.device;
+        let r = match kind {
+            TopicKind::Led => {
+                let m: LedCommand =
+                    serde_json::from_value(json.clone()).map_err(|e| e.to_string())?;
+                bus.publish(d, kind, &m).await
+            }
+            TopicKind::Config => {
+                let m: DeviceConfig =
+                    serde_json::from_value(json.clone()).map_err(|e| e.to_string())?;
+                bus.publish(d, kind, &m).await
+            }
+            TopicKind::Persona => {
+                let m: PersonaState =
+                    serde_json::from_value(json.clone()).map_err(|e| e.to_string())?;
+                bus.publish(d, kind, &m).await
+            }
+            TopicKind::SessionDown => {
+                let m: SessionEvent =
+                    serde_json::from_value(json.clone()).map_err(|e| e.to_string())?;
+                bus.publish(d, kind, &m).await
+            }
+            _ => return Err(format!("{} is not publishable by rules", kind.suffix())),
+        };
+        r.map_err(|e| e.to_string())
+    }
+
+    async fn store_config(&self) -> Result<(), String> {
+        let json = serde_json::to_string(&self.config).map_err(|e| e.to_string())?;
+        sqlx::query(
+            "INSERT INTO device_configs (device_id, config_json, updated_at_ms)
+             SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $1)
+             ON CONFLICT (device_id) DO UPDATE SET config_json = excluded.config_json, updated_at_ms = excluded.updated_at_ms",
+        )
+        .bind(self.device.as_str())
+        .bind(json)
+        .bind(now_ms())
+        .execute(self.rt.db.pool())
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

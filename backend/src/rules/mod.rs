@@ -1,0 +1,444 @@
+//! The rules engine: `rules.toml` turns device events into actions.
+//!
+//! A rule has a `name`, an `on` (event kind), an optional `topic` filter, an optional `if`
+//! (a CEL expression over `event`, `device` and `now`, compiled once at load) and a list of
+//! `do` actions ([`actions::Action`]). A rule set is validated as a whole before it takes
+//! effect: a rule that does not parse or compile is rejected with its name, line and the
+//! compiler's message. Evaluation never panics; an expression error is a rule failure.
+
+pub mod actions;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cel::objects::{Key, Map};
+use cel::{Context, Env, Program, Value};
+use serde::{Deserialize, Serialize};
+
+pub use actions::{Action, ConfigPatch, PersonaTarget, SessionVerb};
+
+use crate::personas::PersonaSet;
+
+/// The kinds of event rules can react to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Telemetry,
+    Button,
+    Status,
+    Session,
+    Transcript,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 5] = [
+        EventKind::Telemetry,
+        EventKind::Button,
+        EventKind::Status,
+        EventKind::Session,
+        EventKind::Transcript,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Telemetry => "telemetry",
+            EventKind::Button => "button",
+            EventKind::Status => "status",
+            EventKind::Session => "session",
+            EventKind::Transcript => "transcript",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A field of an event or device, as rules see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Field {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl From<&Field> for Value {
+    fn from(f: &Field) -> Value {
+        match f {
+            Field::Bool(b) => Value::Bool(*b),
+            Field::Int(i) => Value::Int(*i),
+            Field::Float(x) => Value::Float(*x),
+            Field::Text(s) => Value::String(Arc::new(s.clone())),
+        }
+    }
+}
+
+/// An event as the rules engine sees it: its kind, topic and fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleEvent {
+    pub kind: EventKind,
+    pub topic: String,
+    pub fields: Vec<(&'static str, Field)>,
+}
+
+/// The device as rules see it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeviceView {
+    pub id: String,
+    pub persona: String,
+    pub online: bool,
+    pub battery_pct: Option<f64>,
+}
+
+/// One rule, compiled.
+pub struct Rule {
+    pub name: String,
+    pub line: usize,
+    pub kind: EventKind,
+    pub topic: Option<String>,
+    pub condition: Option<(String, Program)>,
+    pub actions: Vec<Action>,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rule")
+            .field("name", &self.name)
+            .field("line", &self.line)
+            .field("kind", &self.kind)
+            .field("if", &self.condition.as_ref().map(|c| &c.0))
+            .field("actions", &self.actions)
+            .finish()
+    }
+}
+
+/// Why a rule file was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("{}line {line}: {message}", rule.as_ref().map(|r| format!("rule {r:?}, ")).unwrap_or_default())]
+pub struct RuleError {
+    pub rule: Option<String>,
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    rule: Vec<toml::Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    on: String,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(rename = "if", default)]
+    condition: Option<toml::Spanned<String>>,
+    #[serde(rename = "do")]
+    actions: Vec<toml::Value>,
+}
+
+/// Why evaluating a rule failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalFailure(pub String);
+
+/// A compiled rule set.
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    by_kind: [Vec<usize>; 5],
+    env: Arc<Env>,
+    source: String,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl RuleSet {
+    /// Parses, validates and compiles a whole rule file.
+    pub fn parse(text: &str, personas: &PersonaSet) -> Result<Self, RuleError> {
+        let file: RuleFile = toml::from_str(text).map_err(|e| RuleError {
+            rule: None,
+            line: e.span().map_or(0, |s| line_of(text, s.start)),
+            message: e.message().to_owned(),
+        })?;
+        let env = Arc::new(Env::stdlib());
+        let mut rules = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for spanned in file.rule {
+            let line = line_of(text, spanned.span().start);
+            let raw = spanned.into_inner();
+            let err = |line: usize, message: String| RuleError {
+                rule: Some(raw.name.clone()),
+                line,
+                message,
+            };
+            if raw.name.trim().is_empty() || raw.name.len() > 128 {
+                return Err(err(line, "name must be 1-128 characters".into()));
+            }
+            if !names.insert(raw.name.clone()) {
+                return Err(err(line, "a rule with this name exists already".into()));
+            }
+            let kind = EventKind::parse(&raw.on).ok_or_else(|| {
+                err(
+                    line,
+                    format!(
+                        "on = {:?} is not one of telemetry, button, status, session, transcript",
+                        raw.on
+                    ),
+                )
+            })?;
+            if let Some(t) = &raw.topic {
+                if !t.starts_with(companion_schema::topic::DEVICES_ROOT) {
+                    return Err(err(
+                        line,
+                        format!("topic filter {t:?} must start with devices/"),
+                    ));
+                }
+            }
+            let condition = match &raw.condition {
+                None => None,
+                Some(src) => {
+                    let cline = line_of(text, src.span().start);
+                    let program = env
+                        .compile(src.get_ref())
+                        .map_err(|e| err(cline, format!("if: {e}")))?;
+                    Some((src.get_ref().clone(), program))
+                }
+            };
+            if raw.actions.is_empty() {
+                return Err(err(line, "do must list at least one action".into()));
+            }
+            let mut actions = Vec::new();
+            for a in &raw.actions {
+                actions.push(
+                    actions::parse_action(a, personas)
+                        .map_err(|m| err(line, format!("do: {m}")))?,
+                );
+            }
+            rules.push(Rule {
+                name: raw.name,
+                line,
+                kind,
+                topic: raw.topic,
+                condition,
+                actions,
+            });
+        }
+        let mut by_kind: [Vec<usize>; 5] = Default::default();
+        for (i, r) in rules.iter().enumerate() {
+            by_kind[r.kind.index()].push(i);
+        }
+        Ok(Self {
+            rules,
+            by_kind,
+            env,
+            source: text.to_owned(),
+        })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The TOML text this set was compiled from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluates every rule for `event`'s kind. Returns, in file order, each rule whose
+    /// `on`/`topic` matched together with its condition's verdict.
+    pub fn evaluate(
+        &self,
+        event: &RuleEvent,
+        device: &DeviceView,
+        now_ms: i64,
+    ) -> Vec<(&Rule, Result<bool, EvalFailure>)> {
+        let candidates = &self.by_kind[event.kind.index()];
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        let mut ctx = Context::with_env(self.env.clone());
+        ctx.add_variable_from_value("event", event_value(event));
+        ctx.add_variable_from_value("device", device_value(device));
+        ctx.add_variable_from_value("now", Value::Int(now_ms));
+        candidates
+            .iter()
+            .map(|&i| &self.rules[i])
+            .filter(|r| {
+                r.topic
+                    .as_deref()
+                    .is_none_or(|f| topic_matches(f, &event.topic))
+            })
+            .map(|r| {
+                let verdict = match &r.condition {
+                    None => Ok(true),
+                    Some((_, program)) => match program.execute(&ctx) {
+                        Ok(Value::Bool(b)) => Ok(b),
+                        Ok(other) => Err(EvalFailure(format!(
+                            "condition gave {other:?}, not a boolean"
+                        ))),
+                        Err(e) => Err(EvalFailure(e.to_string())),
+                    },
+                };
+                (r, verdict)
+            })
+            .collect()
+    }
+}
+
+fn key(s: &str) -> Key {
+    Key::String(Arc::new(s.to_owned()))
+}
+
+fn event_value(event: &RuleEvent) -> Value {
+    let mut m: HashMap<Key, Value> = HashMap::with_capacity(event.fields.len() + 2);
+    m.insert(
+        key("kind"),
+        Value::String(Arc::new(event.kind.as_str().to_owned())),
+    );
+    m.insert(key("topic"), Value::String(Arc::new(event.topic.clone())));
+    for (name, f) in &event.fields {
+        m.insert(key(name), f.into());
+    }
+    Value::Map(Map { map: Arc::new(m) })
+}
+
+fn device_value(d: &DeviceView) -> Value {
+    let mut m: HashMap<Key, Value> = HashMap::with_capacity(4);
+    m.insert(key("id"), Value::String(Arc::new(d.id.clone())));
+    m.insert(key("persona"), Value::String(Arc::new(d.persona.clone())));
+    m.insert(key("online"), Value::Bool(d.online));
+    if let Some(b) = d.battery_pct {
+        m.insert(key("battery_pct"), Value::Float(b));
+    }
+    Value::Map(Map { map: Arc::new(m) })
+}
+
+/// MQTT filter matching (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The rules shipped by default (written to `rules.path` on first start).
+pub const DEFAULT_RULES: &str = include_str!("../../rules.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn personas() -> PersonaSet {
+        PersonaSet::load(None, "aria").unwrap()
+    }
+
+    fn button(name: &str, action: &str) -> RuleEvent {
+        RuleEvent {
+            kind: EventKind::Button,
+            topic: "devices/pi-1/button".into(),
+            fields: vec![
+                ("button", Field::Text(name.into())),
+                ("action", Field::Text(action.into())),
+                ("seq", Field::Int(1)),
+            ],
+        }
+    }
+
+    #[test]
+    fn the_default_rules_compile() {
+        let set = RuleSet::parse(DEFAULT_RULES, &personas()).unwrap();
+        assert!(set.rules().len() >= 4);
+    }
+
+    #[test]
+    fn a_button_rule_matches_only_its_button() {
+        let set = RuleSet::parse(DEFAULT_RULES, &personas()).unwrap();
+        let d = DeviceView::default();
+        let hits: Vec<_> = set
+            .evaluate(&button("persona", "press"), &d, 0)
+            .into_iter()
+            .filter(|(_, v)| *v == Ok(true))
+            .map(|(r, _)| r.name.clone())
+            .collect();
+        assert_eq!(hits, ["persona button cycles persona"]);
+        let none = set
+            .evaluate(&button("volume", "press"), &d, 0)
+            .into_iter()
+            .filter(|(_, v)| *v == Ok(true))
+            .count();
+        assert_eq!(none, 0);
+    }
+
+    #[test]
+    fn a_bad_rule_is_rejected_with_its_name_and_line() {
+        let text = "[[rule]]\nname = \"ok\"\non = \"button\"\ndo = [{ log = \"x\" }]\n\n[[rule]]\nname = \"broken\"\non = \"button\"\nif = 'event.button == '\ndo = [{ log = \"x\" }]\n";
+        let err = RuleSet::parse(text, &personas()).unwrap_err();
+        assert_eq!(err.rule.as_deref(), Some("broken"));
+        assert_eq!(err.line, 9, "{err}");
+        for (bad, msg) in [
+            ("[[rule]]\nname = \"x\"\non = \"sneeze\"\ndo = [{ log = \"x\" }]\n", "sneeze"),
+            ("[[rule]]\nname = \"x\"\non = \"button\"\ndo = [{ persona = \"nobody\" }]\n", "nobody"),
+            ("[[rule]]\nname = \"x\"\non = \"button\"\ndo = [{ publish = { topic = \"telemetry\", payload = {} } }]\n", "down topics"),
+            ("[[rule]]\nname = \"x\"\non = \"button\"\ndo = [{ led = { pattern = \"disco\" } }]\n", "pattern"),
+            ("[[rule]]\nname = \"x\"\non = \"button\"\ndo = []\n", "at least one"),
+            ("[[rule]]\nname = \"x\"\non = \"button\"\ndo = [{ explode = 1 }]\n", "unknown action"),
+            ("[[rule]\n", "line"),
+        ] {
+            let err = RuleSet::parse(bad, &personas()).unwrap_err();
+            assert!(err.to_string().contains(msg), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn expression_errors_are_failures_not_panics() {
+        let text = "[[rule]]\nname = \"t\"\non = \"telemetry\"\nif = 'event.battery_pct < 15.0'\ndo = [{ log = \"low\" }]\n";
+        let set = RuleSet::parse(text, &personas()).unwrap();
+        let ev = RuleEvent {
+            kind: EventKind::Telemetry,
+            topic: "devices/a/telemetry".into(),
+            fields: vec![("seq", Field::Int(1))],
+        };
+        let out = set.evaluate(&ev, &DeviceView::default(), 0);
+        assert!(out[0].1.is_err(), "{:?}", out[0].1);
+        let ev = RuleEvent {
+            fields: vec![("battery_pct", Field::Float(9.0))],
+            ..ev
+        };
+        assert_eq!(set.evaluate(&ev, &DeviceView::default(), 0)[0].1, Ok(true));
+    }
+
+    #[test]
+    fn topic_filters_match_like_mqtt() {
+        assert!(topic_matches("devices/+/button", "devices/a/button"));
+        assert!(topic_matches("devices/#", "devices/a/button"));
+        assert!(!topic_matches("devices/b/button", "devices/a/button"));
+        assert!(!topic_matches("devices/+", "devices/a/button"));
+    }
+}
