@@ -185,12 +185,11 @@ impl PersonaSet {
                     })?;
                     let path = entry.path();
                     if path.extension().is_some_and(|e| e == "toml") {
-                        let text = std::fs::read_to_string(&path).map_err(|source| {
-                            PersonaError::Io {
+                        let text =
+                            std::fs::read_to_string(&path).map_err(|source| PersonaError::Io {
                                 path: path.clone(),
                                 source,
-                            }
-                        })?;
+                            })?;
                         files.push((path.display().to_string(), text));
                     }
                 }
@@ -266,7 +265,7 @@ impl PersonaSet {
             .collect();
         self.list.iter().find(|p| {
             let name = p.name.to_lowercase();
-            words.iter().any(|w| *w == name) || words.iter().any(|w| w == p.id.as_str())
+            words.contains(&name) || words.iter().any(|w| w == p.id.as_str())
         })
     }
 }
@@ -300,7 +299,10 @@ mod tests {
     #[test]
     fn a_phrase_names_a_persona() {
         let set = PersonaSet::load(None, "aria").unwrap();
-        assert_eq!(set.named_in("Switch to Sage, please").unwrap().id.as_str(), "sage");
+        assert_eq!(
+            set.named_in("Switch to Sage, please").unwrap().id.as_str(),
+            "sage"
+        );
         assert!(set.named_in("sagebrush").is_none());
     }
 
@@ -310,12 +312,12 @@ mod tests {
         let cases = [
             (good.replace("id = \"aria\"", "id = \"Bad Id\""), "id"),
             (good.replace("name = \"Aria\"", "name = \"\""), "name"),
-            (good.replace("provider = \"anthropic\"", "provider = \"skynet\""), "llm"),
             (
-                good.replace(
-                    "fallback_replies = [",
-                    "fallback_replies = []\nunused = [",
-                ),
+                good.replace("provider = \"anthropic\"", "provider = \"skynet\""),
+                "llm",
+            ),
+            (
+                good.replace("fallback_replies = [", "fallback_replies = []\nunused = ["),
                 "fallback_replies",
             ),
         ];
@@ -325,8 +327,8 @@ mod tests {
             assert!(msg.contains("x.toml"), "{msg}");
             assert!(msg.contains(key), "{key}: {msg}");
         }
-        let err = PersonaSet::from_texts(&[("x.toml".into(), "id = 1".into())], "aria", "t")
-            .unwrap_err();
+        let err =
+            PersonaSet::from_texts(&[("x.toml".into(), "id = 1".into())], "aria", "t").unwrap_err();
         assert!(err.to_string().contains("x.toml"));
         let err = PersonaSet::load(None, "nobody").unwrap_err();
         assert!(err.to_string().contains("nobody"));

@@ -22,6 +22,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    pub voice: crate::voice::VoiceSettings,
 }
 
 impl Default for Settings {
@@ -33,6 +34,7 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             admin: AdminSettings::default(),
             log: LogSettings::default(),
+            voice: crate::voice::VoiceSettings::default(),
         }
     }
 }
