@@ -281,7 +281,9 @@ impl Pipeline {
         };
         if let Some(failure) = failure {
             // Never leave the device in silence: the scripted line in the offline voice.
-            speaker.say_offline(self.next_fallback(persona)).await?;
+            for sentence in split(self.next_fallback(persona)) {
+                speaker.say_offline(&sentence).await?;
+            }
             degraded = Some(failure);
         }
         Ok(Reply {
@@ -446,10 +448,7 @@ impl VoicePipeline for Pipeline {
     ) -> Result<(), VoiceError> {
         cancellable(cancel, async {
             let mut speaker = self.speaker(persona, out)?;
-            let mut splitter = SentenceSplitter::default();
-            let mut sentences = splitter.push(text);
-            sentences.extend(splitter.finish());
-            for sentence in sentences {
+            for sentence in split(text) {
                 speaker.say(&sentence).await?;
             }
             if let Some(d) = speaker.degraded {
@@ -464,6 +463,14 @@ impl VoicePipeline for Pipeline {
         self.metrics
             .stage(Stage::end_of_speech_to_first_audio, took);
     }
+}
+
+/// The sentences of a whole text.
+fn split(text: &str) -> Vec<String> {
+    let mut splitter = SentenceSplitter::default();
+    let mut sentences = splitter.push(text);
+    sentences.extend(splitter.finish());
+    sentences
 }
 
 /// Stands in when no decoder could be made: every frame is an error.

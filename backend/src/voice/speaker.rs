@@ -92,11 +92,16 @@ impl<'a> Speaker<'a> {
                 }
             }
         }
-        self.say_offline(text).await
+        self.offline_audio(text).await
     }
 
-    /// Speaks `text` with the offline voice only.
+    /// Speaks one sentence with the offline voice only.
     pub async fn say_offline(&mut self, text: &str) -> Result<(), VoiceError> {
+        send(self.out, VoiceOutput::Sentence(text.to_owned())).await?;
+        self.offline_audio(text).await
+    }
+
+    async fn offline_audio(&mut self, text: &str) -> Result<(), VoiceError> {
         let (engine, voice) = self.offline.clone();
         match self.say_with(engine.as_ref(), &voice, text).await {
             Ok(()) => {
