@@ -174,6 +174,9 @@ impl App {
         let rule_metrics = RuleMetrics::register(&mut registry);
         let device_metrics = DeviceMetrics::register(&mut registry);
         let bus_metrics = BusMetrics::register(&mut registry);
+        let voice: Arc<dyn crate::voice::VoicePipeline> =
+            crate::voice::Pipeline::new(&settings.voice, &mut registry)
+                .context("starting the voice pipeline")?;
 
         let tracker = TaskTracker::new();
         let devices = DeviceStore::new(db.clone());
@@ -207,7 +210,7 @@ impl App {
             rules: rules.clone(),
             rule_metrics,
             metrics: device_metrics,
-            voice: None,
+            voice: Some(voice),
             audit: audit.clone(),
             telemetry: telemetry.clone(),
             limits: SessionLimits {

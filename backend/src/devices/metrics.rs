@@ -41,7 +41,6 @@ pub struct DeviceMetrics {
     pub audio_chunks_duplicate: Counter,
     pub workers: Gauge,
     pub action_failures: Counter,
-    pub first_audio: Histogram,
 }
 
 impl DeviceMetrics {
@@ -60,7 +59,6 @@ impl DeviceMetrics {
             audio_chunks_duplicate: Counter::default(),
             workers: Gauge::default(),
             action_failures: Counter::default(),
-            first_audio: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
         };
         registry.register(
             "persona_switches",
@@ -116,11 +114,6 @@ impl DeviceMetrics {
             "backend_rule_action_failures",
             "Rule actions that failed (all rules)",
             m.action_failures.clone(),
-        );
-        registry.register(
-            "session_first_audio_seconds",
-            "From the end of the device's speech to the first reply audio handed to the MQTT client",
-            m.first_audio.clone(),
         );
         m
     }

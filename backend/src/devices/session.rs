@@ -358,6 +358,7 @@ impl Worker {
         });
         let turn = Turn {
             rt: self.rt.clone(),
+            voice: voice.clone(),
             device: self.device.clone(),
             session: l.id,
             internal: self.internal_tx.clone(),
@@ -385,6 +386,7 @@ impl Worker {
         });
         let turn = Turn {
             rt: self.rt.clone(),
+            voice: voice.clone(),
             device: self.device.clone(),
             session: id,
             internal: self.internal_tx.clone(),
@@ -545,6 +547,7 @@ impl Worker {
 /// One turn's task: everything after listening ends.
 struct Turn {
     rt: Arc<Runtime>,
+    voice: Arc<dyn crate::voice::VoicePipeline>,
     device: DeviceId,
     session: SessionId,
     internal: mpsc::Sender<Internal>,
@@ -671,10 +674,8 @@ impl Turn {
                     }
                     if !speaking {
                         speaking = true;
-                        self.rt
-                            .metrics
-                            .first_audio
-                            .observe(self.end_of_speech.elapsed().as_secs_f64());
+                        self.voice
+                            .observe_end_of_speech_to_first_audio(self.end_of_speech.elapsed());
                         let mut ev = event(&self.session, SessionState::Speaking);
                         ev.reply_text = first_sentence.clone();
                         announce(&self.rt, &self.device, persona, ev).await;
