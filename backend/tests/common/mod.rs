@@ -168,3 +168,4 @@ impl ServerProcess {
     }
 }
 pub mod app;
+pub mod ops;
