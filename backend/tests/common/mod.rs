@@ -169,3 +169,4 @@ impl ServerProcess {
 }
 pub mod app;
 pub mod device;
+pub mod ops;

@@ -1,0 +1,426 @@
+//! Test harness: the real broker crate on port-0 listeners (plain + TLS with a generated CA),
+//! a static authenticator, a backend-side rumqttc client on the router's internal endpoint, a
+//! cuttable TCP proxy, and helpers to run the agent in-process or as a real process.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use companion_agent::config::{BrokerUrl, Secret, Settings};
+use companion_broker::{
+    AuthDecision, AuthRequest, Authenticator, BrokerHandle, DenyReason, EdgeListeners,
+    MqttSettings, NullSink,
+};
+use companion_schema::{DeviceId, Payload, Topic, TopicKind};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+pub struct StaticAuth {
+    pub tokens: HashMap<String, String>,
+}
+
+#[async_trait::async_trait]
+impl Authenticator for StaticAuth {
+    async fn authenticate(&self, req: &AuthRequest<'_>) -> AuthDecision {
+        match self.tokens.get(req.username) {
+            Some(t) if t.as_bytes() == req.password => match DeviceId::parse(req.username) {
+                Ok(device) => AuthDecision::Allow { device },
+                Err(_) => AuthDecision::Deny(DenyReason::IdentityMismatch),
+            },
+            Some(_) => AuthDecision::Deny(DenyReason::BadToken),
+            None => AuthDecision::Deny(DenyReason::UnknownDevice),
+        }
+    }
+}
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A running broker.
+pub struct TestBroker {
+    pub handle: BrokerHandle,
+    pub plain: SocketAddr,
+    pub tls: SocketAddr,
+    pub ca_pem: PathBuf,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    _dir: tempfile::TempDir,
+}
+
+impl TestBroker {
+    pub async fn start(devices: &[(&str, &str)]) -> Self {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let settings = MqttSettings {
+            listen: "127.0.0.1:0".into(),
+            tls_listen: "127.0.0.1:0".into(),
+            ..MqttSettings::default()
+        };
+        let material =
+            companion_broker::tls::load_or_generate(&settings.tls, dir.path(), &[]).unwrap();
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (plain_addr, tls_addr) = (plain.local_addr().unwrap(), tls.local_addr().unwrap());
+        let auth = StaticAuth {
+            tokens: devices
+                .iter()
+                .map(|(d, t)| (d.to_string(), t.to_string()))
+                .collect(),
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let handle = companion_broker::start(
+            &settings,
+            Some(material.server_config.clone()),
+            EdgeListeners {
+                plain: Some(plain),
+                tls: Some(tls),
+            },
+            Arc::new(auth),
+            Arc::new(NullSink),
+            &mut registry,
+            shutdown.clone(),
+            &tracker,
+        )
+        .await
+        .unwrap();
+        Self {
+            handle,
+            plain: plain_addr,
+            tls: tls_addr,
+            ca_pem: material.ca_pem_path,
+            shutdown,
+            tracker,
+            _dir: dir,
+        }
+    }
+
+    /// The backend's view: a client on the router's internal endpoint subscribed to the
+    /// device's topics (up topics and, to see what it sends itself, nothing else).
+    pub async fn backend(&self, device: &str) -> Backend {
+        let internal = self.handle.internal();
+        let mut o = MqttOptions::new(
+            format!(
+                "{}-test-{}",
+                companion_broker::RESERVED_CLIENT_ID_PREFIX,
+                rand::random::<u32>()
+            ),
+            internal.v4.ip().to_string(),
+            internal.v4.port(),
+        );
+        o.set_credentials(internal.username, internal.password);
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(o, 256);
+        let (tx, rx) = mpsc::channel(4096);
+        let (suback_tx, mut suback_rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if let Ok(t) = Topic::parse(&p.topic) {
+                            if let Ok(payload) = Payload::decode(t.kind, &p.payload) {
+                                if tx.send((t.kind, payload)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = suback_tx.try_send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        let device = DeviceId::parse(device).unwrap();
+        for kind in [
+            TopicKind::Status,
+            TopicKind::Telemetry,
+            TopicKind::Button,
+            TopicKind::SessionUp,
+            TopicKind::AudioUp,
+        ] {
+            let q = if kind.is_audio() {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            client
+                .subscribe(Topic::new(device.clone(), kind).to_string(), q)
+                .await
+                .unwrap();
+            tokio::time::timeout(DEADLINE, suback_rx.recv())
+                .await
+                .expect("SUBACK in time");
+        }
+        Backend { client, rx, device }
+    }
+}
+
+/// The backend double: sees what the device publishes, publishes to its down topics.
+pub struct Backend {
+    pub client: AsyncClient,
+    pub rx: mpsc::Receiver<(TopicKind, Payload)>,
+    pub device: DeviceId,
+}
+
+impl Backend {
+    /// The next message matching `pred`, skipping others, with a deadline.
+    pub async fn wait_for(&mut self, what: &str, pred: impl Fn(&Payload) -> bool) -> Payload {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let (_, p) = self.rx.recv().await.expect("backend client running");
+                if pred(&p) {
+                    return p;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {DEADLINE:?}"))
+    }
+
+    pub async fn send(&self, kind: TopicKind, payload: &Payload) {
+        let topic = Topic::new(self.device.clone(), kind).to_string();
+        let q = if kind.is_audio() {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        self.client
+            .publish(topic, q, kind.retained(), payload.encode().unwrap())
+            .await
+            .unwrap();
+    }
+}
+
+/// A TCP proxy in front of the broker that the test can cut (closing live connections and
+/// refusing new ones) and restore.
+#[derive(Clone)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = Self {
+            addr,
+            up: Arc::new(AtomicBool::new(true)),
+            generation: Arc::new(std::sync::Mutex::new(CancellationToken::new())),
+        };
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !p.up.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cut = p.generation.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        proxy
+    }
+
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut g = self.generation.lock().unwrap();
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Agent settings pointing at `addr` (plain MQTT on loopback, or TLS with the CA).
+pub fn settings(
+    device: &str,
+    token: &str,
+    addr: SocketAddr,
+    ca: Option<&Path>,
+    cache: &Path,
+) -> Settings {
+    let url = BrokerUrl {
+        tls: ca.is_some(),
+        host: if ca.is_some() {
+            "localhost".into()
+        } else {
+            addr.ip().to_string()
+        },
+        port: addr.port(),
+    };
+    let mut s = Settings::new(
+        DeviceId::parse(device).unwrap(),
+        url,
+        Secret::new(token),
+        cache.to_owned(),
+    );
+    s.ca_cert = ca.map(Path::to_owned);
+    s.keepalive_s = 5;
+    s
+}
+
+/// The `.env` file content for a process test.
+pub fn env_file(dir: &Path, lines: &[(&str, String)]) -> PathBuf {
+    let p = dir.join("agent.env");
+    let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_companion-agent")
+}
+
+/// A command for the agent binary with a clean environment.
+pub fn agent_command(env_file: &Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(agent_bin());
+    c.env_clear()
+        .env("RUST_LOG", "info")
+        .arg("--env-file")
+        .arg(env_file)
+        .kill_on_drop(true);
+    c
+}
+
+/// Waits (polling every 10 ms, with a deadline) until `cond` holds.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(DEADLINE, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not within {DEADLINE:?}"));
+}
+
+/// The next value a persisted seq file will hand out.
+pub fn seq_file(cache: &Path, name: &str) -> u64 {
+    std::fs::read_to_string(cache.join(name))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An in-process agent with simulated hardware.
+pub struct InProcessAgent {
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub buttons: mpsc::Sender<companion_agent::hw::ButtonInput>,
+    pub observed: mpsc::Receiver<companion_agent::controller::Observed>,
+    pub led: tokio::sync::watch::Receiver<companion_agent::hw::LedState>,
+}
+
+pub struct AgentHw {
+    pub audio_in: companion_agent::hw::sim::WavIn,
+    pub audio_out: companion_agent::hw::sim::WavOut,
+}
+
+impl Default for AgentHw {
+    fn default() -> Self {
+        Self {
+            audio_in: companion_agent::hw::sim::WavIn {
+                path: None,
+                realtime: true,
+            },
+            audio_out: companion_agent::hw::sim::WavOut::new(None, None, true),
+        }
+    }
+}
+
+impl InProcessAgent {
+    pub fn start(settings: Settings, telemetry_ms: u64, hw: AgentHw) -> Self {
+        let (btx, brx) = mpsc::channel(16);
+        let (otx, orx) = mpsc::channel(1024);
+        let (leds, led) = companion_agent::hw::sim::LogLeds::new();
+        let hardware = companion_agent::Hardware {
+            audio_in: Arc::new(hw.audio_in),
+            audio_out: Arc::new(hw.audio_out),
+            buttons: Box::new(companion_agent::hw::sim::ChannelButtons { rx: brx }),
+            leds: Box::new(leds),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(companion_agent::run(
+            settings,
+            hardware,
+            companion_agent::RunOptions {
+                telemetry_interval: Some(Duration::from_millis(telemetry_ms)),
+                observer: Some(otx),
+                telemetry_sources: None,
+            },
+            shutdown.clone(),
+        ));
+        Self {
+            shutdown,
+            task,
+            buttons: btx,
+            observed: orx,
+            led,
+        }
+    }
+
+    pub async fn press(&self, button: &str, action: companion_schema::ButtonAction) {
+        self.buttons
+            .send(companion_agent::hw::ButtonInput {
+                button: button.into(),
+                action,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The next observation matching `pred`, with a deadline.
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&companion_agent::controller::Observed) -> bool,
+    ) -> companion_agent::controller::Observed {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let o = self.observed.recv().await.expect("agent running");
+                if pred(&o) {
+                    return o;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {DEADLINE:?}"))
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("agent stops in time")
+            .unwrap()
+            .unwrap();
+    }
+}
