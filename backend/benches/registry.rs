@@ -15,7 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -71,7 +74,9 @@ async fn mqtt_connect(addr: SocketAddr, id: &str, token: &str) -> Duration {
     let start = Instant::now();
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.set_nodelay(true).ok();
-    s.write_all(&connect_packet(id, token)).await.expect("write");
+    s.write_all(&connect_packet(id, token))
+        .await
+        .expect("write");
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).await.expect("connack");
     assert_eq!(ack[3], 0, "connection accepted");
@@ -90,9 +95,13 @@ async fn run(label: &str, database_url: Option<String>) {
     settings.database.url = database_url.map(Secret::new);
     settings.database.max_connections = 16;
     let shutdown = CancellationToken::new();
-    let app = App::build(settings, Listeners::ephemeral().await.expect("bind"), shutdown.clone())
-        .await
-        .expect("server builds");
+    let app = App::build(
+        settings,
+        Listeners::ephemeral().await.expect("bind"),
+        shutdown.clone(),
+    )
+    .await
+    .expect("server builds");
     let http = app.addrs().http;
     let mqtt = app.addrs().mqtt.expect("plain mqtt");
     let token = app.admin_token().expose().to_owned();
@@ -137,7 +146,12 @@ async fn run(label: &str, database_url: Option<String>) {
         lat.extend(l);
         creds.extend(c);
     }
-    report(&format!("[{label}] registrations, {c} concurrent"), n, start.elapsed(), lat);
+    report(
+        &format!("[{label}] registrations, {c} concurrent"),
+        n,
+        start.elapsed(),
+        lat,
+    );
 
     let m = env("BENCH_CONNECTS", 500).min(creds.len());
     let creds = Arc::new(creds[..m].to_vec());
@@ -158,7 +172,12 @@ async fn run(label: &str, database_url: Option<String>) {
         for t in tasks {
             lat.extend(t.await.expect("task"));
         }
-        report(&format!("[{label}] MQTT authentications, {round}"), m, start.elapsed(), lat);
+        report(
+            &format!("[{label}] MQTT authentications, {round}"),
+            m,
+            start.elapsed(),
+            lat,
+        );
     }
     let _ = ctx;
     shutdown.cancel();
@@ -184,7 +203,10 @@ fn main() {
                     .execute(&mut conn)
                     .await
                     .expect("create the bench database");
-                let base = url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or(url.clone());
+                let base = url
+                    .rsplit_once('/')
+                    .map(|(b, _)| b.to_owned())
+                    .unwrap_or(url.clone());
                 run("postgres", Some(format!("{base}/{name}"))).await;
             }
             _ => println!("(PostgreSQL skipped: DATABASE_URL is not a postgres:// URL)"),

@@ -172,7 +172,9 @@ impl App {
         let rules =
             RuleStore::open(&settings.rules_path(), personas.clone()).context("loading rules")?;
         let rule_metrics = RuleMetrics::register(&mut registry);
+        rules.attach_metrics(rule_metrics.clone());
         let device_metrics = DeviceMetrics::register(&mut registry);
+        device_metrics.prime(&personas);
         let bus_metrics = BusMetrics::register(&mut registry);
         let voice: Arc<dyn crate::voice::VoicePipeline> =
             crate::voice::Pipeline::new(&settings.voice, &mut registry)

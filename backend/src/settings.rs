@@ -281,7 +281,9 @@ impl Settings {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
-        self.voice.validate().map_err(|e| invalid("voice", e.to_string()))?;
+        self.voice
+            .validate()
+            .map_err(|e| invalid("voice", e.to_string()))?;
         if self.sessions.max_listen_ms == 0 || self.sessions.watchdog_ms == 0 {
             return Err(invalid(
                 "sessions",

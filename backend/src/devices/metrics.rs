@@ -118,6 +118,45 @@ impl DeviceMetrics {
         m
     }
 
+    /// Creates the known series at zero (prometheus-client prints nothing for a labelled
+    /// family until a series exists).
+    pub fn prime(&self, personas: &crate::personas::PersonaSet) {
+        for from in personas.all() {
+            let _ = self.persona_switch_latency.get_or_create(&PersonaLabel {
+                persona_id: from.id.to_string(),
+            });
+            for to in personas.all() {
+                if from.id != to.id {
+                    let _ = self.persona_switches.get_or_create(&SwitchLabels {
+                        from_persona: from.id.to_string(),
+                        to_persona: to.id.to_string(),
+                    });
+                }
+            }
+        }
+        for reason in [
+            "replied",
+            "spoke",
+            "degraded",
+            "error",
+            "cancelled",
+            "watchdog",
+        ] {
+            let _ = self.sessions.get_or_create(&ReasonLabel { reason });
+        }
+        for kind in [
+            "telemetry",
+            "button",
+            "status",
+            "audio_up",
+            "session_up",
+            "presence",
+            "command",
+        ] {
+            let _ = self.events_dropped.get_or_create(&KindLabel { kind });
+        }
+    }
+
     pub fn dropped(&self, kind: &'static str) {
         self.events_dropped.get_or_create(&KindLabel { kind }).inc();
     }

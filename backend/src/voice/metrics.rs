@@ -115,6 +115,36 @@ impl VoiceMetrics {
         }
     }
 
+    /// Creates the known series at zero (prometheus-client prints nothing for a labelled
+    /// family until a series exists): every stage, and requests/latency/tokens for the
+    /// configured models.
+    pub fn prime(&self, models: &[(&'static str, String)]) {
+        for stage in [
+            Stage::stt,
+            Stage::llm_first_token,
+            Stage::tts_first_audio,
+            Stage::end_of_speech_to_first_audio,
+        ] {
+            let _ = self.stages.get_or_create(&StageLabels { stage });
+        }
+        for (provider, model) in models {
+            let _ = self.llm_requests.get_or_create(&LlmRequestLabels {
+                provider,
+                model: model.clone(),
+                status: "ok",
+            });
+            let _ = self.llm_latency.get_or_create(&LlmModelLabels {
+                provider,
+                model: model.clone(),
+            });
+            for r#type in ["input", "output"] {
+                let _ = self
+                    .llm_tokens
+                    .get_or_create(&TokenLabels { provider, r#type });
+            }
+        }
+    }
+
     pub fn llm_request(
         &self,
         provider: &'static str,

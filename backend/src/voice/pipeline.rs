@@ -152,10 +152,15 @@ impl Pipeline {
             tts = ?providers.tts.iter().map(|t| t.name()).collect::<Vec<_>>(),
             "voice providers"
         );
+        let metrics = VoiceMetrics::register(registry);
+        metrics.prime(&[
+            ("anthropic", settings.anthropic.model.clone()),
+            ("openai", settings.openai.chat_model.clone()),
+        ]);
         Arc::new(Self {
             settings: settings.clone(),
             providers,
-            metrics: VoiceMetrics::register(registry),
+            metrics,
             fallbacks: AtomicUsize::new(0),
         })
     }

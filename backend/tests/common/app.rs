@@ -68,6 +68,12 @@ impl TestApp {
     /// Starts (or restarts) a server with exactly these settings.
     pub async fn start_settings(settings: Settings, dir: Arc<tempfile::TempDir>) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let listeners = Listeners::ephemeral().await.unwrap();
         let shutdown = CancellationToken::new();
         let app = App::build(settings.clone(), listeners, shutdown.clone())

@@ -25,13 +25,15 @@ impl Device {
             TopicKind::Persona,
             TopicKind::SessionDown,
             TopicKind::Config,
+            TopicKind::AudioDown,
         ] {
             let topic = Topic::new(DeviceId::parse(id).unwrap(), kind).to_string();
-            client
-                .client
-                .subscribe(topic, QoS::AtLeastOnce)
-                .await
-                .unwrap();
+            let qos = if kind.is_audio() {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            client.client.subscribe(topic, qos).await.unwrap();
             wait_suback(&mut client).await;
         }
         Device {
@@ -149,4 +151,3 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
-
