@@ -172,8 +172,13 @@ impl App {
         let rules =
             RuleStore::open(&settings.rules_path(), personas.clone()).context("loading rules")?;
         let rule_metrics = RuleMetrics::register(&mut registry);
+        rules.attach_metrics(rule_metrics.clone());
         let device_metrics = DeviceMetrics::register(&mut registry);
+        device_metrics.prime(&personas);
         let bus_metrics = BusMetrics::register(&mut registry);
+        let voice: Arc<dyn crate::voice::VoicePipeline> =
+            crate::voice::Pipeline::new(&settings.voice, &mut registry)
+                .context("starting the voice pipeline")?;
 
         let tracker = TaskTracker::new();
         let devices = DeviceStore::new(db.clone());
@@ -207,7 +212,7 @@ impl App {
             rules: rules.clone(),
             rule_metrics,
             metrics: device_metrics,
-            voice: None,
+            voice: Some(voice),
             audit: audit.clone(),
             telemetry: telemetry.clone(),
             limits: SessionLimits {

@@ -71,6 +71,18 @@ impl BusMetrics {
             "Times the backend reconnected to the broker",
             m.reconnects.clone(),
         );
+        // Known series at zero: prometheus-client prints nothing for a labelled family
+        // until a series exists.
+        for kind in TopicKind::ALL {
+            let label = KindLabel { kind: kind.label() };
+            if kind.direction() == companion_schema::Direction::Up {
+                let _ = m.invalid.get_or_create(&label);
+                let _ = m.received.get_or_create(&label);
+            } else {
+                let _ = m.published.get_or_create(&label);
+            }
+        }
+        let _ = m.invalid.get_or_create(&KindLabel { kind: "topic" });
         m
     }
 }

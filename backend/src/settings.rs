@@ -25,6 +25,7 @@ pub struct Settings {
     pub personas: PersonaSettings,
     pub rules: RulesSettings,
     pub sessions: SessionSettings,
+    pub voice: crate::voice::VoiceSettings,
 }
 
 impl Default for Settings {
@@ -39,6 +40,7 @@ impl Default for Settings {
             personas: PersonaSettings::default(),
             rules: RulesSettings::default(),
             sessions: SessionSettings::default(),
+            voice: crate::voice::VoiceSettings::default(),
         }
     }
 }
@@ -279,6 +281,9 @@ impl Settings {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
+        self.voice
+            .validate()
+            .map_err(|e| invalid("voice", e.to_string()))?;
         if self.sessions.max_listen_ms == 0 || self.sessions.watchdog_ms == 0 {
             return Err(invalid(
                 "sessions",

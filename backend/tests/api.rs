@@ -795,3 +795,29 @@ async fn request_metrics_use_route_templates_not_raw_paths() {
     assert!(text.contains("active_devices"));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_http_tls_the_api_is_served_over_https_with_the_broker_certificate() {
+    let app = TestApp::start_with(DbKind::Sqlite, |s| s.http.tls = true)
+        .await
+        .unwrap();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&app.ca_pem).unwrap()).unwrap();
+    let https = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/api/v1/devices", app.http.port());
+    let resp = https
+        .get(&url)
+        .bearer_auth(&app.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-frame-options"], "DENY");
+    // Plain HTTP on the same port does not get an answer.
+    assert!(app.client.get(app.url("/health")).send().await.is_err());
+    app.stop().await;
+}

@@ -130,6 +130,79 @@ impl Metrics {
             "Failed TLS handshakes by reason",
             m.tls_handshake_failures.clone(),
         );
+        m.prime();
         m
+    }
+}
+
+impl Metrics {
+    /// Creates every known series at zero: prometheus-client prints nothing for a labelled
+    /// family until a series exists, and dashboards, `rate()` and absence alerts need them.
+    fn prime(&self) {
+        use crate::auth::DenyReason;
+        use crate::events::{AclAction, DisconnectReason};
+        for r in [
+            result::ACCEPTED,
+            result::DENIED,
+            result::ACL_DENIED,
+            result::ROUTER_REFUSED,
+            result::OVER_CAPACITY,
+            result::TIMEOUT,
+            result::PROTOCOL_ERROR,
+            result::UPSTREAM_ERROR,
+        ] {
+            let _ = self.connects.get_or_create(&ResultLabel { result: r });
+        }
+        for d in [
+            DenyReason::UnknownDevice,
+            DenyReason::BadToken,
+            DenyReason::Disabled,
+            DenyReason::IdentityMismatch,
+            DenyReason::ReservedClientId,
+            DenyReason::Unavailable,
+        ] {
+            let _ = self
+                .auth_failures
+                .get_or_create(&ReasonLabel { reason: d.as_str() });
+        }
+        for a in [AclAction::Publish, AclAction::Subscribe, AclAction::Will] {
+            let _ = self
+                .acl_denied
+                .get_or_create(&ActionLabel { action: a.as_str() });
+        }
+        let classes = TopicKind::ALL
+            .into_iter()
+            .map(|k| ClassLabel::of(Some(k)))
+            .chain([ClassLabel::of(None)]);
+        for c in classes {
+            let _ = self.messages_in.get_or_create(&c);
+            let _ = self.bytes_in.get_or_create(&c);
+            let _ = self.messages_out.get_or_create(&c);
+            let _ = self.bytes_out.get_or_create(&c);
+        }
+        for d in [
+            DisconnectReason::Clean,
+            DisconnectReason::KeepaliveTimeout,
+            DisconnectReason::AclViolation,
+            DisconnectReason::RateLimited,
+            DisconnectReason::PacketTooLarge,
+            DisconnectReason::Kicked,
+            DisconnectReason::Takeover,
+            DisconnectReason::ServerShutdown,
+            DisconnectReason::NetworkError,
+            DisconnectReason::ProtocolError,
+        ] {
+            let _ = self
+                .disconnects
+                .get_or_create(&ReasonLabel { reason: d.as_str() });
+        }
+        let _ = self.dropped.get_or_create(&ReasonLabel {
+            reason: "rate_limited",
+        });
+        for r in ["error", "timeout"] {
+            let _ = self
+                .tls_handshake_failures
+                .get_or_create(&ReasonLabel { reason: r });
+        }
     }
 }

@@ -248,6 +248,9 @@ async fn probe(addr: SocketAddr, level: u8, endpoint: &InternalEndpoint) -> std:
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack).await?;
     stream.write_all(&[packet::DISCONNECT << 4, 0]).await?;
+    // Wait for rumqttd to close the connection; closing first makes its link report a stale
+    // disconnect that can drop whoever gets this connection id next (see edge::pump).
+    crate::edge::pump::wait_for_eof(&mut stream).await;
     Ok(connack[0] == packet::CONNACK << 4 && connack[3] == 0)
 }
 

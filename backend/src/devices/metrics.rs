@@ -41,7 +41,6 @@ pub struct DeviceMetrics {
     pub audio_chunks_duplicate: Counter,
     pub workers: Gauge,
     pub action_failures: Counter,
-    pub first_audio: Histogram,
 }
 
 impl DeviceMetrics {
@@ -60,7 +59,6 @@ impl DeviceMetrics {
             audio_chunks_duplicate: Counter::default(),
             workers: Gauge::default(),
             action_failures: Counter::default(),
-            first_audio: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
         };
         registry.register(
             "persona_switches",
@@ -117,12 +115,46 @@ impl DeviceMetrics {
             "Rule actions that failed (all rules)",
             m.action_failures.clone(),
         );
-        registry.register(
-            "session_first_audio_seconds",
-            "From the end of the device's speech to the first reply audio handed to the MQTT client",
-            m.first_audio.clone(),
-        );
         m
+    }
+
+    /// Creates the known series at zero (prometheus-client prints nothing for a labelled
+    /// family until a series exists).
+    pub fn prime(&self, personas: &crate::personas::PersonaSet) {
+        for from in personas.all() {
+            let _ = self.persona_switch_latency.get_or_create(&PersonaLabel {
+                persona_id: from.id.to_string(),
+            });
+            for to in personas.all() {
+                if from.id != to.id {
+                    let _ = self.persona_switches.get_or_create(&SwitchLabels {
+                        from_persona: from.id.to_string(),
+                        to_persona: to.id.to_string(),
+                    });
+                }
+            }
+        }
+        for reason in [
+            "replied",
+            "spoke",
+            "degraded",
+            "error",
+            "cancelled",
+            "watchdog",
+        ] {
+            let _ = self.sessions.get_or_create(&ReasonLabel { reason });
+        }
+        for kind in [
+            "telemetry",
+            "button",
+            "status",
+            "audio_up",
+            "session_up",
+            "presence",
+            "command",
+        ] {
+            let _ = self.events_dropped.get_or_create(&KindLabel { kind });
+        }
     }
 
     pub fn dropped(&self, kind: &'static str) {

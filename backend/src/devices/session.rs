@@ -34,6 +34,10 @@ use crate::voice::{ChatTurn, Reply, Role, UplinkAudio, VoiceError, VoiceOutput, 
 pub const INTERNAL_QUEUE: usize = 16;
 /// Most out-of-order chunks held while waiting for a missing one.
 const MAX_PENDING_CHUNKS: usize = 64;
+/// After `stop`, how long to wait for the stream's `last` chunk. The router does not keep
+/// order across topics, so a `stop` on `session/up` can overtake the final chunks on
+/// `audio/up`.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(400);
 
 pub enum Internal {
     /// Speech became text; the worker runs the rules and answers with the plan.
@@ -72,6 +76,8 @@ pub enum TurnOutcome {
 struct Listening {
     id: SessionId,
     deadline: tokio::time::Instant,
+    /// Set by `stop`: end when the `last` chunk arrives or at this instant.
+    stop_deadline: Option<tokio::time::Instant>,
     next_seq: u32,
     pending: BTreeMap<u32, AudioChunk>,
     // In a Mutex only to make the worker `Sync` (the decoder is `Send`, not `Sync`).
@@ -106,7 +112,7 @@ impl Session {
     pub fn deadline(&self) -> Option<tokio::time::Instant> {
         match &self.phase {
             Phase::Idle => None,
-            Phase::Listening(l) => Some(l.deadline),
+            Phase::Listening(l) => Some(l.stop_deadline.map_or(l.deadline, |s| s.min(l.deadline))),
             Phase::Busy(b) => Some(b.deadline),
         }
     }
@@ -189,7 +195,7 @@ impl Worker {
     pub(super) async fn control(&mut self, c: SessionControl) {
         match c.action {
             SessionAction::Start => self.start(Some(c.session_id)).await,
-            SessionAction::Stop => self.stop(Some(&c.session_id), "stop").await,
+            SessionAction::Stop => self.stop(Some(&c.session_id)).await,
             SessionAction::Cancel => self.cancel(Some(&c.session_id)).await,
         }
     }
@@ -203,7 +209,7 @@ impl Worker {
                     self.start(None).await;
                 }
             }
-            SessionVerb::Stop => self.stop(None, "stop").await,
+            SessionVerb::Stop => self.stop(None).await,
             SessionVerb::Cancel => self.cancel(None).await,
         }
     }
@@ -226,6 +232,7 @@ impl Worker {
         self.session.phase = Phase::Listening(Listening {
             id: id.clone(),
             deadline: tokio::time::Instant::now() + self.rt.limits.max_listen,
+            stop_deadline: None,
             next_seq: 0,
             pending: BTreeMap::new(),
             uplink,
@@ -254,14 +261,16 @@ impl Worker {
         self.announce(ev).await;
     }
 
-    async fn stop(&mut self, id: Option<&SessionId>, why: &'static str) {
-        let Phase::Listening(l) = &self.session.phase else {
+    async fn stop(&mut self, id: Option<&SessionId>) {
+        let Phase::Listening(l) = &mut self.session.phase else {
             return;
         };
         if id.is_some_and(|i| *i != l.id) {
             return;
         }
-        self.end_listening(why).await;
+        // Wait briefly for the stream's `last` chunk (see STOP_GRACE).
+        l.stop_deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + STOP_GRACE);
     }
 
     /// An uplink audio chunk.
@@ -313,7 +322,14 @@ impl Worker {
     /// The listening limit or the watchdog fired.
     pub(super) async fn session_deadline(&mut self) {
         match &self.session.phase {
-            Phase::Listening(_) => self.end_listening("timeout").await,
+            Phase::Listening(l) => {
+                let why = if l.stop_deadline.is_some() {
+                    "stop"
+                } else {
+                    "timeout"
+                };
+                self.end_listening(why).await
+            }
             Phase::Busy(b) => {
                 let id = b.id.clone();
                 b.cancel.cancel();
@@ -358,6 +374,7 @@ impl Worker {
         });
         let turn = Turn {
             rt: self.rt.clone(),
+            voice: voice.clone(),
             device: self.device.clone(),
             session: l.id,
             internal: self.internal_tx.clone(),
@@ -385,6 +402,7 @@ impl Worker {
         });
         let turn = Turn {
             rt: self.rt.clone(),
+            voice: voice.clone(),
             device: self.device.clone(),
             session: id,
             internal: self.internal_tx.clone(),
@@ -545,6 +563,7 @@ impl Worker {
 /// One turn's task: everything after listening ends.
 struct Turn {
     rt: Arc<Runtime>,
+    voice: Arc<dyn crate::voice::VoicePipeline>,
     device: DeviceId,
     session: SessionId,
     internal: mpsc::Sender<Internal>,
@@ -671,10 +690,8 @@ impl Turn {
                     }
                     if !speaking {
                         speaking = true;
-                        self.rt
-                            .metrics
-                            .first_audio
-                            .observe(self.end_of_speech.elapsed().as_secs_f64());
+                        self.voice
+                            .observe_end_of_speech_to_first_audio(self.end_of_speech.elapsed());
                         let mut ev = event(&self.session, SessionState::Speaking);
                         ev.reply_text = first_sentence.clone();
                         announce(&self.rt, &self.device, persona, ev).await;

@@ -56,6 +56,17 @@ impl RuleMetrics {
         );
         m
     }
+
+    /// Creates every rule's series at zero, so a rule that never matched still shows.
+    pub fn prime(&self, set: &super::RuleSet) {
+        for r in set.rules() {
+            let label = RuleLabel {
+                rule: r.name.clone(),
+            };
+            let _ = self.matches.get_or_create(&label);
+            let _ = self.failures.get_or_create(&label);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +82,7 @@ pub enum StoreError {
 
 pub struct RuleStore {
     current: RwLock<Arc<RuleSet>>,
+    metrics: RwLock<Option<RuleMetrics>>,
     path: PathBuf,
     personas: Arc<PersonaSet>,
     /// The file contents last seen (loaded or written), to notice edits.
@@ -94,6 +106,7 @@ impl RuleStore {
         let set = RuleSet::parse(&text, &personas)?;
         Ok(Arc::new(Self {
             current: RwLock::new(Arc::new(set)),
+            metrics: RwLock::new(None),
             path: path.to_owned(),
             personas,
             seen: RwLock::new(text),
@@ -127,7 +140,20 @@ impl RuleStore {
         Ok(set)
     }
 
+    /// Rule series are created at zero for every rule set that becomes active.
+    pub fn attach_metrics(&self, metrics: RuleMetrics) {
+        metrics.prime(&self.current());
+        if let Ok(mut m) = self.metrics.write() {
+            *m = Some(metrics);
+        }
+    }
+
     fn activate(&self, set: Arc<RuleSet>, text: &str) {
+        if let Ok(m) = self.metrics.read() {
+            if let Some(m) = m.as_ref() {
+                m.prime(&set);
+            }
+        }
         if let Ok(mut g) = self.current.write() {
             *g = set;
         }

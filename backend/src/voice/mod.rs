@@ -7,6 +7,26 @@
 //! [`VoicePipeline::speak`] for greetings and the `say` action). Replies stream back through a
 //! bounded channel of [`VoiceOutput`]s as they are produced, so the first audio leaves before
 //! the language model has finished. Cancelling the token stops everything in flight.
+//!
+//! Layout: [`audio`] (Opus, VAD, WAV), [`resample`], [`sentences`] (chunking the token
+//! stream), [`providers`] (the `SpeechToText` / `LanguageModel` / `TextToSpeech` traits, the
+//! Anthropic, OpenAI and ElevenLabs clients, the offline engines), [`speaker`] (one reply's
+//! audio out), [`pipeline`] ([`Pipeline`], the implementation), [`metrics`], [`settings`]
+//! (the `[voice]` section).
+
+pub mod audio;
+pub mod metrics;
+pub mod pipeline;
+pub mod providers;
+pub mod resample;
+pub mod sentences;
+pub mod settings;
+pub mod speaker;
+
+pub use pipeline::{Pipeline, Providers};
+pub use settings::VoiceSettings;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -84,6 +104,8 @@ pub enum VoiceError {
     },
     #[error("audio: {0}")]
     Audio(String),
+    #[error("configuration key `voice.{key}`: {message}")]
+    Config { key: &'static str, message: String },
 }
 
 /// Decodes one utterance's uplink Opus frames and detects its end.
@@ -126,4 +148,8 @@ pub trait VoicePipeline: Send + Sync + 'static {
         out: &mpsc::Sender<VoiceOutput>,
         cancel: &CancellationToken,
     ) -> Result<(), VoiceError>;
+
+    /// Records the session layer's end of speech → first audio chunk sent, in the same
+    /// `voice_stage_seconds` family as the pipeline's own stages.
+    fn observe_end_of_speech_to_first_audio(&self, _took: Duration) {}
 }

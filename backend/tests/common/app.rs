@@ -50,6 +50,14 @@ impl TestApp {
         settings.http.listen = "127.0.0.1:0".into();
         settings.mqtt.listen = "127.0.0.1:0".into();
         settings.mqtt.tls_listen = "127.0.0.1:0".into();
+        // Hermetic voice: offline engines unless a test points a provider at a fake server
+        // (never a real cloud provider, whatever keys the environment holds).
+        {
+            use companion_backend::voice::settings::{LlmChoice, SttChoice, TtsChoice};
+            settings.voice.llm_provider = LlmChoice::Offline;
+            settings.voice.stt_provider = SttChoice::Offline;
+            settings.voice.tts_provider = TtsChoice::Offline;
+        }
         if kind == DbKind::Postgres {
             settings.database.url = Some(Secret::new(super::fresh_pg_database().await?));
         }
@@ -60,6 +68,12 @@ impl TestApp {
     /// Starts (or restarts) a server with exactly these settings.
     pub async fn start_settings(settings: Settings, dir: Arc<tempfile::TempDir>) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let listeners = Listeners::ephemeral().await.unwrap();
         let shutdown = CancellationToken::new();
         let app = App::build(settings.clone(), listeners, shutdown.clone())

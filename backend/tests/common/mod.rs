@@ -168,3 +168,5 @@ impl ServerProcess {
     }
 }
 pub mod app;
+pub mod device;
+pub mod ops;

@@ -5,7 +5,7 @@
 //!   limits, metrics), until the device leaves or is closed.
 
 mod connection;
-mod pump;
+pub(crate) mod pump;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -80,6 +80,13 @@ pub(super) async fn session<S>(
         .await;
     }
     let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.shutdown()).await;
+    if reason == DisconnectReason::Clean {
+        // Let rumqttd close the upstream after the forwarded DISCONNECT. Closing it first
+        // races rumqttd 0.20's router: its link then reports a second disconnect for a
+        // connection id the router has already freed and may have handed to a new client,
+        // which it then drops (seen as the backend's connection vanishing under load).
+        wait_for_eof(&mut ur).await;
+    }
     drop(upstream);
 
     edge.sessions.connected_dec();
@@ -504,4 +511,21 @@ pub(crate) fn upstream_client_id(device: &DeviceId) -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{device}~{n}")
+}
+
+/// How long to wait for rumqttd to close a connection after a DISCONNECT.
+pub(crate) const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Reads and discards until the peer closes (or [`UPSTREAM_CLOSE_WAIT`] passes).
+pub(crate) async fn wait_for_eof<R: AsyncRead + Unpin>(r: &mut R) {
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(UPSTREAM_CLOSE_WAIT, async {
+        loop {
+            match r.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }

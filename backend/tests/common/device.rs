@@ -1,0 +1,153 @@
+//! A device for end-to-end tests: rumqttc over TLS, subscribed to its own down topics.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use companion_schema::*;
+use rumqttc::QoS;
+
+use super::app::{Client, Seen, TestApp, DEADLINE};
+
+/// A device connected over TLS and subscribed to its own down topics.
+pub struct Device {
+    pub id: String,
+    pub token: String,
+    pub client: Client,
+}
+
+impl Device {
+    pub async fn connect(app: &TestApp, id: &str, token: &str) -> Device {
+        let mut client = Client::connect(app.device_tls(id, token))
+            .await
+            .expect("device connects");
+        for kind in [
+            TopicKind::Led,
+            TopicKind::Persona,
+            TopicKind::SessionDown,
+            TopicKind::Config,
+            TopicKind::AudioDown,
+        ] {
+            let topic = Topic::new(DeviceId::parse(id).unwrap(), kind).to_string();
+            let qos = if kind.is_audio() {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            client.client.subscribe(topic, qos).await.unwrap();
+            wait_suback(&mut client).await;
+        }
+        Device {
+            id: id.to_owned(),
+            token: token.to_owned(),
+            client,
+        }
+    }
+
+    pub async fn register(app: &TestApp, name: &str) -> Device {
+        let (id, token) = app.register(name).await;
+        Device::connect(app, &id, &token).await
+    }
+
+    pub fn topic(&self, kind: TopicKind) -> String {
+        Topic::new(DeviceId::parse(&self.id).unwrap(), kind).to_string()
+    }
+
+    pub async fn send<T: Message>(&self, kind: TopicKind, msg: &T) {
+        let qos = if kind.is_audio() {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        self.client
+            .client
+            .publish(self.topic(kind), qos, false, encode(msg).unwrap())
+            .await
+            .unwrap();
+    }
+
+    pub async fn press(&self, seq: u64, button: &str, action: ButtonAction) {
+        self.send(
+            TopicKind::Button,
+            &ButtonEvent {
+                v: 1,
+                seq,
+                ts_ms: 0,
+                button: button.into(),
+                action,
+            },
+        )
+        .await;
+    }
+
+    /// The next message on `kind`, skipping others, with a deadline.
+    pub async fn next(&mut self, kind: TopicKind) -> Vec<u8> {
+        let want = self.topic(kind);
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                match self.client.rx.recv().await {
+                    Some(Seen::Publish { topic, payload }) if topic == want => return payload,
+                    Some(Seen::Closed(e)) => panic!("connection closed: {e}"),
+                    None => panic!("event loop ended"),
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("nothing on {want} in time"))
+    }
+
+    pub async fn next_persona(&mut self) -> PersonaState {
+        decode(&self.next(TopicKind::Persona).await).unwrap()
+    }
+
+    pub async fn next_led(&mut self) -> LedCommand {
+        decode(&self.next(TopicKind::Led).await).unwrap()
+    }
+
+    pub async fn next_session(&mut self) -> SessionEvent {
+        decode(&self.next(TopicKind::SessionDown).await).unwrap()
+    }
+}
+
+pub async fn wait_suback(client: &mut Client) {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match client.rx.recv().await {
+                Some(Seen::SubAck) => return,
+                Some(Seen::Closed(e)) => panic!("closed: {e}"),
+                None => panic!("ended"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("SUBACK in time");
+}
+
+pub async fn metric(app: &TestApp, sample: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Waits until `f` is true, polling the server, with a deadline.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

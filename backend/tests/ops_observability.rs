@@ -1,0 +1,210 @@
+//! The monitoring files in `ops/` against the real server: promtool accepts the Prometheus
+//! configuration and alert rules, and every metric the Grafana dashboard and the alerts query is
+//! one that `companion serve` exports.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::ops::{
+    alert_exprs, dashboard_exprs, exported_sample_names, promql_metric_names, repo_root, LiveServer,
+};
+use serde_json::Value;
+
+/// Series that come from Prometheus itself or the blackbox exporter, not from the server.
+const NOT_FROM_THE_SERVER: &[&str] = &["up", "probe_success"];
+
+fn promtool(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(repo_root().join("ops/prometheus"))
+        .output()
+        .expect("promtool is installed (package prometheus)");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn promtool_accepts_the_prometheus_config_and_the_alert_rules() {
+    let (ok, out) = promtool(&["check", "config", "prometheus.yml"]);
+    assert!(ok, "promtool check config:\n{out}");
+    assert!(
+        out.contains("1 rule files found"),
+        "the config loads alerts.yml:\n{out}"
+    );
+    let (ok, out) = promtool(&["check", "rules", "alerts.yml"]);
+    assert!(ok, "promtool check rules:\n{out}");
+}
+
+#[test]
+fn the_metric_name_reader_skips_functions_labels_keywords_and_ranges() {
+    let names = promql_metric_names(
+        r#"histogram_quantile(0.95, sum by (le, stage) (rate(voice_stage_seconds_bucket{stage!="tts"}[$__rate_interval])))"#,
+    );
+    assert_eq!(
+        names,
+        BTreeSet::from(["voice_stage_seconds_bucket".to_owned()])
+    );
+    let names = promql_metric_names(
+        r#"active_devices < 0.8 * max_over_time(active_devices[30m] offset 1h) and on (instance) up{job="companion"} == 0"#,
+    );
+    assert_eq!(
+        names,
+        BTreeSet::from(["active_devices".to_owned(), "up".to_owned()])
+    );
+    let names = promql_metric_names(
+        r#"sum(rate(api_requests_total{status=~"5.."}[5m])) / sum without (status) (rate(api_requests_total[5m])) > 0.05"#,
+    );
+    assert_eq!(names, BTreeSet::from(["api_requests_total".to_owned()]));
+
+    let exported = exported_sample_names(
+        "# TYPE api_requests counter\n# TYPE active_devices gauge\n# TYPE rule_eval_seconds histogram\n",
+    );
+    for n in [
+        "api_requests_total",
+        "active_devices",
+        "rule_eval_seconds_bucket",
+        "rule_eval_seconds_count",
+    ] {
+        assert!(exported.contains(n), "{n} in {exported:?}");
+    }
+    assert!(!exported.contains("api_requests"));
+}
+
+#[test]
+fn grafana_provisioning_points_the_dashboard_at_the_provisioned_datasource() {
+    let ops = repo_root().join("ops/grafana");
+    let datasource =
+        std::fs::read_to_string(ops.join("provisioning/datasources/prometheus.yml")).unwrap();
+    assert!(datasource.lines().any(|l| l.trim() == "uid: prometheus"));
+    let providers =
+        std::fs::read_to_string(ops.join("provisioning/dashboards/companion.yml")).unwrap();
+    assert!(providers.contains("path: /etc/grafana/dashboards"));
+    let compose = std::fs::read_to_string(repo_root().join("ops/docker-compose.yml")).unwrap();
+    assert!(compose.contains("./grafana/companion.json:/etc/grafana/dashboards/companion.json"));
+
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(ops.join("companion.json")).unwrap())
+            .expect("companion.json is JSON");
+    let mut uids = BTreeSet::new();
+    let mut stack = vec![&dashboard];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::Object(ds)) = m.get("datasource") {
+                    uids.insert(
+                        ds.get("uid")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned(),
+                    );
+                }
+                stack.extend(m.values());
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    assert_eq!(uids, BTreeSet::from(["prometheus".to_owned()]));
+}
+
+#[tokio::test]
+async fn every_metric_in_the_dashboard_and_the_alerts_is_exported_by_the_server() {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("ops/grafana/companion.json")).unwrap(),
+    )
+    .unwrap();
+    let panel_exprs = dashboard_exprs(&dashboard);
+    assert!(panel_exprs.len() >= 20, "the dashboard has its panels");
+    let (rule_exprs, alerts) = alert_exprs(
+        &std::fs::read_to_string(repo_root().join("ops/prometheus/alerts.yml")).unwrap(),
+    );
+    assert_eq!(rule_exprs.len(), alerts, "one expr read per alert");
+
+    let mut used = BTreeSet::new();
+    for e in panel_exprs.iter().chain(&rule_exprs) {
+        let names = promql_metric_names(e);
+        assert!(!names.is_empty(), "no metric found in {e:?}");
+        used.extend(names);
+    }
+
+    // prometheus-client leaves a labelled family out of /metrics until it has a sample, so
+    // first drive the server the way a deployment does (ops/smoke.sh: REST calls, a device
+    // connecting and publishing over TLS). A family that still has no series here must be
+    // initialised by the server with its known label values at zero (which also keeps
+    // `rate()` and absent-series alerts right).
+    let live = LiveServer::start().await;
+    let api = live.api_base();
+    let ca = live.ca_pem.to_str().unwrap().to_owned();
+    let smoke = common::ops::run_script(
+        &repo_root().join("ops/smoke.sh"),
+        &[],
+        &[
+            ("CONTROL_PLANE_URL", api.as_str()),
+            ("ADMIN_API_TOKEN", live.admin_token.as_str()),
+            ("CA_CERT", ca.as_str()),
+        ],
+    )
+    .await;
+    assert!(smoke.success, "ops/smoke.sh:\n{}", smoke.output());
+    let exported = exported_sample_names(&live.metrics().await);
+    assert!(
+        exported.contains("api_requests_total"),
+        "the exposition was read"
+    );
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|n| !exported.contains(*n) && !NOT_FROM_THE_SERVER.contains(&n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "queried by ops/grafana/companion.json or ops/prometheus/alerts.yml but not in the \
+         server's /metrics (not registered, or a labelled family without any series yet): \
+         {missing:?}"
+    );
+}
+
+/// `nginx -t` accepts ops/nginx/nginx.conf, with its certificate paths pointed at a throw-away
+/// self-signed pair (the real ones live on the proxy host).
+#[test]
+fn nginx_accepts_the_reverse_proxy_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=companion.example.com", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is installed (package openssl)");
+    assert!(status.success());
+    let conf = std::fs::read_to_string(repo_root().join("ops/nginx/nginx.conf")).unwrap();
+    let live = "/etc/letsencrypt/live/companion.example.com";
+    assert!(conf.contains(&format!("ssl_certificate {live}/fullchain.pem;")));
+    let conf = conf
+        .replace(&format!("{live}/fullchain.pem"), cert.to_str().unwrap())
+        .replace(&format!("{live}/privkey.pem"), key.to_str().unwrap());
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let out = std::process::Command::new("nginx")
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .expect("nginx is installed (packages nginx, libnginx-mod-stream)");
+    assert!(
+        out.status.success(),
+        "nginx -t:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
