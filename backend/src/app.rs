@@ -104,7 +104,7 @@ pub struct App {
     admin_token: Secret,
     addrs: BoundAddrs,
     ctx: Arc<ApiContext>,
-    broker: BrokerHandle,
+    broker: Option<BrokerHandle>,
     http_listener: TcpListener,
     http_tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
@@ -185,25 +185,43 @@ impl App {
         let audit = AuditLog::new(db.clone());
         let authenticator = RegistryAuthenticator::new(devices.clone());
         let (sink, events) = ChannelSink::new(presence_metrics);
-        let broker = companion_broker::start(
-            &settings.mqtt,
-            tls.as_ref().map(|t| t.server_config.clone()),
-            EdgeListeners {
-                plain: listeners.mqtt,
-                tls: listeners.mqtts,
-            },
-            authenticator.clone(),
-            sink,
-            &mut registry,
-            shutdown.clone(),
-            &tracker,
-        )
-        .await
-        .context("starting the broker")?;
+        let upstream = crate::bus::Target::upstream(&settings.mqtt).map_err(|e| {
+            crate::settings::SettingsError::Invalid {
+                key: "mqtt.upstream",
+                message: e.to_string(),
+            }
+        })?;
+        // With an external broker the embedded one does not run; its listeners are closed.
+        let (broker, target) = match upstream {
+            Some(target) => {
+                tracing::info!(upstream = %settings.mqtt.upstream, "using an external MQTT broker; the embedded broker is off");
+                drop(listeners.mqtt);
+                drop(listeners.mqtts);
+                (None, target)
+            }
+            None => {
+                let broker = companion_broker::start(
+                    &settings.mqtt,
+                    tls.as_ref().map(|t| t.server_config.clone()),
+                    EdgeListeners {
+                        plain: listeners.mqtt,
+                        tls: listeners.mqtts,
+                    },
+                    authenticator.clone(),
+                    sink,
+                    &mut registry,
+                    shutdown.clone(),
+                    &tracker,
+                )
+                .await
+                .context("starting the broker")?;
+                let target = crate::bus::Target::from(&broker.internal());
+                (Some(broker), target)
+            }
+        };
 
-        // The backend's own MQTT connection to the router, and the device runtime behind it.
-        let internal = broker.internal();
-        let (bus, eventloop) = Bus::new(&internal, bus_metrics);
+        // The backend's own MQTT connection to the broker, and the device runtime behind it.
+        let (bus, eventloop) = Bus::new(&target, bus_metrics);
         let telemetry = Arc::new(Batcher::default());
         let runtime = Arc::new(Runtime {
             db: db.clone(),
@@ -223,7 +241,7 @@ impl App {
         });
         let dispatcher = Dispatcher::new(runtime, tracker.clone(), shutdown.clone());
         tracker.spawn(crate::bus::run(
-            internal,
+            target,
             bus,
             eventloop,
             dispatcher.clone(),
@@ -266,7 +284,7 @@ impl App {
             admin: AdminAuth::new(db.clone(), &admin_token, &jwt_secret),
             audit,
             authenticator,
-            broker: Some(broker.clone()),
+            broker: broker.clone(),
             mqtt,
             registry: Arc::new(registry),
             http_metrics,
@@ -308,8 +326,9 @@ impl App {
         &self.settings
     }
 
-    pub fn broker(&self) -> &BrokerHandle {
-        &self.broker
+    /// The embedded broker (`None` with an external `mqtt.upstream`).
+    pub fn broker(&self) -> Option<&BrokerHandle> {
+        self.broker.as_ref()
     }
 
     pub fn context(&self) -> &Arc<ApiContext> {

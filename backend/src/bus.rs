@@ -108,14 +108,116 @@ fn qos(q: Qos) -> QoS {
     }
 }
 
-fn options(endpoint: &InternalEndpoint) -> MqttOptions {
+/// Where the backend's MQTT connection goes: the embedded router, or an external broker.
+#[derive(Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<&InternalEndpoint> for Target {
+    fn from(e: &InternalEndpoint) -> Self {
+        Self {
+            host: e.v4.ip().to_string(),
+            port: e.v4.port(),
+            username: e.username.clone(),
+            password: e.password.clone(),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("mqtt.upstream {0:?}: expected mqtt://host:port or mqtts://host:port")]
+    Url(String),
+    #[error("mqtt.upstream_ca: {0}")]
+    Ca(String),
+}
+
+impl Target {
+    /// The external broker from `mqtt.upstream`, `None` when it is empty.
+    pub fn upstream(s: &companion_broker::MqttSettings) -> Result<Option<Self>, TargetError> {
+        if s.upstream.is_empty() {
+            return Ok(None);
+        }
+        let (tls, rest) = if let Some(r) = s.upstream.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = s.upstream.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(TargetError::Url(s.upstream.clone()));
+        };
+        let (host, port) = rest
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+            .ok_or_else(|| TargetError::Url(s.upstream.clone()))?;
+        let tls = if tls {
+            let path = s
+                .upstream_ca
+                .as_ref()
+                .ok_or_else(|| TargetError::Ca("required for mqtts://".into()))?;
+            let pem = std::fs::read(path)
+                .map_err(|e| TargetError::Ca(format!("{}: {e}", path.display())))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| TargetError::Ca(e.to_string()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TargetError::Ca(e.to_string()))?;
+            }
+            Some(Arc::new(
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            ))
+        } else {
+            None
+        };
+        Ok(Some(Self {
+            host,
+            port,
+            username: s.upstream_username.clone(),
+            password: s
+                .upstream_password
+                .as_ref()
+                .map(|p| p.0.clone())
+                .unwrap_or_default(),
+            tls,
+        }))
+    }
+}
+
+fn options(target: &Target) -> MqttOptions {
     let id = format!(
         "{}-backend-{:08x}",
         companion_broker::RESERVED_CLIENT_ID_PREFIX,
         rand::rng().random::<u32>()
     );
-    let mut o = MqttOptions::new(id, endpoint.v4.ip().to_string(), endpoint.v4.port());
-    o.set_credentials(endpoint.username.clone(), endpoint.password.clone());
+    let mut o = MqttOptions::new(id, target.host.clone(), target.port);
+    if !target.username.is_empty() {
+        o.set_credentials(target.username.clone(), target.password.clone());
+    }
+    if let Some(tls) = &target.tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     o.set_keep_alive(Duration::from_secs(30));
     o.set_clean_session(true);
     o.set_max_packet_size(MAX_PAYLOAD + 4096, MAX_PAYLOAD + 4096);
@@ -125,8 +227,8 @@ fn options(endpoint: &InternalEndpoint) -> MqttOptions {
 
 impl Bus {
     /// A bus whose first connection is made by [`run`].
-    pub fn new(endpoint: &InternalEndpoint, metrics: BusMetrics) -> (Arc<Self>, EventLoop) {
-        let (client, eventloop) = AsyncClient::new(options(endpoint), CLIENT_QUEUE);
+    pub fn new(target: &Target, metrics: BusMetrics) -> (Arc<Self>, EventLoop) {
+        let (client, eventloop) = AsyncClient::new(options(target), CLIENT_QUEUE);
         (
             Arc::new(Self {
                 client: RwLock::new(client),
@@ -194,7 +296,7 @@ impl InvalidLog {
 /// Owns the event loop until `shutdown`: subscribes after every CONNACK, dispatches device
 /// messages, reconnects with backoff and a fresh client id.
 pub async fn run(
-    endpoint: InternalEndpoint,
+    target: Target,
     bus: Arc<Bus>,
     mut eventloop: EventLoop,
     dispatcher: Arc<Dispatcher>,
@@ -239,7 +341,7 @@ pub async fn run(
                     _ = shutdown.cancelled() => return,
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                let (client, el) = AsyncClient::new(options(&endpoint), CLIENT_QUEUE);
+                let (client, el) = AsyncClient::new(options(&target), CLIENT_QUEUE);
                 if let Ok(mut c) = bus.client.write() {
                     *c = client;
                 }

@@ -1,14 +1,23 @@
 //! `companion-backend`: the control plane behind the `companion` binary.
 //!
 //! `companion serve` ([`app::run`]) starts, in one process and on one tokio runtime:
-//! - storage ([`db`]): an sqlx pool over SQLite or PostgreSQL, migrated at start-up;
-//! - the REST API and `/health`, `/ready`, `/metrics` ([`http`]), one warp server task;
-//! - the embedded broker edge (crate `companion-broker`).
+//! - storage ([`db`]): an sqlx `AnyPool` over SQLite or PostgreSQL, migrated at start-up;
+//! - the broker edge and its embedded rumqttd router (crate `companion-broker`), which calls
+//!   back into [`mqtt_auth`] to authenticate devices over the [`registry`] and reports
+//!   presence/security events through a bounded channel to the writer task in [`mqtt_auth`];
+//! - the backend's own MQTT connection to the router ([`bus`]): one task owns the event loop
+//!   and hands every device message to the [`devices::Dispatcher`], which runs one worker task
+//!   per active device (telemetry, presence, personas, the [`rules`] engine, the session state
+//!   machine; a turn task per utterance calls the [`voice`] pipeline);
+//! - the telemetry batch writer and the rule-file watcher;
+//! - HTTP ([`http`] serving [`api`] and `/health`, `/ready`, `/metrics`), plain or TLS.
 //!
-//! Ownership: [`app::App`] owns the settings, the database handle and the metrics registry;
-//! it builds the HTTP state and spawns each long-lived task on one `TaskTracker`. One root
+//! Ownership: [`app::App`] builds everything, owns the metrics registry until it is frozen
+//! into an `Arc`, and spawns each long-lived task on one `TaskTracker`. One root
 //! `CancellationToken` (cancelled by SIGINT/SIGTERM in `main`) stops them all; shutdown waits
-//! at most [`app::SHUTDOWN_GRACE`].
+//! at most [`app::SHUTDOWN_GRACE`]. Channels are bounded and their capacities are named
+//! constants ([`devices::DEVICE_QUEUE`], [`bus::CLIENT_QUEUE`], [`mqtt_auth::EVENT_QUEUE`],
+//! [`voice::OUTPUT_QUEUE`]).
 
 pub mod api;
 pub mod app;

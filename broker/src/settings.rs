@@ -33,6 +33,25 @@ pub struct MqttSettings {
     pub router_segment_count: usize,
     pub rate: RateSettings,
     pub tls: TlsFiles,
+    /// An external broker (`mqtt://host:port` or `mqtts://host:port`) the backend uses
+    /// instead of the embedded one; empty: embedded. With it set, the embedded broker and its
+    /// listeners do not run, and device authentication and ACLs are the external broker's.
+    pub upstream: String,
+    pub upstream_username: String,
+    pub upstream_password: Option<Redacted>,
+    /// CA certificate (PEM) that signs an `mqtts://` upstream's certificate.
+    pub upstream_ca: Option<PathBuf>,
+}
+
+/// A string whose `Debug` prints `[redacted]`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 impl Default for MqttSettings {
@@ -53,6 +72,10 @@ impl Default for MqttSettings {
             router_segment_count: 4,
             rate: RateSettings::default(),
             tls: TlsFiles::default(),
+            upstream: String::new(),
+            upstream_username: String::new(),
+            upstream_password: None,
+            upstream_ca: None,
         }
     }
 }
