@@ -62,7 +62,21 @@ impl Db {
             DatabaseKind::Sqlite => settings.database.max_connections.min(8),
             DatabaseKind::Postgres => settings.database.max_connections,
         };
+        let sqlite = kind == DatabaseKind::Sqlite;
         let pool = AnyPoolOptions::new()
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if sqlite {
+                        // WAL (sqlx's default journal mode) stays consistent with NORMAL; only
+                        // the last commits before a power loss can be rolled back, and each
+                        // commit no longer waits for an fsync.
+                        sqlx::query("PRAGMA synchronous = NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .max_connections(max)
             .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
             .connect_with(options)
