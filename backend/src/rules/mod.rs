@@ -158,6 +158,8 @@ pub struct RuleSet {
     by_kind: [Vec<usize>; 5],
     env: Arc<Env>,
     source: String,
+    /// Whether any condition reads `device` (its map is built only then).
+    uses_device: bool,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -247,11 +249,17 @@ impl RuleSet {
         for (i, r) in rules.iter().enumerate() {
             by_kind[r.kind.index()].push(i);
         }
+        let uses_device = rules.iter().any(|r| {
+            r.condition
+                .as_ref()
+                .is_some_and(|(_, p)| p.references().has_variable("device"))
+        });
         Ok(Self {
             rules,
             by_kind,
             env,
             source: text.to_owned(),
+            uses_device,
         })
     }
 
@@ -278,7 +286,9 @@ impl RuleSet {
         }
         let mut ctx = Context::with_env(self.env.clone());
         ctx.add_variable_from_value("event", event_value(event));
-        ctx.add_variable_from_value("device", device_value(device));
+        if self.uses_device {
+            ctx.add_variable_from_value("device", device_value(device));
+        }
         ctx.add_variable_from_value("now", Value::Int(now_ms));
         candidates
             .iter()
@@ -305,8 +315,44 @@ impl RuleSet {
     }
 }
 
+/// Map keys rules see, allocated once (building a CEL map per event otherwise allocates a
+/// string per key).
+static KEYS: std::sync::LazyLock<HashMap<&'static str, Key>> = std::sync::LazyLock::new(|| {
+    [
+        "kind",
+        "topic",
+        "id",
+        "persona",
+        "online",
+        "battery_pct",
+        "seq",
+        "ts_ms",
+        "uptime_s",
+        "cpu_temp_c",
+        "rssi_dbm",
+        "free_mem_kb",
+        "button",
+        "action",
+        "agent_version",
+        "boot_id",
+        "session_id",
+        "text",
+        "reason",
+        "state",
+    ]
+    .into_iter()
+    .map(|k| (k, Key::String(Arc::new(k.to_owned()))))
+    .collect()
+});
+
+static KIND_VALUES: std::sync::LazyLock<[Value; 5]> = std::sync::LazyLock::new(|| {
+    EventKind::ALL.map(|k| Value::String(Arc::new(k.as_str().to_owned())))
+});
+
 fn key(s: &str) -> Key {
-    Key::String(Arc::new(s.to_owned()))
+    KEYS.get(s)
+        .cloned()
+        .unwrap_or_else(|| Key::String(Arc::new(s.to_owned())))
 }
 
 fn event_value(event: &RuleEvent) -> Value {
