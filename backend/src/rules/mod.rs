@@ -357,10 +357,7 @@ fn key(s: &str) -> Key {
 
 fn event_value(event: &RuleEvent) -> Value {
     let mut m: HashMap<Key, Value> = HashMap::with_capacity(event.fields.len() + 2);
-    m.insert(
-        key("kind"),
-        Value::String(Arc::new(event.kind.as_str().to_owned())),
-    );
+    m.insert(key("kind"), KIND_VALUES[event.kind.index()].clone());
     m.insert(key("topic"), Value::String(Arc::new(event.topic.clone())));
     for (name, f) in &event.fields {
         m.insert(key(name), f.into());
