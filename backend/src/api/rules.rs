@@ -186,12 +186,17 @@ pub async fn test(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
         };
         fields.push((*name, f));
     }
+    let topic = match body.event.topic {
+        Some(t) => t,
+        None => {
+            let id = companion_schema::DeviceId::parse(&device_id)
+                .map_err(|e| ApiError::Unprocessable(format!("device.id: {e}")))?;
+            companion_schema::Topic::new(id, kind.topic_kind()).to_string()
+        }
+    };
     let event = RuleEvent {
         kind,
-        topic: body
-            .event
-            .topic
-            .unwrap_or_else(|| format!("devices/{device_id}/{}", kind.as_str())),
+        topic,
         fields,
     };
     let view = DeviceView {

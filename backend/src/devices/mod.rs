@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod persona;
 pub mod session;
 pub mod telemetry;
+mod turn;
 pub mod worker;
 
 use std::collections::HashMap;

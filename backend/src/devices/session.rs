@@ -13,13 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use companion_schema::{
-    AudioChunk, Codec, DeviceId, LedCommand, LedPattern, SessionAction, SessionControl,
-    SessionEvent, SessionId, SessionState, TopicKind, AUDIO_FRAME_MS, AUDIO_SAMPLE_RATE,
-    SCHEMA_VERSION,
+    AudioChunk, DeviceId, LedCommand, LedPattern, SessionAction, SessionControl, SessionEvent,
+    SessionId, SessionState, TopicKind, SCHEMA_VERSION,
 };
 use rand::Rng;
-use serde_bytes::ByteBuf;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::ReasonLabel;
@@ -28,7 +26,7 @@ use super::Runtime;
 use crate::db::now_ms;
 use crate::personas::Persona;
 use crate::rules::{EventKind, Field, RuleEvent, SessionVerb};
-use crate::voice::{ChatTurn, Reply, Role, UplinkAudio, VoiceError, VoiceOutput, OUTPUT_QUEUE};
+use crate::voice::{ChatTurn, Reply, Role, UplinkAudio};
 
 /// Messages from a device's turn task to its worker.
 pub const INTERNAL_QUEUE: usize = 16;
@@ -156,7 +154,12 @@ fn led_for(state: SessionState, persona: &Persona) -> LedCommand {
 }
 
 /// Publishes a session event and the matching LED command.
-async fn announce(rt: &Runtime, device: &DeviceId, persona: &Persona, event: SessionEvent) {
+pub(super) async fn announce(
+    rt: &Runtime,
+    device: &DeviceId,
+    persona: &Persona,
+    event: SessionEvent,
+) {
     let state = event.state;
     if let Err(e) = rt.bus.publish(device, TopicKind::SessionDown, &event).await {
         tracing::warn!(device_id = %device, error = %e, "publishing a session event failed");
@@ -167,7 +170,7 @@ async fn announce(rt: &Runtime, device: &DeviceId, persona: &Persona, event: Ses
         .await;
 }
 
-fn event(id: &SessionId, state: SessionState) -> SessionEvent {
+pub(super) fn event(id: &SessionId, state: SessionState) -> SessionEvent {
     SessionEvent {
         v: SCHEMA_VERSION,
         session_id: id.clone(),
@@ -372,7 +375,7 @@ impl Worker {
             cancel: cancel.clone(),
             deadline: tokio::time::Instant::now() + self.rt.limits.watchdog,
         });
-        let turn = Turn {
+        let turn = super::turn::Turn {
             rt: self.rt.clone(),
             voice: voice.clone(),
             device: self.device.clone(),
@@ -400,7 +403,7 @@ impl Worker {
             cancel: cancel.clone(),
             deadline: tokio::time::Instant::now() + self.rt.limits.watchdog,
         });
-        let turn = Turn {
+        let turn = super::turn::Turn {
             rt: self.rt.clone(),
             voice: voice.clone(),
             device: self.device.clone(),
@@ -557,179 +560,5 @@ impl Worker {
         .bind(i64::try_from(self.rt.limits.history).unwrap_or(20))
         .execute(self.rt.db.pool())
         .await;
-    }
-}
-
-/// One turn's task: everything after listening ends.
-struct Turn {
-    rt: Arc<Runtime>,
-    voice: Arc<dyn crate::voice::VoicePipeline>,
-    device: DeviceId,
-    session: SessionId,
-    internal: mpsc::Sender<Internal>,
-    cancel: CancellationToken,
-    end_of_speech: Instant,
-}
-
-impl Turn {
-    async fn done(&self, outcome: TurnOutcome) {
-        let _ = self
-            .internal
-            .send(Internal::Done {
-                session: self.session.clone(),
-                outcome,
-            })
-            .await;
-    }
-
-    async fn listen_and_reply(self, voice: Arc<dyn crate::voice::VoicePipeline>, pcm: Vec<i16>) {
-        let text = match voice.transcribe(&pcm, &self.cancel).await {
-            Ok(t) => t,
-            Err(VoiceError::Cancelled) => return,
-            Err(e) => {
-                return self
-                    .done(TurnOutcome::Failed(format!(
-                        "speech recognition failed: {e}"
-                    )))
-                    .await
-            }
-        };
-        let (tx, rx) = oneshot::channel();
-        let asked = self
-            .internal
-            .send(Internal::Transcribed {
-                session: self.session.clone(),
-                text: text.clone(),
-                reply: tx,
-            })
-            .await;
-        let Ok(plan) = (match asked {
-            Ok(()) => rx.await,
-            Err(_) => return,
-        }) else {
-            return; // the session was cancelled
-        };
-        let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE);
-        let producer = async {
-            let r = if plan.greet {
-                voice
-                    .speak(&plan.persona, &plan.persona.greeting, &out_tx, &self.cancel)
-                    .await
-                    .map(|()| Reply {
-                        text: plan.persona.greeting.clone(),
-                        degraded: None,
-                    })
-            } else {
-                voice
-                    .respond(&plan.persona, &plan.history, &text, &out_tx, &self.cancel)
-                    .await
-            };
-            drop(out_tx);
-            r
-        };
-        let (reply, _) = tokio::join!(producer, self.stream(out_rx, &plan.persona));
-        match reply {
-            _ if self.cancel.is_cancelled() => {}
-            Ok(reply) => {
-                self.done(TurnOutcome::Replied {
-                    transcript: text,
-                    reply,
-                })
-                .await
-            }
-            Err(e) => self.done(TurnOutcome::Failed(e.to_string())).await,
-        }
-    }
-
-    async fn say(
-        self,
-        voice: Arc<dyn crate::voice::VoicePipeline>,
-        persona: Arc<Persona>,
-        text: String,
-    ) {
-        let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE);
-        let producer = async {
-            let r = voice.speak(&persona, &text, &out_tx, &self.cancel).await;
-            drop(out_tx);
-            r
-        };
-        let (r, _) = tokio::join!(producer, self.stream(out_rx, &persona));
-        match r {
-            _ if self.cancel.is_cancelled() => {}
-            Ok(()) => {
-                self.done(TurnOutcome::Spoke {
-                    text,
-                    degraded: None,
-                })
-                .await
-            }
-            Err(e) => self.done(TurnOutcome::Failed(e.to_string())).await,
-        }
-    }
-
-    /// Publishes the reply as it is produced: `speaking` before the first audio, chunks with
-    /// increasing `seq`, and a final empty chunk with `last = true`.
-    async fn stream(&self, mut out: mpsc::Receiver<VoiceOutput>, persona: &Persona) {
-        let mut seq: u32 = 0;
-        let mut first_sentence: Option<String> = None;
-        let mut speaking = false;
-        loop {
-            // Cases: the next output; cancellation (stop at once).
-            let item = tokio::select! {
-                item = out.recv() => item,
-                _ = self.cancel.cancelled() => return,
-            };
-            let Some(item) = item else { break };
-            match item {
-                VoiceOutput::Sentence(s) => {
-                    first_sentence.get_or_insert(s);
-                }
-                VoiceOutput::Audio(frames) => {
-                    if self.cancel.is_cancelled() {
-                        return;
-                    }
-                    if !speaking {
-                        speaking = true;
-                        self.voice
-                            .observe_end_of_speech_to_first_audio(self.end_of_speech.elapsed());
-                        let mut ev = event(&self.session, SessionState::Speaking);
-                        ev.reply_text = first_sentence.clone();
-                        announce(&self.rt, &self.device, persona, ev).await;
-                    }
-                    let chunk = self.chunk(seq, frames, false);
-                    seq = seq.wrapping_add(1);
-                    if let Err(e) = self
-                        .rt
-                        .bus
-                        .publish(&self.device, TopicKind::AudioDown, &chunk)
-                        .await
-                    {
-                        tracing::warn!(device_id = %self.device, error = %e, "publishing reply audio failed");
-                    }
-                }
-            }
-        }
-        if !self.cancel.is_cancelled() {
-            let last = self.chunk(seq, Vec::new(), true);
-            let _ = self
-                .rt
-                .bus
-                .publish(&self.device, TopicKind::AudioDown, &last)
-                .await;
-        }
-    }
-
-    fn chunk(&self, seq: u32, frames: Vec<Vec<u8>>, last: bool) -> AudioChunk {
-        AudioChunk {
-            v: SCHEMA_VERSION,
-            session_id: self.session.clone(),
-            seq,
-            ts_ms: u64::try_from(now_ms()).unwrap_or(0),
-            codec: Codec::Opus,
-            sample_rate: AUDIO_SAMPLE_RATE,
-            frame_ms: AUDIO_FRAME_MS,
-            frames: frames.into_iter().map(ByteBuf::from).collect(),
-            last,
-        }
     }
 }

@@ -57,6 +57,17 @@ impl EventKind {
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
+
+    /// The device topic such events arrive on (transcripts come from the session).
+    pub const fn topic_kind(self) -> companion_schema::TopicKind {
+        use companion_schema::TopicKind;
+        match self {
+            EventKind::Telemetry => TopicKind::Telemetry,
+            EventKind::Button => TopicKind::Button,
+            EventKind::Status => TopicKind::Status,
+            EventKind::Session | EventKind::Transcript => TopicKind::SessionUp,
+        }
+    }
 }
 
 /// A field of an event or device, as rules see it.

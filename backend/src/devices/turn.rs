@@ -1,0 +1,197 @@
+//! A conversation turn's task: everything after listening ends (speech to text, the worker's
+//! plan after the rules saw the transcript, the streamed reply on `audio/down`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use companion_schema::{
+    AudioChunk, Codec, DeviceId, SessionId, SessionState, TopicKind, AUDIO_FRAME_MS,
+    AUDIO_SAMPLE_RATE, SCHEMA_VERSION,
+};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::session::{announce, event, Internal, TurnOutcome};
+use super::Runtime;
+use crate::db::now_ms;
+use crate::personas::Persona;
+use crate::voice::{Reply, VoiceError, VoiceOutput, OUTPUT_QUEUE};
+
+/// One turn's task: everything after listening ends.
+pub(super) struct Turn {
+    pub(super) rt: Arc<Runtime>,
+    pub(super) voice: Arc<dyn crate::voice::VoicePipeline>,
+    pub(super) device: DeviceId,
+    pub(super) session: SessionId,
+    pub(super) internal: mpsc::Sender<Internal>,
+    pub(super) cancel: CancellationToken,
+    pub(super) end_of_speech: Instant,
+}
+
+impl Turn {
+    async fn done(&self, outcome: TurnOutcome) {
+        let _ = self
+            .internal
+            .send(Internal::Done {
+                session: self.session.clone(),
+                outcome,
+            })
+            .await;
+    }
+
+    pub(super) async fn listen_and_reply(
+        self,
+        voice: Arc<dyn crate::voice::VoicePipeline>,
+        pcm: Vec<i16>,
+    ) {
+        let text = match voice.transcribe(&pcm, &self.cancel).await {
+            Ok(t) => t,
+            Err(VoiceError::Cancelled) => return,
+            Err(e) => {
+                return self
+                    .done(TurnOutcome::Failed(format!(
+                        "speech recognition failed: {e}"
+                    )))
+                    .await
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let asked = self
+            .internal
+            .send(Internal::Transcribed {
+                session: self.session.clone(),
+                text: text.clone(),
+                reply: tx,
+            })
+            .await;
+        let Ok(plan) = (match asked {
+            Ok(()) => rx.await,
+            Err(_) => return,
+        }) else {
+            return; // the session was cancelled
+        };
+        let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE);
+        let producer = async {
+            let r = if plan.greet {
+                voice
+                    .speak(&plan.persona, &plan.persona.greeting, &out_tx, &self.cancel)
+                    .await
+                    .map(|()| Reply {
+                        text: plan.persona.greeting.clone(),
+                        degraded: None,
+                    })
+            } else {
+                voice
+                    .respond(&plan.persona, &plan.history, &text, &out_tx, &self.cancel)
+                    .await
+            };
+            drop(out_tx);
+            r
+        };
+        let (reply, _) = tokio::join!(producer, self.stream(out_rx, &plan.persona));
+        match reply {
+            _ if self.cancel.is_cancelled() => {}
+            Ok(reply) => {
+                self.done(TurnOutcome::Replied {
+                    transcript: text,
+                    reply,
+                })
+                .await
+            }
+            Err(e) => self.done(TurnOutcome::Failed(e.to_string())).await,
+        }
+    }
+
+    pub(super) async fn say(
+        self,
+        voice: Arc<dyn crate::voice::VoicePipeline>,
+        persona: Arc<Persona>,
+        text: String,
+    ) {
+        let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE);
+        let producer = async {
+            let r = voice.speak(&persona, &text, &out_tx, &self.cancel).await;
+            drop(out_tx);
+            r
+        };
+        let (r, _) = tokio::join!(producer, self.stream(out_rx, &persona));
+        match r {
+            _ if self.cancel.is_cancelled() => {}
+            Ok(()) => {
+                self.done(TurnOutcome::Spoke {
+                    text,
+                    degraded: None,
+                })
+                .await
+            }
+            Err(e) => self.done(TurnOutcome::Failed(e.to_string())).await,
+        }
+    }
+
+    /// Publishes the reply as it is produced: `speaking` before the first audio, chunks with
+    /// increasing `seq`, and a final empty chunk with `last = true`.
+    async fn stream(&self, mut out: mpsc::Receiver<VoiceOutput>, persona: &Persona) {
+        let mut seq: u32 = 0;
+        let mut first_sentence: Option<String> = None;
+        let mut speaking = false;
+        loop {
+            // Cases: the next output; cancellation (stop at once).
+            let item = tokio::select! {
+                item = out.recv() => item,
+                _ = self.cancel.cancelled() => return,
+            };
+            let Some(item) = item else { break };
+            match item {
+                VoiceOutput::Sentence(s) => {
+                    first_sentence.get_or_insert(s);
+                }
+                VoiceOutput::Audio(frames) => {
+                    if self.cancel.is_cancelled() {
+                        return;
+                    }
+                    if !speaking {
+                        speaking = true;
+                        self.voice
+                            .observe_end_of_speech_to_first_audio(self.end_of_speech.elapsed());
+                        let mut ev = event(&self.session, SessionState::Speaking);
+                        ev.reply_text = first_sentence.clone();
+                        announce(&self.rt, &self.device, persona, ev).await;
+                    }
+                    let chunk = self.chunk(seq, frames, false);
+                    seq = seq.wrapping_add(1);
+                    if let Err(e) = self
+                        .rt
+                        .bus
+                        .publish(&self.device, TopicKind::AudioDown, &chunk)
+                        .await
+                    {
+                        tracing::warn!(device_id = %self.device, error = %e, "publishing reply audio failed");
+                    }
+                }
+            }
+        }
+        if !self.cancel.is_cancelled() {
+            let last = self.chunk(seq, Vec::new(), true);
+            let _ = self
+                .rt
+                .bus
+                .publish(&self.device, TopicKind::AudioDown, &last)
+                .await;
+        }
+    }
+
+    fn chunk(&self, seq: u32, frames: Vec<Vec<u8>>, last: bool) -> AudioChunk {
+        AudioChunk {
+            v: SCHEMA_VERSION,
+            session_id: self.session.clone(),
+            seq,
+            ts_ms: u64::try_from(now_ms()).unwrap_or(0),
+            codec: Codec::Opus,
+            sample_rate: AUDIO_SAMPLE_RATE,
+            frame_ms: AUDIO_FRAME_MS,
+            frames: frames.into_iter().map(ByteBuf::from).collect(),
+            last,
+        }
+    }
+}
