@@ -241,7 +241,6 @@ impl App {
         });
         let dispatcher = Dispatcher::new(runtime, tracker.clone(), shutdown.clone());
         tracker.spawn(crate::bus::run(
-            target,
             bus,
             eventloop,
             dispatcher.clone(),

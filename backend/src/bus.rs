@@ -2,12 +2,14 @@
 //! every device up topic through shared subscriptions, parsing and dispatching what arrives);
 //! everyone else publishes through [`Bus`].
 //!
-//! After a connection error the task backs off with jitter and reconnects with a *new* client
-//! id: rumqttd 0.20 can poison a listener when an id is reused after a connection failed
-//! between CONNECT and CONNACK (see `companion_broker::edge`).
+//! After a connection error the task backs off with jitter and reconnects the *same* event loop
+//! (so publishes queued while it was down are kept and sent after the next CONNACK) under a
+//! *new* client id: rumqttd 0.20 can poison a listener when an id is reused after a connection
+//! failed between CONNECT and CONNACK (see `companion_broker::edge`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use companion_broker::InternalEndpoint;
@@ -17,13 +19,15 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Request};
 use tokio_util::sync::CancellationToken;
 
 use crate::devices::{DeviceEvent, Dispatcher};
 
 /// Requests waiting in the client before publishers wait.
 pub const CLIENT_QUEUE: usize = 4096;
+/// Publishes kept across a reconnect (the rest are dropped and counted).
+const KEEP_ACROSS_RECONNECT: usize = 4096;
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -41,6 +45,7 @@ pub struct BusMetrics {
     pub published: Family<KindLabel, Counter>,
     pub publish_failed: Family<KindLabel, Counter>,
     pub reconnects: Counter,
+    pub dropped_on_reconnect: Counter,
 }
 
 impl BusMetrics {
@@ -71,6 +76,11 @@ impl BusMetrics {
             "Times the backend reconnected to the broker",
             m.reconnects.clone(),
         );
+        registry.register(
+            "backend_publishes_dropped_on_reconnect",
+            "Queued publishes dropped because more than the reconnect buffer waited for the broker",
+            m.dropped_on_reconnect.clone(),
+        );
         // Known series at zero: prometheus-client prints nothing for a labelled family
         // until a series exists.
         for kind in TopicKind::ALL {
@@ -97,7 +107,7 @@ pub enum BusError {
 
 /// Publishing to devices.
 pub struct Bus {
-    client: RwLock<AsyncClient>,
+    client: AsyncClient,
     metrics: BusMetrics,
 }
 
@@ -203,13 +213,16 @@ impl Target {
     }
 }
 
-fn options(target: &Target) -> MqttOptions {
-    let id = format!(
+fn client_id() -> String {
+    format!(
         "{}-backend-{:08x}",
         companion_broker::RESERVED_CLIENT_ID_PREFIX,
         rand::rng().random::<u32>()
-    );
-    let mut o = MqttOptions::new(id, target.host.clone(), target.port);
+    )
+}
+
+fn options(target: &Target) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id(), target.host.clone(), target.port);
     if !target.username.is_empty() {
         o.set_credentials(target.username.clone(), target.password.clone());
     }
@@ -229,20 +242,7 @@ impl Bus {
     /// A bus whose first connection is made by [`run`].
     pub fn new(target: &Target, metrics: BusMetrics) -> (Arc<Self>, EventLoop) {
         let (client, eventloop) = AsyncClient::new(options(target), CLIENT_QUEUE);
-        (
-            Arc::new(Self {
-                client: RwLock::new(client),
-                metrics,
-            }),
-            eventloop,
-        )
-    }
-
-    fn client(&self) -> AsyncClient {
-        match self.client.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        (Arc::new(Self { client, metrics }), eventloop)
     }
 
     /// Publishes `msg` on the device's `kind` topic with the contract's QoS and retain flag.
@@ -257,7 +257,7 @@ impl Bus {
         let topic = Topic::new(device.clone(), kind).to_string();
         let label = KindLabel { kind: kind.label() };
         match self
-            .client()
+            .client
             .publish(topic, qos(kind.qos()), kind.retained(), payload)
             .await
         {
@@ -294,42 +294,62 @@ impl InvalidLog {
 }
 
 /// Owns the event loop until `shutdown`: subscribes after every CONNACK, dispatches device
-/// messages, reconnects with backoff and a fresh client id.
+/// messages, reconnects with backoff and a fresh client id, and resends the publishes that were
+/// queued or unacknowledged when the connection went down (retained persona/config
+/// announcements must not be lost to a broker blip).
 pub async fn run(
-    target: Target,
     bus: Arc<Bus>,
-    mut eventloop: EventLoop,
+    eventloop: EventLoop,
     dispatcher: Arc<Dispatcher>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = BACKOFF_MIN;
     let mut invalid_log = InvalidLog {
         last: HashMap::new(),
     };
+    let metrics = bus.metrics.clone();
+    drive(bus, eventloop, shutdown, |p| {
+        handle_publish(
+            &p.topic,
+            &p.payload,
+            &metrics,
+            &dispatcher,
+            &mut invalid_log,
+        )
+    })
+    .await;
+}
+
+/// The connection loop behind [`run`], with what to do with each incoming publish.
+async fn drive(
+    bus: Arc<Bus>,
+    mut eventloop: EventLoop,
+    shutdown: CancellationToken,
+    mut on_publish: impl FnMut(&rumqttc::Publish),
+) {
+    let mut backoff = BACKOFF_MIN;
+    // Publishes carried over a reconnect: rumqttc clears its pending queue when a clean session
+    // is acknowledged, so they are set aside on the error and put back after the CONNACK.
+    let mut carried: VecDeque<Request> = VecDeque::new();
     loop {
         // Cases: the next MQTT event; shutdown.
         let event = tokio::select! {
             ev = eventloop.poll() => ev,
             _ = shutdown.cancelled() => {
-                let _ = bus.client().try_disconnect();
+                let _ = bus.client.try_disconnect();
                 return;
             }
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = BACKOFF_MIN;
-                subscribe(&bus).await;
+                // Straight into the event loop's own queue, ahead of everything else: going
+                // through the client could wait forever on a request channel that only this
+                // task drains.
+                eventloop.pending.extend(subscriptions());
+                eventloop.pending.extend(carried.drain(..));
                 tracing::info!("backend connected to the broker");
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                handle_publish(
-                    &p.topic,
-                    &p.payload,
-                    &bus.metrics,
-                    &dispatcher,
-                    &mut invalid_log,
-                );
-            }
+            Ok(Event::Incoming(Packet::Publish(p))) => on_publish(&p),
             Ok(_) => {}
             Err(e) => {
                 bus.metrics.reconnects.inc();
@@ -341,28 +361,38 @@ pub async fn run(
                     _ = shutdown.cancelled() => return,
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                let (client, el) = AsyncClient::new(options(&target), CLIENT_QUEUE);
-                if let Ok(mut c) = bus.client.write() {
-                    *c = client;
-                }
-                eventloop = el;
+                carry_over(&mut eventloop, &mut carried, &bus.metrics);
+                eventloop.mqtt_options.set_client_id(client_id());
             }
         }
     }
 }
 
-async fn subscribe(bus: &Bus) {
-    let client = bus.client();
-    for kind in TopicKind::ALL {
-        if kind.direction() != companion_schema::Direction::Up {
-            continue;
-        }
-        // One share group per filter: rumqttd keys shared groups by name alone.
-        let filter = kind.shared_filter(&format!("companion-{}", kind.label()));
-        if let Err(e) = client.subscribe(filter, qos(kind.qos())).await {
-            tracing::error!(error = %e, "subscribing failed");
+/// Moves the publishes rumqttc holds for the next session (its pending queue, filled from the
+/// unacknowledged and queued requests when the connection failed) aside, keeping at most
+/// [`KEEP_ACROSS_RECONNECT`]; subscriptions are dropped because every CONNACK subscribes again.
+fn carry_over(eventloop: &mut EventLoop, carried: &mut VecDeque<Request>, metrics: &BusMetrics) {
+    for req in eventloop.pending.drain(..) {
+        if let Request::Publish(p) = req {
+            if carried.len() >= KEEP_ACROSS_RECONNECT {
+                metrics.dropped_on_reconnect.inc();
+                continue;
+            }
+            carried.push_back(Request::Publish(p));
         }
     }
+}
+
+/// The backend's subscriptions: every device up topic, one share group per filter (rumqttd keys
+/// shared groups by name alone).
+fn subscriptions() -> impl Iterator<Item = Request> {
+    TopicKind::ALL
+        .into_iter()
+        .filter(|kind| kind.direction() == companion_schema::Direction::Up)
+        .map(|kind| {
+            let filter = kind.shared_filter(&format!("companion-{}", kind.label()));
+            Request::Subscribe(rumqttc::Subscribe::new(filter, qos(kind.qos())))
+        })
 }
 
 fn handle_publish(
@@ -406,4 +436,199 @@ fn handle_publish(
         }
     };
     dispatcher.dispatch(&topic.device, event);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet as Wire};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// One side of a fake broker connection: reads whole MQTT 3.1.1 packets.
+    struct Peer {
+        stream: TcpStream,
+        buf: BytesMut,
+    }
+
+    impl Peer {
+        async fn accept(listener: &TcpListener) -> Self {
+            let (stream, _) = listener.accept().await.unwrap();
+            Self {
+                stream,
+                buf: BytesMut::new(),
+            }
+        }
+
+        async fn read(&mut self) -> Option<Wire> {
+            loop {
+                match Wire::read(&mut self.buf, 1 << 20) {
+                    Ok(p) => return Some(p),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("bad packet from the backend: {e:?}"),
+                }
+                let read = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    self.stream.read_buf(&mut self.buf),
+                )
+                .await
+                .expect("the backend sent nothing for 10 s");
+                if read.ok()? == 0 {
+                    return None;
+                }
+            }
+        }
+
+        async fn connect(&mut self) -> String {
+            match self.read().await {
+                Some(Wire::Connect(c)) => c.client_id,
+                other => panic!("expected CONNECT, got {other:?}"),
+            }
+        }
+
+        async fn connack(&mut self) {
+            let mut out = BytesMut::new();
+            ConnAck::new(ConnectReturnCode::Success, false)
+                .write(&mut out)
+                .unwrap();
+            self.stream.write_all(&out).await.unwrap();
+        }
+
+        /// The packets up to and including the first PUBLISH: (subscribe filters, publish).
+        async fn until_publish(&mut self) -> (Vec<String>, rumqttc::Publish) {
+            let mut filters = Vec::new();
+            loop {
+                match self.read().await {
+                    Some(Wire::Subscribe(s)) => {
+                        filters.extend(s.filters.into_iter().map(|f| f.path))
+                    }
+                    Some(Wire::Publish(p)) => return (filters, p),
+                    Some(Wire::PingReq) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    }
+
+    fn test_bus(port: u16) -> (Arc<Bus>, EventLoop) {
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port,
+            username: String::new(),
+            password: String::new(),
+            tls: None,
+        };
+        Bus::new(&target, BusMetrics::default())
+    }
+
+    const TOPIC: &str = "devices/d1/persona";
+
+    #[tokio::test]
+    async fn publishes_queued_while_down_survive_failed_and_dropped_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (bus, eventloop) = test_bus(port);
+        // Queued before the first connection, as a presence announcement at startup is.
+        bus.client
+            .publish(TOPIC, QoS::AtLeastOnce, true, b"pip".to_vec())
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(drive(bus.clone(), eventloop, shutdown.clone(), |_| {}));
+
+        // 1: the connection fails between CONNECT and CONNACK.
+        let mut first = Peer::accept(&listener).await;
+        let id1 = first.connect().await;
+        drop(first);
+
+        // 2: a fresh client id; subscriptions first, then the queued publish. It is never
+        // acknowledged: the connection drops with it in flight.
+        let mut second = Peer::accept(&listener).await;
+        let id2 = second.connect().await;
+        assert_ne!(id1, id2, "a failed id must not be reused (rumqttd trap)");
+        second.connack().await;
+        let (filters, publish) = second.until_publish().await;
+        let ups = TopicKind::ALL
+            .iter()
+            .filter(|k| k.direction() == companion_schema::Direction::Up)
+            .count();
+        assert_eq!(filters.len(), ups, "{filters:?}");
+        assert!(filters.iter().all(|f| f.starts_with("$share/companion-")));
+        assert_eq!(publish.topic, TOPIC);
+        assert_eq!(&publish.payload[..], b"pip");
+        assert!(publish.retain);
+        drop(second);
+
+        // 3: resubscribed, and the unacknowledged publish is sent again.
+        let mut third = Peer::accept(&listener).await;
+        let id3 = third.connect().await;
+        assert_ne!(id2, id3);
+        third.connack().await;
+        let (filters, publish) = third.until_publish().await;
+        assert_eq!(filters.len(), ups);
+        assert_eq!(publish.topic, TOPIC);
+        assert_eq!(&publish.payload[..], b"pip");
+        assert!(bus.metrics.reconnects.get() >= 2);
+
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_request_queue_does_not_stop_the_loop_from_subscribing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (bus, eventloop) = test_bus(port);
+        // Fill the client's request channel while the broker is unreachable.
+        for i in 0..CLIENT_QUEUE {
+            bus.client
+                .try_publish(TOPIC, QoS::AtMostOnce, false, i.to_be_bytes().to_vec())
+                .unwrap();
+        }
+        assert!(bus
+            .client
+            .try_publish(TOPIC, QoS::AtMostOnce, false, vec![])
+            .is_err());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(drive(bus.clone(), eventloop, shutdown.clone(), |_| {}));
+        let mut peer = Peer::accept(&listener).await;
+        peer.connect().await;
+        peer.connack().await;
+        let (filters, first) = peer.until_publish().await;
+        assert!(
+            !filters.is_empty(),
+            "subscribed before the queued publishes"
+        );
+        assert_eq!(&first.payload[..], &0usize.to_be_bytes()[..]);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn carry_over_keeps_publishes_only_and_is_bounded() {
+        let (_bus, mut eventloop) = test_bus(1);
+        let metrics = BusMetrics::default();
+        let mut carried = VecDeque::new();
+        eventloop
+            .pending
+            .push_back(Request::Subscribe(rumqttc::Subscribe::new(
+                "a",
+                QoS::AtLeastOnce,
+            )));
+        for i in 0..KEEP_ACROSS_RECONNECT + 3 {
+            eventloop
+                .pending
+                .push_back(Request::Publish(rumqttc::Publish::new(
+                    TOPIC,
+                    QoS::AtLeastOnce,
+                    i.to_be_bytes().to_vec(),
+                )));
+        }
+        carry_over(&mut eventloop, &mut carried, &metrics);
+        assert!(eventloop.pending.is_empty());
+        assert_eq!(carried.len(), KEEP_ACROSS_RECONNECT);
+        assert!(carried.iter().all(|r| matches!(r, Request::Publish(_))));
+        assert_eq!(metrics.dropped_on_reconnect.get(), 3);
+    }
 }

@@ -111,7 +111,7 @@ async fn listen(app: &TestApp, dev: &mut Device, session: &str, until_last_audio
             if idle && (last || !until_last_audio) {
                 return;
             }
-            match dev.client.rx.recv().await {
+            match dev.recv().await {
                 Some(Seen::Publish { topic, payload }) if topic == audio => {
                     let c: AudioChunk = decode(&payload).unwrap();
                     if c.session_id.as_str() == session {
@@ -311,7 +311,7 @@ async fn the_first_audio_reaches_the_device_before_the_model_has_finished() {
     let audio = dev.topic(TopicKind::AudioDown);
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let Some(Seen::Publish { topic, .. }) = dev.client.rx.recv().await {
+            if let Some(Seen::Publish { topic, .. }) = dev.recv().await {
                 if topic == audio {
                     return;
                 }
@@ -357,7 +357,7 @@ async fn a_cancel_while_speaking_stops_the_reply_audio_within_100_ms() {
     let events = dev.topic(TopicKind::SessionDown);
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let Some(Seen::Publish { topic, .. }) = dev.client.rx.recv().await {
+            if let Some(Seen::Publish { topic, .. }) = dev.recv().await {
                 if topic == audio {
                     return;
                 }
@@ -379,7 +379,7 @@ async fn a_cancel_while_speaking_stops_the_reply_audio_within_100_ms() {
     let mut last_audio = None;
     let idle_at = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match dev.client.rx.recv().await {
+            match dev.recv().await {
                 Some(Seen::Publish { topic, .. }) if topic == audio => {
                     last_audio = Some(Instant::now())
                 }

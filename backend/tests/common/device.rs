@@ -1,6 +1,7 @@
 //! A device for end-to-end tests: rumqttc over TLS, subscribed to its own down topics.
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use companion_schema::*;
@@ -13,6 +14,9 @@ pub struct Device {
     pub id: String,
     pub token: String,
     pub client: Client,
+    /// What arrived while `connect` waited for SUBACKs (the retained persona and config can
+    /// come before the last one); read before the event loop's channel.
+    early: VecDeque<Seen>,
 }
 
 impl Device {
@@ -20,6 +24,7 @@ impl Device {
         let mut client = Client::connect(app.device_tls(id, token))
             .await
             .expect("device connects");
+        let mut early = VecDeque::new();
         for kind in [
             TopicKind::Led,
             TopicKind::Persona,
@@ -34,12 +39,21 @@ impl Device {
                 QoS::AtLeastOnce
             };
             client.client.subscribe(topic, qos).await.unwrap();
-            wait_suback(&mut client).await;
+            early.extend(wait_suback(&mut client).await);
         }
         Device {
             id: id.to_owned(),
             token: token.to_owned(),
             client,
+            early,
+        }
+    }
+
+    /// The next thing the device's event loop saw, starting with what arrived during `connect`.
+    pub async fn recv(&mut self) -> Option<Seen> {
+        match self.early.pop_front() {
+            Some(seen) => Some(seen),
+            None => self.client.rx.recv().await,
         }
     }
 
@@ -84,7 +98,7 @@ impl Device {
         let want = self.topic(kind);
         tokio::time::timeout(DEADLINE, async {
             loop {
-                match self.client.rx.recv().await {
+                match self.recv().await {
                     Some(Seen::Publish { topic, payload }) if topic == want => return payload,
                     Some(Seen::Closed(e)) => panic!("connection closed: {e}"),
                     None => panic!("event loop ended"),
@@ -109,19 +123,21 @@ impl Device {
     }
 }
 
-pub async fn wait_suback(client: &mut Client) {
+/// Waits for the next SUBACK; returns the publishes that arrived before it.
+pub async fn wait_suback(client: &mut Client) -> Vec<Seen> {
     tokio::time::timeout(DEADLINE, async {
+        let mut before = Vec::new();
         loop {
             match client.rx.recv().await {
-                Some(Seen::SubAck) => return,
+                Some(Seen::SubAck) => return before,
                 Some(Seen::Closed(e)) => panic!("closed: {e}"),
                 None => panic!("ended"),
-                _ => {}
+                Some(seen) => before.push(seen),
             }
         }
     })
     .await
-    .expect("SUBACK in time");
+    .expect("SUBACK in time")
 }
 
 pub async fn metric(app: &TestApp, sample: &str) -> f64 {
