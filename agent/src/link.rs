@@ -276,11 +276,20 @@ pub struct LinkOutputs {
     pub acks: mpsc::Receiver<u64>,
 }
 
+/// TCP_NODELAY: audio chunks (one every 100 ms) and control messages are small writes, and
+/// Nagle's algorithm would hold each behind the previous one's delayed ACK (up to 40 ms).
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 /// Builds the client and the task owning its event loop.
 pub fn build(settings: &Settings) -> Result<(Uplink, LinkTask<EventLoop>, LinkOutputs), LinkError> {
     let boot = boot_id();
     let options = mqtt_options(settings, &boot)?;
-    let (client, el) = AsyncClient::new(options, REQUEST_CAPACITY);
+    let (client, mut el) = AsyncClient::new(options, REQUEST_CAPACITY);
+    el.set_network_options(network_options());
     Ok(with_poller(client, el, settings.device_id.clone(), boot))
 }
 

@@ -238,10 +238,19 @@ fn options(target: &Target) -> MqttOptions {
     o
 }
 
+/// TCP_NODELAY: audio chunks and session events are small writes in quick succession, and
+/// Nagle's algorithm would hold each behind the previous one's (delayed, up to 40 ms) ACK.
+pub fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 impl Bus {
     /// A bus whose first connection is made by [`run`].
     pub fn new(target: &Target, metrics: BusMetrics) -> (Arc<Self>, EventLoop) {
-        let (client, eventloop) = AsyncClient::new(options(target), CLIENT_QUEUE);
+        let (client, mut eventloop) = AsyncClient::new(options(target), CLIENT_QUEUE);
+        eventloop.set_network_options(network_options());
         (Arc::new(Self { client, metrics }), eventloop)
     }
 

@@ -289,6 +289,67 @@ async fn a_spoken_persona_switch_answers_in_the_new_persona_and_the_next_reply_u
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_that_overtakes_its_start_opens_the_session_and_the_late_start_changes_nothing() {
+    let (stt, llm) = fake_cloud(
+        "hello there",
+        voice_fake::anthropic_reply(&["Hello to you too."]),
+    )
+    .await;
+    let app = TestApp::start_with(DbKind::Sqlite, |s| use_fakes(s, &stt, &llm))
+        .await
+        .unwrap();
+    let mut dev = Device::register(&app, "overtaken").await;
+    let sid = SessionId::parse("talk-early").unwrap();
+    let control = |action| SessionControl {
+        v: 1,
+        session_id: sid.clone(),
+        action,
+        reason: None,
+    };
+    // Every chunk, `last` included, is published before the `start` (audio/up and
+    // session/up are different topics: nothing orders them between each other).
+    let frames = encode_frames(&spoken("hello there"), 24_000).unwrap();
+    let chunks = frames.chunks(5).count();
+    for (seq, batch) in frames.chunks(5).enumerate() {
+        let chunk = AudioChunk {
+            v: 1,
+            session_id: sid.clone(),
+            seq: seq as u32,
+            ts_ms: 0,
+            codec: Codec::Opus,
+            sample_rate: AUDIO_SAMPLE_RATE,
+            frame_ms: AUDIO_FRAME_MS,
+            frames: batch.iter().map(|f| ByteBuf::from(f.clone())).collect(),
+            last: seq + 1 == chunks,
+        };
+        dev.send(TopicKind::AudioUp, &chunk).await;
+    }
+    dev.send(TopicKind::SessionUp, &control(SessionAction::Start))
+        .await;
+    dev.send(TopicKind::SessionUp, &control(SessionAction::Stop))
+        .await;
+    let heard = listen(&app, &mut dev, "talk-early", true).await;
+    assert!(
+        heard.events.iter().all(|e| e.error.is_none()),
+        "no error, no self-cancel: {:?}",
+        heard.events
+    );
+    assert_eq!(
+        heard.idle().reply_text.as_deref(),
+        Some("Hello to you too.")
+    );
+    assert!(rms(&heard.pcm()) > 300.0);
+    // The transcription got the whole utterance.
+    let sent = &stt.requests()[0];
+    assert!(
+        sent.body.len() > 16_000,
+        "{} bytes of upload",
+        sent.body.len()
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_audio_reaches_the_device_before_the_model_has_finished() {
     let gate = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut parts = anthropic_start(10);

@@ -129,8 +129,87 @@ pub(crate) async fn start(
         wait_listening(addr, level, &endpoint)
             .await
             .map_err(|_| RouterError::NotListening(name))?;
+        match nodelay::set_for_local_addr(addr) {
+            Ok(0) => tracing::warn!(
+                server = name,
+                "rumqttd's listener not found: Nagle stays on for its connections"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(server = name, error = %e, "could not set TCP_NODELAY on rumqttd's listener")
+            }
+        }
     }
     Ok(endpoint)
+}
+
+/// rumqttd 0.20 never sets TCP_NODELAY on the connections it accepts, so every router → edge
+/// and router → backend write waits behind the previous one's delayed ACK (40 ms on Linux)
+/// whenever two small packets follow each other: a session event and the first audio chunk,
+/// consecutive audio chunks. It binds its listeners itself; this finds them among the process's
+/// own descriptors by local address and sets the option there, which connections accepted
+/// later inherit (Linux copies it from the listening socket).
+#[cfg(target_os = "linux")]
+mod nodelay {
+    use std::net::SocketAddr;
+    use std::os::fd::{BorrowedFd, RawFd};
+
+    /// Sets TCP_NODELAY on every socket of this process bound to `addr` (the listener, and
+    /// connections it already accepted); returns how many.
+    pub(crate) fn set_for_local_addr(addr: SocketAddr) -> std::io::Result<usize> {
+        let mut set = 0;
+        for entry in std::fs::read_dir("/proc/self/fd")? {
+            let Ok(entry) = entry else { continue };
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            let Ok(fd) = entry.file_name().to_string_lossy().parse::<RawFd>() else {
+                continue;
+            };
+            if !is_socket {
+                continue;
+            }
+            // SAFETY: `fd` was open a moment ago and is only borrowed for two socket option
+            // calls. Were it closed and its number reused in between, the calls would act on
+            // that new descriptor, and the option is set only if it is a socket bound to
+            // rumqttd's loopback address: the option then is the one intended.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            let sock = socket2::SockRef::from(&fd);
+            if sock.local_addr().ok().and_then(|a| a.as_socket()) == Some(addr) {
+                sock.set_tcp_nodelay(true)?;
+                set += 1;
+            }
+        }
+        Ok(set)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::net::{TcpListener, TcpStream};
+
+        #[test]
+        fn connections_accepted_after_it_inherit_nodelay() {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let before = TcpStream::connect(addr).unwrap();
+            let (early, _) = listener.accept().unwrap();
+            assert!(!early.nodelay().unwrap(), "the kernel default is Nagle on");
+            // The listener and the connection accepted before, found by address alone.
+            assert_eq!(super::set_for_local_addr(addr).unwrap(), 2);
+            assert!(early.nodelay().unwrap());
+            let _after = TcpStream::connect(addr).unwrap();
+            let (late, _) = listener.accept().unwrap();
+            assert!(late.nodelay().unwrap(), "inherited from the listener");
+            // Sockets elsewhere are left alone.
+            assert!(!before.nodelay().unwrap());
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod nodelay {
+    pub(crate) fn set_for_local_addr(_: std::net::SocketAddr) -> std::io::Result<usize> {
+        Ok(0)
+    }
 }
 
 fn count_lost(batch: &[rumqttd::Alert], lost: &Counter) {

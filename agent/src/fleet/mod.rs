@@ -158,7 +158,8 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
                 rumqttc::TlsConfiguration::Rustls(t.clone()),
             ));
         }
-        let (client, el) = AsyncClient::new(o, DEVICE_REQUEST_CAPACITY);
+        let (client, mut el) = AsyncClient::new(o, DEVICE_REQUEST_CAPACITY);
+        el.set_network_options(crate::link::network_options());
         let dev = Arc::new(Device {
             id,
             client,

@@ -54,7 +54,6 @@ pub enum Internal {
 /// What to answer with, decided after the transcript went through the rules.
 pub struct TurnPlan {
     pub persona: Arc<Persona>,
-    pub history: Vec<ChatTurn>,
     /// The persona changed because of what was said: greet in the new voice.
     pub greet: bool,
 }
@@ -100,7 +99,13 @@ enum Phase {
 #[derive(Default)]
 pub struct Session {
     phase: Phase,
+    /// The last few sessions started, newest last: a straggling chunk of one of them never
+    /// opens a session of its own.
+    recent: std::collections::VecDeque<SessionId>,
 }
+
+/// Session ids remembered in [`Session::recent`].
+const RECENT_SESSIONS: usize = 8;
 
 impl Session {
     pub fn is_idle(&self) -> bool {
@@ -181,6 +186,35 @@ pub(super) fn event(id: &SessionId, state: SessionState) -> SessionEvent {
     }
 }
 
+/// The device's recent conversation, oldest first. Read by the turn while speech is being
+/// transcribed (the previous turn was stored before this session could start), so it costs
+/// the reply nothing; a failed read answers without history.
+pub(super) async fn history(rt: &Runtime, device: &DeviceId) -> Vec<ChatTurn> {
+    let rows: Result<Vec<(String, String)>, _> = sqlx::query_as(
+        "SELECT role, content FROM conversation_messages WHERE device_id = $1
+         ORDER BY created_at_ms DESC, message_id DESC LIMIT $2",
+    )
+    .bind(device.as_str())
+    .bind(i64::try_from(rt.limits.history).unwrap_or(20))
+    .fetch_all(rt.db.pool())
+    .await;
+    let rows = rows.unwrap_or_else(|e| {
+        tracing::warn!(device_id = %device, error = %e, "reading conversation history failed; answering without it");
+        Vec::new()
+    });
+    rows.into_iter()
+        .rev()
+        .map(|(role, content)| ChatTurn {
+            role: if role == "assistant" {
+                Role::Assistant
+            } else {
+                Role::User
+            },
+            content,
+        })
+        .collect()
+}
+
 impl Worker {
     async fn announce(&self, ev: SessionEvent) {
         announce(&self.rt, &self.device, &self.persona, ev).await;
@@ -220,13 +254,20 @@ impl Worker {
     async fn start(&mut self, id: Option<SessionId>) {
         match &self.session.phase {
             Phase::Listening(l) if id.as_ref() == Some(&l.id) => return, // a repeated delivery
-            Phase::Busy(_) => self.cancel(None).await,                   // barge-in
+            // A repeat of a session already opened (by its audio overtaking this `start`, or
+            // a QoS 1 redelivery): it must not barge in on itself.
+            _ if id.as_ref().is_some_and(|i| self.session.recent.contains(i)) => return,
+            Phase::Busy(_) => self.cancel(None).await, // barge-in
             _ => {}
         }
         if self.session.is_idle() {
             self.rt.metrics.active_sessions.inc();
         }
         let id = id.unwrap_or_else(new_session_id);
+        if self.session.recent.len() >= RECENT_SESSIONS {
+            self.session.recent.pop_front();
+        }
+        self.session.recent.push_back(id.clone());
         let uplink = self
             .rt
             .voice
@@ -278,6 +319,13 @@ impl Worker {
 
     /// An uplink audio chunk.
     pub(super) async fn audio(&mut self, chunk: AudioChunk) {
+        if self.session.is_idle() && !self.session.recent.contains(&chunk.session_id) {
+            // The chunk overtook its `start`: they travel on different topics, which MQTT does
+            // not order between, and under load the audio often wins. The chunk opens the
+            // session; the `start` that follows is then a repeat.
+            tracing::debug!(device_id = %self.device, session_id = %chunk.session_id, "audio before start: opening the session");
+            self.start(Some(chunk.session_id.clone())).await;
+        }
         let Phase::Listening(l) = &mut self.session.phase else {
             self.rt.metrics.audio_chunks_late.inc();
             return;
@@ -456,7 +504,6 @@ impl Worker {
                 self.run_rules(rule_event, Instant::now()).await;
                 let plan = TurnPlan {
                     persona: self.persona.clone(),
-                    history: self.history().await,
                     greet: self.persona.id != before,
                 };
                 let _ = reply.send(plan);
@@ -501,29 +548,6 @@ impl Worker {
                 self.announce(idle).await;
             }
         }
-    }
-
-    async fn history(&self) -> Vec<ChatTurn> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT role, content FROM conversation_messages WHERE device_id = $1
-             ORDER BY created_at_ms DESC, message_id DESC LIMIT $2",
-        )
-        .bind(self.device.as_str())
-        .bind(i64::try_from(self.rt.limits.history).unwrap_or(20))
-        .fetch_all(self.rt.db.pool())
-        .await
-        .unwrap_or_default();
-        rows.into_iter()
-            .rev()
-            .map(|(role, content)| ChatTurn {
-                role: if role == "assistant" {
-                    Role::Assistant
-                } else {
-                    Role::User
-                },
-                content,
-            })
-            .collect()
     }
 
     async fn remember(&self, session: &SessionId, user: &str, assistant: &str) {

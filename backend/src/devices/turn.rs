@@ -45,7 +45,11 @@ impl Turn {
         voice: Arc<dyn crate::voice::VoicePipeline>,
         pcm: Vec<i16>,
     ) {
-        let text = match voice.transcribe(&pcm, &self.cancel).await {
+        let (text, history) = tokio::join!(
+            voice.transcribe(&pcm, &self.cancel),
+            super::session::history(&self.rt, &self.device)
+        );
+        let text = match text {
             Ok(t) => t,
             Err(VoiceError::Cancelled) => return,
             Err(e) => {
@@ -83,7 +87,7 @@ impl Turn {
                     })
             } else {
                 voice
-                    .respond(&plan.persona, &plan.history, &text, &out_tx, &self.cancel)
+                    .respond(&plan.persona, &history, &text, &out_tx, &self.cancel)
                     .await
             };
             drop(out_tx);

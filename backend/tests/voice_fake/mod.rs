@@ -115,6 +115,9 @@ impl FakeServer {
         let (reqs, mks) = (requests.clone(), marks.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Like real provider front ends: without it Nagle holds each small SSE event
+                // behind the previous one's delayed ACK (40 ms on Linux).
+                let _ = stream.set_nodelay(true);
                 let (handler, reqs, mks) = (handler.clone(), reqs.clone(), mks.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
