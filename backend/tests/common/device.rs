@@ -17,6 +17,8 @@ pub struct Device {
     /// What arrived while `connect` waited for SUBACKs (the retained persona and config can
     /// come before the last one); read before the event loop's channel.
     early: VecDeque<Seen>,
+    /// The persona state `next_persona` returned last.
+    last_persona: Option<PersonaState>,
 }
 
 impl Device {
@@ -46,6 +48,7 @@ impl Device {
             token: token.to_owned(),
             client,
             early,
+            last_persona: None,
         }
     }
 
@@ -110,8 +113,17 @@ impl Device {
         .unwrap_or_else(|_| panic!("nothing on {want} in time"))
     }
 
+    /// The next persona state, skipping a repeat of the one returned last: the retained
+    /// announcement can arrive twice (at least once delivery, and rumqttd may hand a
+    /// subscriber both the live publish and the retained copy when they cross).
     pub async fn next_persona(&mut self) -> PersonaState {
-        decode(&self.next(TopicKind::Persona).await).unwrap()
+        loop {
+            let state: PersonaState = decode(&self.next(TopicKind::Persona).await).unwrap();
+            if self.last_persona.as_ref() != Some(&state) {
+                self.last_persona = Some(state.clone());
+                return state;
+            }
+        }
     }
 
     pub async fn next_led(&mut self) -> LedCommand {
