@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use companion_schema::{
-    decode, encode, AudioChunk, ButtonAction, ButtonEvent, Codec, DeviceConfig, LedCommand,
+    encode, AudioChunk, ButtonAction, ButtonEvent, Codec, DeviceConfig, Direction, Payload,
     PersonaState, SessionAction, SessionControl, SessionEvent, SessionId, SessionState, TopicKind,
     AUDIO_FRAME_MS, AUDIO_SAMPLE_RATE, SCHEMA_VERSION,
 };
@@ -378,23 +378,31 @@ impl Controller {
     }
 
     fn on_inbound(&mut self, m: Inbound) {
-        let ok = match m.kind {
-            TopicKind::SessionDown => {
-                decode::<SessionEvent>(&m.payload).map(|e| self.on_session(e))
-            }
-            TopicKind::AudioDown => decode::<AudioChunk>(&m.payload).map(|c| self.on_audio(c)),
-            TopicKind::Persona => decode::<PersonaState>(&m.payload).map(|p| self.on_persona(p)),
-            TopicKind::Led => decode::<LedCommand>(&m.payload).map(|c| {
+        // Only down topics are handled; anything else is ignored without decoding.
+        if m.kind.direction() != Direction::Down {
+            return;
+        }
+        match Payload::decode(m.kind, &m.payload) {
+            Ok(Payload::SessionEvent(e)) => self.on_session(e),
+            Ok(Payload::Audio(c)) => self.on_audio(c),
+            Ok(Payload::Persona(p)) => self.on_persona(p),
+            Ok(Payload::Led(c)) => {
                 self.policy.set_command(c, now_ms());
                 self.refresh_led();
-            }),
-            TopicKind::Config => decode::<DeviceConfig>(&m.payload).map(|c| self.on_config(c)),
-            _ => Ok(()),
-        };
-        if let Err(e) = ok {
-            self.undecodable += 1;
-            if self.undecodable.is_power_of_two() {
-                tracing::warn!(kind = m.kind.label(), error = %e, total = self.undecodable, "dropping an undecodable message");
+            }
+            Ok(Payload::Config(c)) => self.on_config(c),
+            // Up-topic payloads; unreachable past the direction check.
+            Ok(
+                Payload::Status(_)
+                | Payload::Telemetry(_)
+                | Payload::Button(_)
+                | Payload::SessionControl(_),
+            ) => {}
+            Err(e) => {
+                self.undecodable += 1;
+                if self.undecodable.is_power_of_two() {
+                    tracing::warn!(kind = m.kind.label(), error = %e, total = self.undecodable, "dropping an undecodable message");
+                }
             }
         }
     }

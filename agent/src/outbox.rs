@@ -9,7 +9,7 @@
 //! and its unacknowledged records are counted as dropped. A torn record at the end of the last
 //! segment (power loss mid-write) is cut off on open.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -68,8 +68,6 @@ pub struct Outbox {
     segments: VecDeque<Segment>,
     /// Unacknowledged entries, oldest first.
     entries: VecDeque<Entry>,
-    /// Acknowledged ids above the contiguous cursor.
-    acked_above: BTreeSet<u64>,
     /// Every id below this is acknowledged (or dropped).
     acked_below: u64,
     next_id: u64,
@@ -115,7 +113,6 @@ impl Outbox {
             max_bytes: max_bytes.max(SEGMENT_BYTES),
             segments: VecDeque::new(),
             entries: VecDeque::new(),
-            acked_above: BTreeSet::new(),
             acked_below,
             next_id: acked_below,
             dropped: 0,
@@ -207,7 +204,6 @@ impl Outbox {
             self.entries.retain(|e| e.id > seg.last_id);
             let lost = (before - self.entries.len()) as u64;
             self.dropped += lost;
-            self.acked_above.retain(|id| *id > seg.last_id);
             self.acked_below = self.acked_below.max(seg.last_id + 1);
             let _ = fs::remove_file(&seg.path);
             let _ = self.persist_acked();
@@ -221,15 +217,17 @@ impl Outbox {
 
     /// Marks `id` acknowledged; frees what is no longer needed.
     pub fn ack(&mut self, id: u64) -> Result<(), OutboxError> {
-        if id < self.acked_below || !self.entries.iter().any(|e| e.id == id) {
+        if id < self.acked_below {
             return Ok(());
         }
-        self.acked_above.insert(id);
-        self.entries.retain(|e| e.id != id);
+        // `entries` is sorted by unique, increasing id.
+        let Ok(i) = self.entries.binary_search_by_key(&id, |e| e.id) else {
+            return Ok(());
+        };
+        self.entries.remove(i);
         let new_below = self.entries.front().map_or(self.next_id, |e| e.id);
         if new_below != self.acked_below {
             self.acked_below = new_below;
-            self.acked_above.retain(|i| *i >= new_below);
             self.persist_acked()?;
             while let Some(seg) = self.segments.front() {
                 let is_current = self.segments.len() == 1;

@@ -27,14 +27,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use companion_backend::voice::audio::{encode_frames, read_wav};
-use companion_backend::voice::resample::resample;
+use companion_backend::voice::audio::encode_frames;
 use companion_schema::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use serde_bytes::ByteBuf;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-use voice_fake::{anthropic_reply, chunked, tone_pcm, Canned, FakeServer};
+use voice_fake::{anthropic_reply, chunked, spoken, tone_pcm, Canned, FakeServer};
 
 const SPEECH: &str = "what is the weather like today, is it warm outside";
 const REPLY: [&str; 2] = ["It is sunny and mild today. ", "A fine day for a walk."];
@@ -87,18 +86,7 @@ fn args() -> Args {
 
 /// The uplink utterance: espeak-ng speech as 16 kHz Opus frames (encoded once, shared).
 fn utterance() -> Vec<ByteBuf> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("said.wav");
-    let ok = std::process::Command::new("espeak-ng")
-        .args(["-v", "en-us", "-s", "150", "-w"])
-        .arg(&path)
-        .arg(SPEECH)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "espeak-ng is needed for the uplink speech");
-    let (pcm, rate) = read_wav(&std::fs::read(&path).expect("wav")).expect("wav");
-    let pcm = resample(&pcm, rate, AUDIO_SAMPLE_RATE);
-    encode_frames(&pcm, 24_000)
+    encode_frames(&spoken(SPEECH), 24_000)
         .expect("opus")
         .into_iter()
         .map(ByteBuf::from)

@@ -230,7 +230,7 @@ impl App {
             rules: rules.clone(),
             rule_metrics,
             metrics: device_metrics,
-            voice: Some(voice),
+            voice,
             audit: audit.clone(),
             telemetry: telemetry.clone(),
             limits: SessionLimits {

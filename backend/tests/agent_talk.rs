@@ -3,6 +3,7 @@
 //! persona's scripted reply, espeak-ng) answers, and the agent writes a non-silent reply.
 
 mod common;
+mod voice_fake;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,18 +18,8 @@ async fn the_agents_talk_tool_gets_a_spoken_reply_from_the_real_server() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("question.wav");
     let reply = dir.path().join("reply.wav");
-    let spoken = dir.path().join("spoken.wav");
-    let status = std::process::Command::new("espeak-ng")
-        .args(["-v", "en-us", "-s", "150", "-w"])
-        .arg(&spoken)
-        .arg("what is the weather like today")
-        .status()
-        .expect("espeak-ng is installed");
-    assert!(status.success());
     // The agent takes 16 kHz mono 16-bit, like its microphone.
-    let (pcm, rate) =
-        companion_backend::voice::audio::read_wav(&std::fs::read(&spoken).unwrap()).unwrap();
-    let pcm = companion_backend::voice::resample::resample(&pcm, rate, 16_000);
+    let pcm = voice_fake::spoken("what is the weather like today");
     let spec = hound::WavSpec {
         channels: 1,
         sample_rate: 16_000,

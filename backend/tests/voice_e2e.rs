@@ -9,39 +9,38 @@ use std::time::{Duration, Instant};
 
 use common::app::{DbKind, Seen, TestApp};
 use common::device::Device;
-use companion_backend::voice::audio::{decode_frames, encode_frames, read_wav, rms};
-use companion_backend::voice::resample::resample;
+use companion_backend::voice::audio::{decode_frames, encode_frames, rms};
 use companion_backend::voice::settings::{LlmChoice, SttChoice};
 use companion_schema::*;
 use serde_bytes::ByteBuf;
-use voice_fake::{anthropic_end, anthropic_start, anthropic_text, Canned, FakeServer, Part};
+use voice_fake::{
+    anthropic_end, anthropic_start, anthropic_text, spoken, Canned, FakeServer, Part,
+};
 
-/// A sentence as 16 kHz PCM, spoken by espeak-ng.
-fn spoken(sentence: &str) -> Vec<i16> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("said.wav");
-    let status = std::process::Command::new("espeak-ng")
-        .args(["-v", "en-us", "-s", "150", "-w"])
-        .arg(&path)
-        .arg(sentence)
-        .status()
-        .expect("espeak-ng is installed");
-    assert!(status.success());
-    let (pcm, rate) = read_wav(&std::fs::read(&path).unwrap()).unwrap();
-    resample(&pcm, rate, 16_000)
+fn control(session: &str, action: SessionAction) -> SessionControl {
+    SessionControl {
+        v: 1,
+        session_id: SessionId::parse(session).unwrap(),
+        action,
+        reason: None,
+    }
 }
 
 /// Streams `pcm` as an utterance: start, Opus chunks of 5 frames, stop.
 async fn say(dev: &Device, session: &str, pcm: &[i16]) {
-    let sid = SessionId::parse(session).unwrap();
-    let control = |action| SessionControl {
-        v: 1,
-        session_id: sid.clone(),
-        action,
-        reason: None,
-    };
-    dev.send(TopicKind::SessionUp, &control(SessionAction::Start))
+    dev.send(
+        TopicKind::SessionUp,
+        &control(session, SessionAction::Start),
+    )
+    .await;
+    send_audio(dev, session, pcm).await;
+    dev.send(TopicKind::SessionUp, &control(session, SessionAction::Stop))
         .await;
+}
+
+/// `pcm` as Opus chunks of 5 frames, the last one marked `last`.
+async fn send_audio(dev: &Device, session: &str, pcm: &[i16]) {
+    let sid = SessionId::parse(session).unwrap();
     let frames = encode_frames(pcm, 24_000).unwrap();
     let chunks = frames.chunks(5).count();
     for (seq, batch) in frames.chunks(5).enumerate() {
@@ -58,8 +57,6 @@ async fn say(dev: &Device, session: &str, pcm: &[i16]) {
         };
         dev.send(TopicKind::AudioUp, &chunk).await;
     }
-    dev.send(TopicKind::SessionUp, &control(SessionAction::Stop))
-        .await;
 }
 
 /// Everything the device heard for one session, until `idle` and the last audio chunk.
@@ -299,35 +296,19 @@ async fn audio_that_overtakes_its_start_opens_the_session_and_the_late_start_cha
         .await
         .unwrap();
     let mut dev = Device::register(&app, "overtaken").await;
-    let sid = SessionId::parse("talk-early").unwrap();
-    let control = |action| SessionControl {
-        v: 1,
-        session_id: sid.clone(),
-        action,
-        reason: None,
-    };
     // Every chunk, `last` included, is published before the `start` (audio/up and
     // session/up are different topics: nothing orders them between each other).
-    let frames = encode_frames(&spoken("hello there"), 24_000).unwrap();
-    let chunks = frames.chunks(5).count();
-    for (seq, batch) in frames.chunks(5).enumerate() {
-        let chunk = AudioChunk {
-            v: 1,
-            session_id: sid.clone(),
-            seq: seq as u32,
-            ts_ms: 0,
-            codec: Codec::Opus,
-            sample_rate: AUDIO_SAMPLE_RATE,
-            frame_ms: AUDIO_FRAME_MS,
-            frames: batch.iter().map(|f| ByteBuf::from(f.clone())).collect(),
-            last: seq + 1 == chunks,
-        };
-        dev.send(TopicKind::AudioUp, &chunk).await;
-    }
-    dev.send(TopicKind::SessionUp, &control(SessionAction::Start))
-        .await;
-    dev.send(TopicKind::SessionUp, &control(SessionAction::Stop))
-        .await;
+    send_audio(&dev, "talk-early", &spoken("hello there")).await;
+    dev.send(
+        TopicKind::SessionUp,
+        &control("talk-early", SessionAction::Start),
+    )
+    .await;
+    dev.send(
+        TopicKind::SessionUp,
+        &control("talk-early", SessionAction::Stop),
+    )
+    .await;
     let heard = listen(&app, &mut dev, "talk-early", true).await;
     assert!(
         heard.events.iter().all(|e| e.error.is_none()),
@@ -429,13 +410,11 @@ async fn a_cancel_while_speaking_stops_the_reply_audio_within_100_ms() {
     .expect("speaking started");
     // Let the model go on, and barge in at once.
     gate.notify_one();
-    let cancel = SessionControl {
-        v: 1,
-        session_id: SessionId::parse("talk-1").unwrap(),
-        action: SessionAction::Cancel,
-        reason: None,
-    };
-    dev.send(TopicKind::SessionUp, &cancel).await;
+    dev.send(
+        TopicKind::SessionUp,
+        &control("talk-1", SessionAction::Cancel),
+    )
+    .await;
     let sent = Instant::now();
     let mut last_audio = None;
     let idle_at = tokio::time::timeout(Duration::from_secs(10), async {

@@ -2,29 +2,16 @@
 //! → pocketsphinx → the persona's scripted answer → espeak-ng → Opus frames that decode to
 //! non-silent audio. Needs Debian's espeak-ng, pocketsphinx and pocketsphinx-en-us.
 
+mod voice_fake;
+
 use companion_backend::personas::PersonaSet;
-use companion_backend::voice::audio::{decode_frames, encode_frames, read_wav, rms};
-use companion_backend::voice::resample::resample;
+use companion_backend::voice::audio::{decode_frames, encode_frames, rms};
 use companion_backend::voice::settings::{LlmChoice, SttChoice, TtsChoice};
 use companion_backend::voice::{Pipeline, VoiceOutput, VoicePipeline, VoiceSettings, OUTPUT_QUEUE};
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// A sentence as 16 kHz PCM, spoken by espeak-ng.
-fn spoken(sentence: &str) -> Vec<i16> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("said.wav");
-    let status = std::process::Command::new("espeak-ng")
-        .args(["-v", "en-us", "-s", "150", "-w"])
-        .arg(&path)
-        .arg(sentence)
-        .status()
-        .expect("espeak-ng is installed (apt-get install espeak-ng)");
-    assert!(status.success());
-    let (pcm, rate) = read_wav(&std::fs::read(&path).unwrap()).unwrap();
-    resample(&pcm, rate, 16_000)
-}
+use voice_fake::spoken;
 
 fn offline_settings() -> VoiceSettings {
     VoiceSettings {

@@ -93,7 +93,7 @@ impl BrokerHandle {
 
     /// Devices currently connected through the edge.
     pub fn connected_devices(&self) -> usize {
-        self.edge.sessions.connected()
+        usize::try_from(self.edge.metrics.connected_devices.get()).unwrap_or(0)
     }
 
     /// How the backend's MQTT client reaches the router directly.

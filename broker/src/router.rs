@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use rand::RngCore;
+use rumqttd::protocol::{self, Packet, Protocol};
 use rumqttd::{
     ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
     Strategy,
@@ -322,7 +324,7 @@ async fn probe(addr: SocketAddr, level: u8, endpoint: &InternalEndpoint) -> std:
         ),
         &endpoint.username,
         &endpoint.password,
-    );
+    )?;
     stream.write_all(&connect).await?;
     let mut connack = [0u8; 4];
     stream.read_exact(&mut connack).await?;
@@ -333,23 +335,34 @@ async fn probe(addr: SocketAddr, level: u8, endpoint: &InternalEndpoint) -> std:
     Ok(connack[0] == packet::CONNACK << 4 && connack[3] == 0)
 }
 
-/// A minimal CONNECT (level 4 or 5) with clean session and credentials.
-fn connect_packet(level: u8, client_id: &str, username: &str, password: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    let put_str = |b: &mut Vec<u8>, s: &[u8]| {
-        b.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        b.extend_from_slice(s);
+/// A minimal CONNECT (level 4 or 5) with clean session and credentials, encoded by rumqttd's
+/// own codec (as `packet::ConnectInfo::rewrite` does for devices).
+fn connect_packet(
+    level: u8,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> std::io::Result<BytesMut> {
+    let connect = Packet::Connect(
+        protocol::Connect {
+            keep_alive: 30,
+            client_id: client_id.to_owned(),
+            clean_session: true,
+        },
+        None,
+        None,
+        None,
+        Some(protocol::Login {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        }),
+    );
+    let mut out = BytesMut::new();
+    let written = if level == 5 {
+        protocol::v5::V5.write(connect, &mut out)
+    } else {
+        protocol::v4::V4.write(connect, &mut out)
     };
-    put_str(&mut body, b"MQTT");
-    body.extend_from_slice(&[level, 0b1100_0010, 0, 30]);
-    if level == 5 {
-        // No properties.
-        body.push(0);
-    }
-    put_str(&mut body, client_id.as_bytes());
-    put_str(&mut body, username.as_bytes());
-    put_str(&mut body, password.as_bytes());
-    let mut out = vec![packet::CONNECT << 4, body.len() as u8];
-    out.extend_from_slice(&body);
-    out
+    written.map_err(|e| std::io::Error::other(format!("encoding the probe CONNECT: {e:?}")))?;
+    Ok(out)
 }

@@ -1,7 +1,7 @@
-//! Live device connections by id: kicking, takeover by the same id, and the connected count.
+//! Live device connections by id: kicking and takeover by the same id.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,7 +45,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Default)]
 pub struct Sessions {
     next_id: AtomicU64,
-    connected: AtomicUsize,
     live: Mutex<HashMap<DeviceId, Control>>,
 }
 
@@ -86,17 +85,5 @@ impl Sessions {
             }
             None => false,
         }
-    }
-
-    pub fn connected(&self) -> usize {
-        self.connected.load(Ordering::Relaxed)
-    }
-
-    pub fn connected_inc(&self) {
-        self.connected.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn connected_dec(&self) {
-        self.connected.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -26,7 +26,6 @@ pub struct JitterBuffer {
     ended: bool,
     pub late: u64,
     pub lost: u64,
-    pub overflow: u64,
 }
 
 impl JitterBuffer {
@@ -48,7 +47,6 @@ impl JitterBuffer {
         }
         while self.frames.len() > MAX_FRAMES {
             self.frames.pop_first();
-            self.overflow += 1;
         }
         if last {
             self.ended = true;

@@ -97,12 +97,10 @@ pub fn start_capture(input: &dyn AudioIn, bitrate: i32) -> Result<Capture, Audio
 }
 
 /// What the playback thread receives.
-pub enum PlayItem {
-    Chunk {
-        seq: u32,
-        frames: Vec<Vec<u8>>,
-        last: bool,
-    },
+pub struct PlayItem {
+    seq: u32,
+    frames: Vec<Vec<u8>>,
+    last: bool,
 }
 
 /// How a playback ended.
@@ -119,7 +117,6 @@ pub struct Playback {
     cancel: Arc<AtomicBool>,
     thread: Option<JoinHandle<PlaybackReport>>,
     done: Option<tokio::sync::oneshot::Receiver<()>>,
-    pub overflow: u64,
 }
 
 impl Playback {
@@ -128,10 +125,7 @@ impl Playback {
         let ok = self
             .tx
             .as_ref()
-            .is_some_and(|tx| tx.try_send(PlayItem::Chunk { seq, frames, last }).is_ok());
-        if !ok {
-            self.overflow += 1;
-        }
+            .is_some_and(|tx| tx.try_send(PlayItem { seq, frames, last }).is_ok());
         if last {
             self.tx = None;
         }
@@ -150,10 +144,6 @@ impl Playback {
             let _ = rx.await;
             self.done = None;
         }
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Waits for the thread (call from a blocking context or once finished).
@@ -190,7 +180,7 @@ pub fn start_playback(
                     break;
                 }
                 // Take whatever arrived without waiting.
-                while let Ok(PlayItem::Chunk { seq, frames, last }) = rx.try_recv() {
+                while let Ok(PlayItem { seq, frames, last }) = rx.try_recv() {
                     jb.push(seq, frames, last);
                 }
                 let packet = match jb.pop() {
@@ -200,9 +190,7 @@ pub fn start_playback(
                     Pop::Empty => {
                         // Nothing to play: block for the next chunk (or the end).
                         match rx.blocking_recv() {
-                            Some(PlayItem::Chunk { seq, frames, last }) => {
-                                jb.push(seq, frames, last)
-                            }
+                            Some(PlayItem { seq, frames, last }) => jb.push(seq, frames, last),
                             None => {
                                 open = false;
                                 jb.push(u32::MAX, Vec::new(), true);
@@ -240,6 +228,5 @@ pub fn start_playback(
         cancel,
         thread: Some(thread),
         done: Some(done_rx),
-        overflow: 0,
     })
 }

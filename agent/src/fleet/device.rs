@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use companion_schema::{
     decode, encode, AudioChunk, ButtonAction, ButtonEvent, Codec, DeviceId, PersonaState,
-    SessionAction, SessionControl, SessionId, Status, Telemetry, Topic, TopicKind, SCHEMA_VERSION,
+    SessionAction, SessionControl, SessionId, Status, Telemetry, Topic, TopicKind, AUDIO_FRAME_MS,
+    AUDIO_SAMPLE_RATE, SCHEMA_VERSION,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_bytes::ByteBuf;
@@ -314,8 +315,8 @@ async fn talk_once(dev: &Device, enc: &mut Encoder, seconds: u64, shutdown: &Can
             seq,
             ts_ms: now_ms(),
             codec: Codec::Opus,
-            sample_rate: 16_000,
-            frame_ms: 20,
+            sample_rate: AUDIO_SAMPLE_RATE,
+            frame_ms: AUDIO_FRAME_MS,
             frames,
             last: seq + 1 == chunks,
         };

@@ -10,14 +10,14 @@ pub mod gpio;
 pub mod pattern;
 pub mod sim;
 
-use companion_schema::ButtonAction;
+use companion_schema::{ButtonAction, AUDIO_FRAME_MS, AUDIO_SAMPLE_RATE};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use pattern::LedState;
 
 /// Samples in one 20 ms frame at 16 kHz mono.
-pub const FRAME_SAMPLES: usize = 320;
+pub const FRAME_SAMPLES: usize = AUDIO_SAMPLE_RATE as usize * AUDIO_FRAME_MS as usize / 1000;
 /// Button inputs waiting for the controller.
 pub const BUTTON_CAPACITY: usize = 64;
 

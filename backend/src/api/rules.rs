@@ -1,13 +1,13 @@
 //! `GET /api/v1/rules`, `PUT /api/v1/rules`, `POST /api/v1/rules/test`.
 
 use serde::{Deserialize, Serialize};
-use warp::http::{header, HeaderValue, StatusCode};
+use warp::http::StatusCode;
 use warp::reply::Response;
 
 use crate::audit::{AuditEntry, Outcome};
 use crate::context::Ctx;
 use crate::db::now_ms;
-use crate::http::{json, ApiError, Req};
+use crate::http::{json, json_no_store, ApiError, Req};
 use crate::rules::store::StoreError;
 use crate::rules::{Action, DeviceView, EventKind, Field, RuleEvent, RuleSet};
 
@@ -92,13 +92,10 @@ pub async fn put(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
                         .detail(e.to_string()),
                 )
                 .await;
-            let mut resp = json(
+            Ok(json_no_store(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &serde_json::json!({ "error": { "code": "invalid_rules", "message": e.to_string(), "rule": e.rule, "line": e.line } }),
-            );
-            resp.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            Ok(resp)
+            ))
         }
         Err(e) => Err(ApiError::Internal(e.into())),
     }

@@ -12,7 +12,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use companion_broker::InternalEndpoint;
 use companion_schema::{DeviceId, Message, Payload, Qos, Topic, TopicKind, MAX_PAYLOAD};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,6 +22,9 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Request};
 use tokio_util::sync::CancellationToken;
 
 use crate::devices::{DeviceEvent, Dispatcher};
+
+mod target;
+pub use target::{Target, TargetError};
 
 /// Requests waiting in the client before publishers wait.
 pub const CLIENT_QUEUE: usize = 4096;
@@ -115,101 +117,6 @@ fn qos(q: Qos) -> QoS {
     match q {
         Qos::AtMostOnce => QoS::AtMostOnce,
         Qos::AtLeastOnce => QoS::AtLeastOnce,
-    }
-}
-
-/// Where the backend's MQTT connection goes: the embedded router, or an external broker.
-#[derive(Clone)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-    pub username: String,
-    pub password: String,
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Target")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("username", &self.username)
-            .field("tls", &self.tls.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl From<&InternalEndpoint> for Target {
-    fn from(e: &InternalEndpoint) -> Self {
-        Self {
-            host: e.v4.ip().to_string(),
-            port: e.v4.port(),
-            username: e.username.clone(),
-            password: e.password.clone(),
-            tls: None,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TargetError {
-    #[error("mqtt.upstream {0:?}: expected mqtt://host:port or mqtts://host:port")]
-    Url(String),
-    #[error("mqtt.upstream_ca: {0}")]
-    Ca(String),
-}
-
-impl Target {
-    /// The external broker from `mqtt.upstream`, `None` when it is empty.
-    pub fn upstream(s: &companion_broker::MqttSettings) -> Result<Option<Self>, TargetError> {
-        if s.upstream.is_empty() {
-            return Ok(None);
-        }
-        let (tls, rest) = if let Some(r) = s.upstream.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = s.upstream.strip_prefix("mqtt://") {
-            (false, r)
-        } else {
-            return Err(TargetError::Url(s.upstream.clone()));
-        };
-        let (host, port) = rest
-            .trim_end_matches('/')
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| TargetError::Url(s.upstream.clone()))?;
-        let tls = if tls {
-            let path = s
-                .upstream_ca
-                .as_ref()
-                .ok_or_else(|| TargetError::Ca("required for mqtts://".into()))?;
-            let pem = std::fs::read(path)
-                .map_err(|e| TargetError::Ca(format!("{}: {e}", path.display())))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| TargetError::Ca(e.to_string()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| TargetError::Ca(e.to_string()))?;
-            }
-            Some(Arc::new(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            ))
-        } else {
-            None
-        };
-        Ok(Some(Self {
-            host,
-            port,
-            username: s.upstream_username.clone(),
-            password: s
-                .upstream_password
-                .as_ref()
-                .map(|p| p.0.clone())
-                .unwrap_or_default(),
-            tls,
-        }))
     }
 }
 
@@ -531,7 +438,9 @@ mod tests {
         Bus::new(&target, BusMetrics::default())
     }
 
-    const TOPIC: &str = "devices/d1/persona";
+    fn topic() -> String {
+        Topic::new(DeviceId::parse("d1").unwrap(), TopicKind::Persona).to_string()
+    }
 
     #[tokio::test]
     async fn publishes_queued_while_down_survive_failed_and_dropped_connections() {
@@ -540,7 +449,7 @@ mod tests {
         let (bus, eventloop) = test_bus(port);
         // Queued before the first connection, as a presence announcement at startup is.
         bus.client
-            .publish(TOPIC, QoS::AtLeastOnce, true, b"pip".to_vec())
+            .publish(topic(), QoS::AtLeastOnce, true, b"pip".to_vec())
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
@@ -564,7 +473,7 @@ mod tests {
             .count();
         assert_eq!(filters.len(), ups, "{filters:?}");
         assert!(filters.iter().all(|f| f.starts_with("$share/companion-")));
-        assert_eq!(publish.topic, TOPIC);
+        assert_eq!(publish.topic, topic());
         assert_eq!(&publish.payload[..], b"pip");
         assert!(publish.retain);
         drop(second);
@@ -576,7 +485,7 @@ mod tests {
         third.connack().await;
         let (filters, publish) = third.until_publish().await;
         assert_eq!(filters.len(), ups);
-        assert_eq!(publish.topic, TOPIC);
+        assert_eq!(publish.topic, topic());
         assert_eq!(&publish.payload[..], b"pip");
         assert!(bus.metrics.reconnects.get() >= 2);
 
@@ -592,12 +501,12 @@ mod tests {
         // Fill the client's request channel while the broker is unreachable.
         for i in 0..CLIENT_QUEUE {
             bus.client
-                .try_publish(TOPIC, QoS::AtMostOnce, false, i.to_be_bytes().to_vec())
+                .try_publish(topic(), QoS::AtMostOnce, false, i.to_be_bytes().to_vec())
                 .unwrap();
         }
         assert!(bus
             .client
-            .try_publish(TOPIC, QoS::AtMostOnce, false, vec![])
+            .try_publish(topic(), QoS::AtMostOnce, false, vec![])
             .is_err());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(drive(bus.clone(), eventloop, shutdown.clone(), |_| {}));
@@ -629,7 +538,7 @@ mod tests {
             eventloop
                 .pending
                 .push_back(Request::Publish(rumqttc::Publish::new(
-                    TOPIC,
+                    topic(),
                     QoS::AtLeastOnce,
                     i.to_be_bytes().to_vec(),
                 )));

@@ -115,7 +115,7 @@ pub struct Runtime {
     pub rules: Arc<RuleStore>,
     pub rule_metrics: RuleMetrics,
     pub metrics: DeviceMetrics,
-    pub voice: Option<Arc<dyn VoicePipeline>>,
+    pub voice: Arc<dyn VoicePipeline>,
     pub audit: AuditLog,
     pub telemetry: Arc<telemetry::Batcher>,
     pub limits: SessionLimits,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use companion_schema::{
-    DeviceId, LedCommand, LedPattern, PersonaId, PersonaState, TopicKind, SCHEMA_VERSION,
+    DeviceId, PersonaId, PersonaState, SessionState, TopicKind, SCHEMA_VERSION,
 };
 use sqlx::Row;
 
@@ -63,17 +63,6 @@ pub fn state(persona: &Persona, switched_at_ms: u64, trigger: &str) -> PersonaSt
     }
 }
 
-/// The LED look of a persona at rest.
-pub fn idle_led(persona: &Persona) -> LedCommand {
-    LedCommand {
-        v: SCHEMA_VERSION,
-        pattern: LedPattern::Solid,
-        color: persona.color,
-        brightness: 96,
-        duration_ms: None,
-    }
-}
-
 /// Who asked for a switch, for the audit log.
 pub struct Actor<'a> {
     pub name: &'a str,
@@ -124,7 +113,11 @@ pub async fn switch(
             .inc();
     }
     rt.bus
-        .publish(device, TopicKind::Led, &idle_led(to))
+        .publish(
+            device,
+            TopicKind::Led,
+            &super::session::led_for(SessionState::Idle, to),
+        )
         .await?;
     if let Some(actor) = actor {
         rt.audit

@@ -59,14 +59,8 @@ pub struct TurnPlan {
 }
 
 pub enum TurnOutcome {
-    Replied {
-        transcript: String,
-        reply: Reply,
-    },
-    Spoke {
-        text: String,
-        degraded: Option<String>,
-    },
+    Replied { transcript: String, reply: Reply },
+    Spoke { text: String },
     Failed(String),
 }
 
@@ -78,7 +72,7 @@ struct Listening {
     next_seq: u32,
     pending: BTreeMap<u32, AudioChunk>,
     // In a Mutex only to make the worker `Sync` (the decoder is `Send`, not `Sync`).
-    uplink: Option<std::sync::Mutex<Box<dyn UplinkAudio>>>,
+    uplink: std::sync::Mutex<Box<dyn UplinkAudio>>,
     frames: usize,
 }
 
@@ -141,7 +135,8 @@ fn new_session_id() -> SessionId {
         .unwrap_or_else(|_| SessionId::parse("s").expect("valid literal"))
 }
 
-fn led_for(state: SessionState, persona: &Persona) -> LedCommand {
+/// The LEDs for a session state in `persona`'s colour (idle is also the persona at rest).
+pub(super) fn led_for(state: SessionState, persona: &Persona) -> LedCommand {
     let (pattern, color, brightness) = match state {
         SessionState::Listening => (LedPattern::Pulse, persona.color, 255),
         SessionState::Thinking => (LedPattern::Spin, persona.color, 255),
@@ -228,6 +223,13 @@ impl Worker {
             .inc();
     }
 
+    /// Back to idle, counting the session's end under `reason`.
+    fn end_session(&mut self, reason: &'static str) {
+        self.session.phase = Phase::Idle;
+        self.rt.metrics.active_sessions.dec();
+        self.end_metric(reason);
+    }
+
     /// A `SessionControl` from the device.
     pub(super) async fn control(&mut self, c: SessionControl) {
         match c.action {
@@ -252,13 +254,14 @@ impl Worker {
     }
 
     async fn start(&mut self, id: Option<SessionId>) {
-        match &self.session.phase {
-            Phase::Listening(l) if id.as_ref() == Some(&l.id) => return, // a repeated delivery
-            // A repeat of a session already opened (by its audio overtaking this `start`, or
-            // a QoS 1 redelivery): it must not barge in on itself.
-            _ if id.as_ref().is_some_and(|i| self.session.recent.contains(i)) => return,
-            Phase::Busy(_) => self.cancel(None).await, // barge-in
-            _ => {}
+        if id.as_ref().is_some_and(|i| self.session.recent.contains(i)) {
+            // A repeat of a session already opened (a QoS 1 redelivery, or its audio overtook
+            // this `start`; the current session is always the newest in `recent`): it must not
+            // barge in on itself.
+            return;
+        }
+        if matches!(self.session.phase, Phase::Busy(_)) {
+            self.cancel(None).await; // barge-in
         }
         if self.session.is_idle() {
             self.rt.metrics.active_sessions.inc();
@@ -268,11 +271,7 @@ impl Worker {
             self.session.recent.pop_front();
         }
         self.session.recent.push_back(id.clone());
-        let uplink = self
-            .rt
-            .voice
-            .as_ref()
-            .map(|v| std::sync::Mutex::new(v.uplink()));
+        let uplink = std::sync::Mutex::new(self.rt.voice.uplink());
         self.session.phase = Phase::Listening(Listening {
             id: id.clone(),
             deadline: tokio::time::Instant::now() + self.rt.limits.max_listen,
@@ -297,9 +296,7 @@ impl Worker {
         if let Phase::Busy(b) = &self.session.phase {
             b.cancel.cancel();
         }
-        self.session.phase = Phase::Idle;
-        self.rt.metrics.active_sessions.dec();
-        self.end_metric("cancelled");
+        self.end_session("cancelled");
         let mut ev = event(&current, SessionState::Idle);
         ev.error = Some("cancelled".into());
         self.announce(ev).await;
@@ -351,7 +348,7 @@ impl Worker {
             l.next_seq = l.next_seq.wrapping_add(1);
             for frame in &chunk.frames {
                 l.frames += 1;
-                if let Some(up) = l.uplink.as_mut().and_then(|m| m.get_mut().ok()) {
+                if let Ok(up) = l.uplink.get_mut() {
                     match up.push(frame) {
                         Ok(true) => ended = true,
                         Ok(false) => {}
@@ -384,13 +381,7 @@ impl Worker {
             Phase::Busy(b) => {
                 let id = b.id.clone();
                 b.cancel.cancel();
-                self.session.phase = Phase::Idle;
-                self.rt.metrics.active_sessions.dec();
-                self.end_metric("watchdog");
-                let mut ev = event(&id, SessionState::Error);
-                ev.error = Some("the reply took too long".into());
-                self.announce(ev).await;
-                self.announce(event(&id, SessionState::Idle)).await;
+                self.fail(&id, "watchdog", "the reply took too long").await;
             }
             Phase::Idle => {}
         }
@@ -401,21 +392,11 @@ impl Worker {
             return;
         };
         let end_of_speech = Instant::now();
-        let pcm = l
-            .uplink
-            .as_mut()
-            .and_then(|m| m.get_mut().ok())
-            .map(|u| u.take_pcm())
-            .unwrap_or_default();
+        let pcm = l.uplink.get_mut().map(|u| u.take_pcm()).unwrap_or_default();
         tracing::debug!(device_id = %self.device, session_id = %l.id, why, frames = l.frames, "listening ended");
         self.announce(event(&l.id, SessionState::Thinking)).await;
-        let Some(voice) = self.rt.voice.clone() else {
-            return self
-                .fail(&l.id, "voice is not available on this server")
-                .await;
-        };
         if pcm.is_empty() {
-            return self.fail(&l.id, "no audio was received").await;
+            return self.fail(&l.id, "error", "no audio was received").await;
         }
         let cancel = CancellationToken::new();
         self.session.phase = Phase::Busy(Busy {
@@ -425,14 +406,13 @@ impl Worker {
         });
         let turn = super::turn::Turn {
             rt: self.rt.clone(),
-            voice: voice.clone(),
             device: self.device.clone(),
             session: l.id,
             internal: self.internal_tx.clone(),
             cancel,
             end_of_speech,
         };
-        tokio::spawn(turn.listen_and_reply(voice, pcm));
+        tokio::spawn(turn.listen_and_reply(pcm));
     }
 
     /// The rule action `say`: speaks in the current persona's voice when no session runs.
@@ -440,9 +420,6 @@ impl Worker {
         if !self.session.is_idle() {
             return Err("a session is running".into());
         }
-        let Some(voice) = self.rt.voice.clone() else {
-            return Err("voice is not available on this server".into());
-        };
         let id = new_session_id();
         let cancel = CancellationToken::new();
         self.rt.metrics.active_sessions.inc();
@@ -453,25 +430,27 @@ impl Worker {
         });
         let turn = super::turn::Turn {
             rt: self.rt.clone(),
-            voice: voice.clone(),
             device: self.device.clone(),
             session: id,
             internal: self.internal_tx.clone(),
             cancel,
             end_of_speech: Instant::now(),
         };
-        tokio::spawn(turn.say(voice, self.persona.clone(), text.to_owned()));
+        tokio::spawn(turn.say(self.persona.clone(), text.to_owned()));
         Ok(())
     }
 
-    async fn fail(&mut self, id: &SessionId, message: &str) {
-        self.session.phase = Phase::Idle;
-        self.rt.metrics.active_sessions.dec();
-        self.end_metric("error");
-        let mut ev = event(id, SessionState::Error);
-        ev.error = Some(message.to_owned());
-        self.announce(ev).await;
+    /// Ends the session (counted under `reason`): `error` with `message`, then `idle`.
+    async fn fail(&mut self, id: &SessionId, reason: &'static str, message: &str) {
+        self.end_session(reason);
+        self.announce_error(id, message.to_owned()).await;
         self.announce(event(id, SessionState::Idle)).await;
+    }
+
+    async fn announce_error(&self, id: &SessionId, message: String) {
+        let mut ev = event(id, SessionState::Error);
+        ev.error = Some(message);
+        self.announce(ev).await;
     }
 
     pub(super) async fn handle_internal(&mut self, msg: Internal) {
@@ -522,27 +501,18 @@ impl Worker {
                         idle.reply_text = Some(reply.text);
                         if let Some(why) = reply.degraded {
                             self.end_metric("degraded");
-                            let mut ev = event(&session, SessionState::Error);
-                            ev.error = Some(why);
-                            self.announce(ev).await;
+                            self.announce_error(&session, why).await;
                         } else {
                             self.end_metric("replied");
                         }
                     }
-                    TurnOutcome::Spoke { text, degraded } => {
+                    TurnOutcome::Spoke { text } => {
                         idle.reply_text = Some(text);
-                        if let Some(why) = degraded {
-                            let mut ev = event(&session, SessionState::Error);
-                            ev.error = Some(why);
-                            self.announce(ev).await;
-                        }
                         self.end_metric("spoke");
                     }
                     TurnOutcome::Failed(why) => {
                         self.end_metric("error");
-                        let mut ev = event(&session, SessionState::Error);
-                        ev.error = Some(why);
-                        self.announce(ev).await;
+                        self.announce_error(&session, why).await;
                     }
                 }
                 self.announce(idle).await;

@@ -21,7 +21,6 @@ use crate::voice::{Reply, VoiceError, VoiceOutput, OUTPUT_QUEUE};
 /// One turn's task: everything after listening ends.
 pub(super) struct Turn {
     pub(super) rt: Arc<Runtime>,
-    pub(super) voice: Arc<dyn crate::voice::VoicePipeline>,
     pub(super) device: DeviceId,
     pub(super) session: SessionId,
     pub(super) internal: mpsc::Sender<Internal>,
@@ -40,11 +39,8 @@ impl Turn {
             .await;
     }
 
-    pub(super) async fn listen_and_reply(
-        self,
-        voice: Arc<dyn crate::voice::VoicePipeline>,
-        pcm: Vec<i16>,
-    ) {
+    pub(super) async fn listen_and_reply(self, pcm: Vec<i16>) {
+        let voice = &self.rt.voice;
         let (text, history) = tokio::join!(
             voice.transcribe(&pcm, &self.cancel),
             super::session::history(&self.rt, &self.device)
@@ -107,12 +103,8 @@ impl Turn {
         }
     }
 
-    pub(super) async fn say(
-        self,
-        voice: Arc<dyn crate::voice::VoicePipeline>,
-        persona: Arc<Persona>,
-        text: String,
-    ) {
+    pub(super) async fn say(self, persona: Arc<Persona>, text: String) {
+        let voice = &self.rt.voice;
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE);
         let producer = async {
             let r = voice.speak(&persona, &text, &out_tx, &self.cancel).await;
@@ -122,13 +114,7 @@ impl Turn {
         let (r, _) = tokio::join!(producer, self.stream(out_rx, &persona));
         match r {
             _ if self.cancel.is_cancelled() => {}
-            Ok(()) => {
-                self.done(TurnOutcome::Spoke {
-                    text,
-                    degraded: None,
-                })
-                .await
-            }
+            Ok(()) => self.done(TurnOutcome::Spoke { text }).await,
             Err(e) => self.done(TurnOutcome::Failed(e.to_string())).await,
         }
     }
@@ -156,7 +142,8 @@ impl Turn {
                     }
                     if !speaking {
                         speaking = true;
-                        self.voice
+                        self.rt
+                            .voice
                             .observe_end_of_speech_to_first_audio(self.end_of_speech.elapsed());
                         let mut ev = event(&self.session, SessionState::Speaking);
                         ev.reply_text = first_sentence.clone();

@@ -303,24 +303,25 @@ impl Worker {
             .eval_seconds
             .observe(t0.elapsed().as_secs_f64());
         for (rule, verdict) in results {
-            let label = crate::rules::store::RuleLabel {
+            // Built only when counted: most evaluations are a plain "no".
+            let label = || crate::rules::store::RuleLabel {
                 rule: rule.name.clone(),
             };
             match verdict {
                 Ok(false) => {}
                 Ok(true) => {
-                    self.rt.rule_metrics.matches.get_or_create(&label).inc();
+                    self.rt.rule_metrics.matches.get_or_create(&label()).inc();
                     for action in &rule.actions {
                         if let Err(reason) = self.execute(action, &event, &rule.name, started).await
                         {
-                            self.rt.rule_metrics.failures.get_or_create(&label).inc();
+                            self.rt.rule_metrics.failures.get_or_create(&label()).inc();
                             self.rt.metrics.action_failures.inc();
                             tracing::error!(rule = %rule.name, device_id = %self.device, topic = %event.topic, reason = %reason, "rule action failed");
                         }
                     }
                 }
                 Err(failure) => {
-                    self.rt.rule_metrics.failures.get_or_create(&label).inc();
+                    self.rt.rule_metrics.failures.get_or_create(&label()).inc();
                     tracing::error!(rule = %rule.name, device_id = %self.device, topic = %event.topic, reason = %failure.0, "rule condition failed");
                 }
             }

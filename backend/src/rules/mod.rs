@@ -461,6 +461,7 @@ pub const DEFAULT_RULES: &str = include_str!("../../rules.toml");
 #[cfg(test)]
 mod tests {
     use super::*;
+    use companion_schema::{DeviceId, Topic, TopicKind};
 
     fn personas() -> PersonaSet {
         PersonaSet::load(None, "aria").unwrap()
@@ -469,7 +470,7 @@ mod tests {
     fn button(name: &str, action: &str) -> RuleEvent {
         RuleEvent {
             kind: EventKind::Button,
-            topic: "devices/pi-1/button".into(),
+            topic: Topic::new(DeviceId::parse("pi-1").unwrap(), TopicKind::Button).to_string(),
             fields: vec![
                 ("button", Field::Text(name.into())),
                 ("action", Field::Text(action.into())),
@@ -481,7 +482,7 @@ mod tests {
     fn transcript(text: &str) -> RuleEvent {
         RuleEvent {
             kind: EventKind::Transcript,
-            topic: "devices/pi-1/session/up".into(),
+            topic: Topic::new(DeviceId::parse("pi-1").unwrap(), TopicKind::SessionUp).to_string(),
             fields: vec![("text", Field::Text(text.into()))],
         }
     }

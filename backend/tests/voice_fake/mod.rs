@@ -1,5 +1,6 @@
 //! A local HTTP server (hyper, port 0) that plays scripted responses in the providers'
-//! documented wire formats, recording every request it receives.
+//! documented wire formats, recording every request it receives; and the test audio the
+//! voice tests feed it ([`spoken`], [`tone_pcm`]).
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -283,4 +284,20 @@ pub fn tone_pcm(rate: u32, secs: f64) -> Vec<u8> {
 /// PCM split into odd-sized chunks (a sample straddles each boundary).
 pub fn chunked(pcm: &[u8], size: usize) -> Vec<Part> {
     pcm.chunks(size).map(|c| Part::Bytes(c.to_vec())).collect()
+}
+
+/// A sentence as 16 kHz PCM, spoken by espeak-ng.
+pub fn spoken(sentence: &str) -> Vec<i16> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("said.wav");
+    let status = std::process::Command::new("espeak-ng")
+        .args(["-v", "en-us", "-s", "150", "-w"])
+        .arg(&path)
+        .arg(sentence)
+        .status()
+        .expect("espeak-ng is installed (apt-get install espeak-ng)");
+    assert!(status.success());
+    let (pcm, rate) =
+        companion_backend::voice::audio::read_wav(&std::fs::read(&path).unwrap()).unwrap();
+    companion_backend::voice::resample::resample(&pcm, rate, 16_000)
 }

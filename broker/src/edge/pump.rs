@@ -50,7 +50,6 @@ pub(super) async fn session<S>(
         return;
     };
     edge.count_connect(result::ACCEPTED);
-    edge.sessions.connected_inc();
     edge.metrics.connected_devices.inc();
     edge.sink.send(BrokerEvent::Connected {
         device: device.clone(),
@@ -89,7 +88,6 @@ pub(super) async fn session<S>(
     }
     drop(upstream);
 
-    edge.sessions.connected_dec();
     edge.metrics.connected_devices.dec();
     edge.metrics
         .disconnects
