@@ -289,6 +289,7 @@ impl App {
             http_metrics,
             limiter: KeyedLimiter::per_minute(settings.http.rate_limit_per_minute),
             enroll_failures: KeyedLimiter::per_minute(settings.http.enroll_failures_per_minute),
+            trusted_proxies: settings.http.trusted_proxies.clone(),
             jwt_lifetime: JWT_LIFETIME,
             personas,
             rules,

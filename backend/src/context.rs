@@ -45,6 +45,8 @@ pub struct ApiContext {
     pub http_metrics: Arc<HttpMetrics>,
     pub limiter: KeyedLimiter,
     pub enroll_failures: KeyedLimiter,
+    /// Peers whose `X-Forwarded-For` names the client (`http.trusted_proxies`).
+    pub trusted_proxies: companion_broker::proxy::Networks,
     /// Lifetime of JWTs from `POST /auth/token` (24 hours; shorter in tests).
     pub jwt_lifetime: Duration,
     pub personas: Arc<crate::personas::PersonaSet>,

@@ -102,6 +102,10 @@ pub struct HttpSettings {
     pub rate_limit_per_minute: u32,
     /// Failed enrolment attempts per minute per client address.
     pub enroll_failures_per_minute: u32,
+    /// Reverse proxies (networks or addresses) whose `X-Forwarded-For` is believed: for a
+    /// request from one of them, the client address (rate limits, audit log) is the rightmost
+    /// forwarded address that is not itself a trusted proxy. Empty: the header is ignored.
+    pub trusted_proxies: companion_broker::proxy::Networks,
 }
 
 impl Default for HttpSettings {
@@ -111,6 +115,7 @@ impl Default for HttpSettings {
             tls: false,
             rate_limit_per_minute: 100,
             enroll_failures_per_minute: 10,
+            trusted_proxies: companion_broker::proxy::Networks::default(),
         }
     }
 }
@@ -237,6 +242,8 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("mqtt.hosts")
+                .with_list_parse_key("mqtt.proxy_protocol_from")
+                .with_list_parse_key("http.trusted_proxies")
                 .try_parsing(true)
                 .source(Some(companion_env)),
         );
@@ -430,10 +437,32 @@ mod tests {
                 ("COMPANION_DATA_DIR", "/tmp/x"),
                 ("COMPANION_LOG__FORMAT", "json"),
                 ("COMPANION_MQTT__HOSTS", "a.example,b.example"),
+                (
+                    "COMPANION_MQTT__PROXY_PROTOCOL_FROM",
+                    "127.0.0.1,10.0.0.0/8",
+                ),
+                ("COMPANION_HTTP__TRUSTED_PROXIES", "::1"),
                 ("DATABASE_URL", "postgres://u:p@h/db"),
             ]),
         )
         .unwrap();
+        assert!(s
+            .mqtt
+            .proxy_protocol_from
+            .contains("10.9.8.7".parse().unwrap()));
+        assert!(s
+            .mqtt
+            .proxy_protocol_from
+            .contains("127.0.0.1".parse().unwrap()));
+        assert!(!s
+            .mqtt
+            .proxy_protocol_from
+            .contains("11.0.0.1".parse().unwrap()));
+        assert!(s.http.trusted_proxies.contains("::1".parse().unwrap()));
+        assert!(!s
+            .http
+            .trusted_proxies
+            .contains("127.0.0.1".parse().unwrap()));
         assert_eq!(s.http.listen, "127.0.0.1:0");
         assert_eq!(s.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(s.log.format, LogFormat::Json);
@@ -462,6 +491,16 @@ mod tests {
             ("COMPANION_MQTT__TLS_LISTEN", "1.2.3.4", "mqtt.tls_listen"),
             ("COMPANION_DATABASE__URL", "mysql://x", "database.url"),
             ("COMPANION_ADMIN__TOKEN", "short", "admin.token"),
+            (
+                "COMPANION_HTTP__TRUSTED_PROXIES",
+                "10.0.0.0/40",
+                "http.trusted_proxies",
+            ),
+            (
+                "COMPANION_MQTT__PROXY_PROTOCOL_FROM",
+                "nginx",
+                "mqtt.proxy_protocol_from",
+            ),
         ];
         for (var, value, key) in cases {
             let err = Settings::load_from(None, env(&[(var, value)])).unwrap_err();

@@ -69,6 +69,7 @@ async fn device_lifecycle_works_end_to_end(kind: DbKind) {
             .await
             .unwrap();
         if got["presence"]["online"] == true {
+            assert_eq!(got["presence"]["peer"], "127.0.0.1", "{got}");
             break;
         }
         assert!(
@@ -592,6 +593,74 @@ async fn a_flood_of_wrong_enrolment_codes_is_rate_limited_and_audited() {
             .filter(|r| r["detail"] == "unknown_code")
             .count(),
         15
+    );
+    app.stop().await;
+}
+
+/// A wrong enrolment code sent with `X-Forwarded-For: xff`; the status.
+async fn wrong_code_from(app: &TestApp, xff: &str) -> u16 {
+    app.client
+        .post(app.url("/api/v1/enroll"))
+        .header("x-forwarded-for", xff)
+        .json(&json!({ "code": "WRONG", "name": "x", "device_type": "other" }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+fn redeem_remotes(rows: &[Value]) -> Vec<String> {
+    rows.iter()
+        .map(|r| r["remote_addr"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_limits_and_audit_follow_the_forwarded_client() {
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        s.http.trusted_proxies = companion_broker::proxy::Networks::parse(&["127.0.0.1"]).unwrap();
+        s.http.enroll_failures_per_minute = 3;
+    })
+    .await
+    .unwrap();
+    // Client A (a forged entry on its left, as a client may send) exhausts its own limit...
+    let a = "6.6.6.6, 203.0.113.5";
+    let statuses: Vec<u16> =
+        futures::future::join_all((0..3).map(|_| wrong_code_from(&app, a))).await;
+    assert_eq!(statuses, [403, 403, 403]);
+    assert_eq!(wrong_code_from(&app, a).await, 429);
+    // ...and client B, behind the same proxy, is not locked out with it.
+    assert_eq!(wrong_code_from(&app, "203.0.113.6").await, 403);
+
+    let mut remotes = redeem_remotes(&app.audit("enrollment.redeem").await);
+    remotes.sort();
+    assert_eq!(
+        remotes,
+        [
+            "203.0.113.5",
+            "203.0.113.5",
+            "203.0.113.5",
+            "203.0.113.5",
+            "203.0.113.6"
+        ]
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_forwarded_for_from_an_untrusted_client_changes_nothing() {
+    let app = TestApp::start_with(DbKind::Sqlite, |s| s.http.enroll_failures_per_minute = 3)
+        .await
+        .unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(wrong_code_from(&app, &format!("203.0.113.{i}")).await);
+    }
+    assert_eq!(statuses, [403, 403, 403, 429]);
+    assert_eq!(
+        redeem_remotes(&app.audit("enrollment.redeem").await),
+        ["127.0.0.1"; 4]
     );
     app.stop().await;
 }

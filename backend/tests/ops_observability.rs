@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 
 use common::ops::{
     alert_exprs, dashboard_exprs, exported_sample_names, promql_metric_names, repo_root, LiveServer,
@@ -207,4 +208,206 @@ fn nginx_accepts_the_reverse_proxy_config() {
         "nginx -t:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The shipped nginx.conf, run for real in front of a server started with
+/// `http.trusted_proxies` and `mqtt.proxy_protocol_from` set to the proxy's address.
+struct Nginx {
+    conf: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    https: u16,
+    mqtts: u16,
+}
+
+/// A port the kernel just handed out and that is free again (nginx takes no port 0).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn replace_once(conf: &str, from: &str, to: &str) -> String {
+    assert_eq!(conf.matches(from).count(), 1, "nginx.conf has one `{from}`");
+    conf.replace(from, to)
+}
+
+impl Nginx {
+    /// Starts nginx (daemonised: when the command returns, its ports are bound).
+    fn start(
+        dir: &std::path::Path,
+        http: SocketAddr,
+        mqtts: SocketAddr,
+        tls_dir: &std::path::Path,
+    ) -> Self {
+        let (https, plain, mq) = (free_port(), free_port(), free_port());
+        let d = dir.display();
+        let mut conf = std::fs::read_to_string(repo_root().join("ops/nginx/nginx.conf")).unwrap();
+        for (from, to) in [
+            ("user www-data;\n", String::new()),
+            ("pid /run/nginx.pid;", format!("pid {d}/nginx.pid;")),
+            ("listen 8883;", format!("listen 127.0.0.1:{mq};")),
+            ("listen [::]:8883;\n", String::new()),
+            ("server 127.0.0.1:18883;", format!("server {mqtts};")),
+            ("server 127.0.0.1:8000;", format!("server {http};")),
+            ("listen 80;", format!("listen 127.0.0.1:{plain};")),
+            ("listen [::]:80;\n", String::new()),
+            (
+                "listen 443 ssl http2;",
+                format!("listen 127.0.0.1:{https} ssl http2;"),
+            ),
+            ("listen [::]:443 ssl http2;\n", String::new()),
+            (
+                "/var/log/nginx/companion.access.log",
+                format!("{d}/access.log"),
+            ),
+            (
+                "/var/log/nginx/companion.error.log",
+                format!("{d}/error.log"),
+            ),
+            (
+                "/etc/letsencrypt/live/companion.example.com/fullchain.pem",
+                tls_dir.join("server.pem").display().to_string(),
+            ),
+            (
+                "/etc/letsencrypt/live/companion.example.com/privkey.pem",
+                tls_dir.join("server.key").display().to_string(),
+            ),
+        ] {
+            conf = replace_once(&conf, from, &to);
+        }
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let out = std::process::Command::new("nginx")
+            .arg("-e")
+            .arg(dir.join("startup.log"))
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .expect("nginx is installed (packages nginx, libnginx-mod-stream)");
+        assert!(
+            out.status.success(),
+            "nginx: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Nginx {
+            conf: path,
+            dir: dir.to_owned(),
+            https,
+            mqtts: mq,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nginx")
+            .arg("-e")
+            .arg(self.dir.join("startup.log"))
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-s", "stop"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_shipped_nginx_the_server_sees_each_client_at_its_own_address() {
+    use common::app::{DbKind, TestApp};
+    use companion_broker::proxy::Networks;
+
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        s.http.trusted_proxies = Networks::parse(&["127.0.0.1"]).unwrap();
+        s.mqtt.proxy_protocol_from = Networks::parse(&["127.0.0.1"]).unwrap();
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = app.ca_pem.parent().unwrap().to_owned();
+    let nginx = Nginx::start(dir.path(), app.http, app.mqtts, &tls_dir);
+    // Clients come from 127.0.0.2, which only the proxy knows.
+    let client_ip = "127.0.0.2";
+
+    // REST through nginx's HTTPS: a wrong enrolment code, audited at the client's address.
+    let https = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&app.ca_pem).unwrap()).unwrap(),
+        )
+        .local_address(client_ip.parse::<std::net::IpAddr>().unwrap())
+        .resolve("localhost", "127.0.0.1:0".parse().unwrap())
+        .build()
+        .unwrap();
+    let resp = https
+        .post(format!("https://localhost:{}/api/v1/enroll", nginx.https))
+        .json(&serde_json::json!({ "code": "WRONG", "name": "x", "device_type": "other" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(
+        resp.headers().contains_key("strict-transport-security"),
+        "answered by nginx"
+    );
+    let row = app.wait_audit("enrollment.redeem", |_| true).await;
+    assert_eq!(row["remote_addr"], client_ip, "{row}");
+
+    // MQTT over TLS through nginx's stream proxy (PROXY protocol): a wrong token is audited at
+    // the device's address, and a good one connects and shows it in presence.
+    let (id, token) = app.register("porch").await;
+    let ca = app.ca_pem.display().to_string();
+    let port = nginx.mqtts.to_string();
+    let publish = |password: &str| {
+        let mut cmd = tokio::process::Command::new("mosquitto_pub");
+        cmd.args([
+            "-A",
+            client_ip,
+            "-h",
+            "localhost",
+            "-p",
+            &port,
+            "--cafile",
+            &ca,
+        ])
+        .args(["-i", &id, "-u", &id, "-P", password, "-q", "1"])
+        .args(["-t", &format!("devices/{id}/telemetry"), "-m", "{}"])
+        .kill_on_drop(true);
+        cmd
+    };
+    let refused = publish("wrong-token")
+        .output()
+        .await
+        .expect("mosquitto_pub is installed");
+    assert!(!refused.status.success());
+    let row = app
+        .wait_audit("mqtt.connect", |r| r["target"] == id.as_str())
+        .await;
+    assert_eq!(row["remote_addr"], client_ip, "{row}");
+
+    let ok = publish(&token).output().await.unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // Presence is written by a background task: poll until it has the connection.
+    let deadline = tokio::time::Instant::now() + common::app::DEADLINE;
+    loop {
+        let got: Value = app
+            .admin(reqwest::Method::GET, &format!("/api/v1/devices/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !got["presence"]["peer"].is_null() {
+            assert_eq!(got["presence"]["peer"], client_ip, "{got}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no presence: {got}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(nginx);
+    app.stop().await;
 }

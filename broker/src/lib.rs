@@ -24,6 +24,7 @@ mod edge;
 pub mod events;
 pub mod metrics;
 pub mod packet;
+pub mod proxy;
 pub mod router;
 mod sessions;
 pub mod settings;

@@ -48,6 +48,8 @@ pub mod result {
     pub const TIMEOUT: &str = "timeout";
     pub const PROTOCOL_ERROR: &str = "protocol_error";
     pub const UPSTREAM_ERROR: &str = "upstream_error";
+    /// A trusted proxy's connection without a valid PROXY protocol header.
+    pub const PROXY_HEADER: &str = "proxy_header";
 }
 
 #[derive(Clone, Default)]
@@ -150,6 +152,7 @@ impl Metrics {
             result::TIMEOUT,
             result::PROTOCOL_ERROR,
             result::UPSTREAM_ERROR,
+            result::PROXY_HEADER,
         ] {
             let _ = self.connects.get_or_create(&ResultLabel { result: r });
         }

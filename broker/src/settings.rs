@@ -18,6 +18,11 @@ pub struct MqttSettings {
     pub hosts: Vec<String>,
     /// Most simultaneous device connections across both listeners.
     pub max_connections: usize,
+    /// TCP proxies (networks or addresses) in front of the listeners that send a PROXY
+    /// protocol header (v1 or v2) with the device's real address, such as nginx's `stream`
+    /// module with `proxy_protocol on;`. A connection from one of them must start with the
+    /// header; from anywhere else a header is not accepted. Empty: no proxy.
+    pub proxy_protocol_from: crate::proxy::Networks,
     /// Largest MQTT packet accepted from a device, in bytes.
     pub max_packet_size: usize,
     pub tls_handshake_timeout_ms: u64,
@@ -61,6 +66,7 @@ impl Default for MqttSettings {
             tls_listen: "0.0.0.0:8883".into(),
             hosts: Vec::new(),
             max_connections: 10_000,
+            proxy_protocol_from: crate::proxy::Networks::default(),
             max_packet_size: 64 * 1024 + 512,
             tls_handshake_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,

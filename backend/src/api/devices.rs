@@ -137,6 +137,9 @@ struct Presence {
     connected_since_ms: Option<i64>,
     last_disconnect_ms: Option<i64>,
     last_disconnect_reason: Option<String>,
+    /// The address of the device's last connection (the device's own behind a PROXY protocol
+    /// proxy, `mqtt.proxy_protocol_from`).
+    peer: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -169,61 +172,58 @@ struct DeviceDetail {
 }
 
 async fn detail(ctx: &Ctx, device: Device) -> Result<DeviceDetail, sqlx::Error> {
+    const PRESENCE: &str = "SELECT online, last_seen_ms, connected_since_ms, last_disconnect_ms, \
+        last_disconnect_reason, peer FROM presence WHERE device_id = $1";
+    const PERSONA: &str = "SELECT persona_id, switched_at_ms, switch_trigger \
+        FROM device_personas WHERE device_id = $1";
+    const TELEMETRY: &str = "SELECT seq, ts_ms, received_at_ms, uptime_s, battery_pct, \
+        cpu_temp_c, rssi_dbm, free_mem_kb, extra_json FROM telemetry_latest WHERE device_id = $1";
     let id = device.device_id.as_str();
-    let presence = sqlx::query(
-        "SELECT online, last_seen_ms, connected_since_ms, last_disconnect_ms, last_disconnect_reason
-         FROM presence WHERE device_id = $1",
-    )
-    .bind(id)
-    .fetch_optional(ctx.db.pool())
-    .await?
-    .map(|r| -> Result<Presence, sqlx::Error> {
-        Ok(Presence {
-            online: r.try_get::<i64, _>("online")? != 0,
-            last_seen_ms: r.try_get("last_seen_ms")?,
-            connected_since_ms: r.try_get("connected_since_ms")?,
-            last_disconnect_ms: r.try_get("last_disconnect_ms")?,
-            last_disconnect_reason: r.try_get("last_disconnect_reason")?,
+    let pool = ctx.db.pool();
+    // Three independent reads, on three pool connections at once.
+    let (presence, persona, telemetry) = tokio::try_join!(
+        sqlx::query(PRESENCE).bind(id).fetch_optional(pool),
+        sqlx::query(PERSONA).bind(id).fetch_optional(pool),
+        sqlx::query(TELEMETRY).bind(id).fetch_optional(pool),
+    )?;
+    let presence = presence
+        .map(|r| -> Result<Presence, sqlx::Error> {
+            Ok(Presence {
+                online: r.try_get::<i64, _>("online")? != 0,
+                last_seen_ms: r.try_get("last_seen_ms")?,
+                connected_since_ms: r.try_get("connected_since_ms")?,
+                last_disconnect_ms: r.try_get("last_disconnect_ms")?,
+                last_disconnect_reason: r.try_get("last_disconnect_reason")?,
+                peer: r.try_get("peer")?,
+            })
         })
-    })
-    .transpose()?
-    .unwrap_or_default();
-    let persona = sqlx::query(
-        "SELECT persona_id, switched_at_ms, switch_trigger FROM device_personas WHERE device_id = $1",
-    )
-    .bind(id)
-    .fetch_optional(ctx.db.pool())
-    .await?
-    .map(|r| -> Result<PersonaRef, sqlx::Error> {
-        Ok(PersonaRef {
-            persona_id: r.try_get("persona_id")?,
-            switched_at_ms: r.try_get("switched_at_ms")?,
-            trigger: r.try_get("switch_trigger")?,
+        .transpose()?
+        .unwrap_or_default();
+    let persona = persona
+        .map(|r| -> Result<PersonaRef, sqlx::Error> {
+            Ok(PersonaRef {
+                persona_id: r.try_get("persona_id")?,
+                switched_at_ms: r.try_get("switched_at_ms")?,
+                trigger: r.try_get("switch_trigger")?,
+            })
         })
-    })
-    .transpose()?;
-    let telemetry = sqlx::query(
-        "SELECT seq, ts_ms, received_at_ms, uptime_s, battery_pct, cpu_temp_c, rssi_dbm, free_mem_kb, extra_json
-         FROM telemetry_latest WHERE device_id = $1",
-    )
-    .bind(id)
-    .fetch_optional(ctx.db.pool())
-    .await?
-    .map(|r| -> Result<TelemetryLatest, sqlx::Error> {
-        let extra: Option<String> = r.try_get("extra_json")?;
-        Ok(TelemetryLatest {
-            seq: r.try_get("seq")?,
-            ts_ms: r.try_get("ts_ms")?,
-            received_at_ms: r.try_get("received_at_ms")?,
-            uptime_s: r.try_get("uptime_s")?,
-            battery_pct: r.try_get("battery_pct")?,
-            cpu_temp_c: r.try_get("cpu_temp_c")?,
-            rssi_dbm: r.try_get("rssi_dbm")?,
-            free_mem_kb: r.try_get("free_mem_kb")?,
-            extra: extra.and_then(|e| serde_json::from_str(&e).ok()),
+        .transpose()?;
+    let telemetry = telemetry
+        .map(|r| -> Result<TelemetryLatest, sqlx::Error> {
+            let extra: Option<String> = r.try_get("extra_json")?;
+            Ok(TelemetryLatest {
+                seq: r.try_get("seq")?,
+                ts_ms: r.try_get("ts_ms")?,
+                received_at_ms: r.try_get("received_at_ms")?,
+                uptime_s: r.try_get("uptime_s")?,
+                battery_pct: r.try_get("battery_pct")?,
+                cpu_temp_c: r.try_get("cpu_temp_c")?,
+                rssi_dbm: r.try_get("rssi_dbm")?,
+                free_mem_kb: r.try_get("free_mem_kb")?,
+                extra: extra.and_then(|e| serde_json::from_str(&e).ok()),
+            })
         })
-    })
-    .transpose()?;
+        .transpose()?;
     Ok(DeviceDetail {
         device,
         presence,

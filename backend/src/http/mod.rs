@@ -36,6 +36,8 @@ pub struct Req {
     pub params: Vec<String>,
     /// The `Authorization` header.
     pub auth: Option<String>,
+    /// The client: the connection's peer, or behind a trusted proxy the address it forwarded
+    /// (port 0 then). See [`client_addr`].
     pub remote: Option<SocketAddr>,
     /// The raw query string (empty when absent).
     pub query: String,
@@ -114,10 +116,12 @@ impl RouteTable {
                 let metrics = metrics.clone();
                 async move {
                     let method = parts.method.clone();
+                    let remote =
+                        client_addr(parts.remote, &parts.forwarded_for, &ctx.trusted_proxies);
                     let req = Req {
                         params,
                         auth: parts.auth,
-                        remote: parts.remote,
+                        remote,
                         query: parts.query,
                         body: parts.body,
                     };
@@ -205,6 +209,8 @@ struct Parts {
     method: Method,
     auth: Option<String>,
     remote: Option<SocketAddr>,
+    /// Every `X-Forwarded-For` header, in order.
+    forwarded_for: Vec<String>,
     query: String,
     body: Result<Bytes, ApiError>,
 }
@@ -226,19 +232,63 @@ fn request_parts() -> BoxedFilter<(Parts,)> {
         });
     let remote =
         warp::ext::optional::<server::PeerAddr>().map(|p: Option<server::PeerAddr>| p.map(|p| p.0));
+    let forwarded_for = warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
+        h.get_all("x-forwarded-for")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+    });
     warp::method()
         .and(auth)
         .and(remote)
+        .and(forwarded_for)
         .and(query)
         .and(body)
-        .map(|method, auth, remote, query, body| Parts {
+        .map(|method, auth, remote, forwarded_for, query, body| Parts {
             method,
             auth,
             remote,
+            forwarded_for,
             query,
             body,
         })
         .boxed()
+}
+
+/// The client's address. From a peer that is not a trusted proxy: the peer, whatever headers
+/// it sends (anyone can write `X-Forwarded-For`). From a trusted proxy: walk the forwarded
+/// addresses from the right (each proxy appends the address it received from) past trusted
+/// proxies; the first other address is the client. An entry that does not parse ends the walk
+/// at the last address that did: nothing left of it can be trusted.
+pub fn client_addr(
+    peer: Option<SocketAddr>,
+    forwarded_for: &[String],
+    trusted: &companion_broker::proxy::Networks,
+) -> Option<SocketAddr> {
+    let peer = peer?;
+    if !trusted.contains(peer.ip()) {
+        return Some(peer);
+    }
+    let mut client = peer;
+    let hops = forwarded_for.iter().flat_map(|v| v.split(','));
+    for hop in hops.rev() {
+        let Some(ip) = parse_hop(hop.trim()) else {
+            break;
+        };
+        client = SocketAddr::new(ip, 0);
+        if !trusted.contains(ip) {
+            break;
+        }
+    }
+    Some(client)
+}
+
+/// One `X-Forwarded-For` entry: `1.2.3.4`, `2001:db8::1`, `1.2.3.4:5678` or `[2001:db8::1]:80`.
+fn parse_hop(hop: &str) -> Option<std::net::IpAddr> {
+    hop.parse::<std::net::IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .map(|ip| ip.to_canonical())
 }
 
 fn security_headers(mut resp: Response) -> Response {
@@ -269,3 +319,78 @@ pub type HandlerResult = Result<Response, ApiError>;
 
 /// Shared pointer alias used by route builders.
 pub type Shared<T> = Arc<T>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use companion_broker::proxy::Networks;
+
+    fn client(peer: &str, xff: &[&str], trusted: &[&str]) -> String {
+        let trusted = Networks::parse(trusted).unwrap();
+        let xff: Vec<String> = xff.iter().map(|s| s.to_string()).collect();
+        client_addr(Some(peer.parse().unwrap()), &xff, &trusted)
+            .unwrap()
+            .ip()
+            .to_string()
+    }
+
+    #[test]
+    fn forwarded_for_is_only_believed_from_a_trusted_proxy() {
+        // No trusted proxies, or a peer outside them: the header is ignored.
+        assert_eq!(
+            client("198.51.100.1:5000", &["203.0.113.5"], &[]),
+            "198.51.100.1"
+        );
+        assert_eq!(
+            client("198.51.100.1:5000", &["203.0.113.5"], &["127.0.0.1"]),
+            "198.51.100.1"
+        );
+        // nginx on loopback appending the client's address.
+        assert_eq!(
+            client("127.0.0.1:5000", &["203.0.113.5"], &["127.0.0.1"]),
+            "203.0.113.5"
+        );
+        // A client that forged an entry: nginx appends the real one, which is what counts.
+        assert_eq!(
+            client("127.0.0.1:5000", &["6.6.6.6, 203.0.113.5"], &["127.0.0.1"]),
+            "203.0.113.5"
+        );
+        // Two proxies (a load balancer in 10/8, then nginx), two header lines.
+        assert_eq!(
+            client(
+                "127.0.0.1:5000",
+                &["6.6.6.6, 203.0.113.5", "10.1.2.3"],
+                &["127.0.0.1", "10.0.0.0/8"]
+            ),
+            "203.0.113.5"
+        );
+        // Ports and brackets.
+        assert_eq!(
+            client("127.0.0.1:1", &["[2001:db8::7]:443"], &["127.0.0.1"]),
+            "2001:db8::7"
+        );
+        assert_eq!(
+            client("127.0.0.1:1", &["203.0.113.5:99"], &["127.0.0.1"]),
+            "203.0.113.5"
+        );
+        // No header, or garbage right after a trusted hop: the last trusted address stands.
+        assert_eq!(client("127.0.0.1:1", &[], &["127.0.0.1"]), "127.0.0.1");
+        assert_eq!(
+            client(
+                "127.0.0.1:1",
+                &["203.0.113.5, unknown, 10.0.0.9"],
+                &["127.0.0.1", "10.0.0.0/8"]
+            ),
+            "10.0.0.9"
+        );
+        // Every hop trusted: the leftmost one.
+        assert_eq!(
+            client(
+                "127.0.0.1:1",
+                &["10.0.0.2, 10.0.0.1"],
+                &["127.0.0.1", "10.0.0.0/8"]
+            ),
+            "10.0.0.2"
+        );
+    }
+}

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::events::EventSink;
 use crate::metrics::{result, Metrics, ReasonLabel, ResultLabel};
+use crate::proxy;
 use crate::router::InternalEndpoint;
 use crate::sessions::Sessions;
 use crate::settings::MqttSettings;
@@ -90,6 +91,22 @@ fn spawn_connection(
     let edge2 = edge.clone();
     edge.tracker.spawn(async move {
         let _permit = permit;
+        let mut stream = stream;
+        let mut peer = peer;
+        if edge2.settings.proxy_protocol_from.contains(peer.ip()) {
+            let timeout = Duration::from_millis(edge2.settings.connect_timeout_ms);
+            // Cases: shutdown; the header arrives, is refused, or times out.
+            let header = tokio::select! {
+                _ = edge2.shutdown.cancelled() => return,
+                h = tokio::time::timeout(timeout, proxy::read_header(&mut stream)) => h,
+            };
+            match header {
+                Ok(Ok(Some(client))) => peer = client,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => return proxy_refused(&edge2, peer, &e.to_string()),
+                Err(_) => return proxy_refused(&edge2, peer, "no PROXY protocol header in time"),
+            }
+        }
         match tls {
             Some(acceptor) => {
                 let timeout = Duration::from_millis(edge2.settings.tls_handshake_timeout_ms);
@@ -107,6 +124,11 @@ fn spawn_connection(
             None => connection::run(edge2, stream, peer).await,
         }
     });
+}
+
+fn proxy_refused(edge: &Edge, proxy: SocketAddr, detail: &str) {
+    tracing::warn!(%proxy, detail, "connection from a trusted proxy refused");
+    edge.count_connect(result::PROXY_HEADER);
 }
 
 fn tls_failed(edge: &Edge, peer: SocketAddr, reason: &'static str, detail: &str) {
