@@ -495,3 +495,63 @@ async fn a_failing_model_gets_the_fallback_line_spoken_then_error_and_idle() {
     assert!(rms(&heard.pcm()) > 300.0, "the fallback line is heard");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_hears_the_recent_history_and_the_history_stays_within_its_bound() {
+    let (stt, llm) = fake_cloud(
+        "tell me a story",
+        voice_fake::anthropic_reply(&["Once upon a time."]),
+    )
+    .await;
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        use_fakes(s, &stt, &llm);
+        s.sessions.history = 2;
+    })
+    .await
+    .unwrap();
+    let mut dev = Device::register(&app, "storyteller").await;
+    let pcm = spoken("tell me a story");
+    for (i, session) in ["s-1", "s-2", "s-3"].into_iter().enumerate() {
+        say(&dev, session, &pcm).await;
+        let heard = listen(&app, &mut dev, session, true).await;
+        assert_eq!(
+            heard.idle().reply_text.as_deref(),
+            Some("Once upon a time.")
+        );
+        let sent = llm.requests()[i].json();
+        let messages: Vec<(String, String)> = sent["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["role"].as_str().unwrap().to_owned(),
+                    m["content"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        let turn = |role: &str, text: &str| (role.to_owned(), text.to_owned());
+        let mut expected = Vec::new();
+        if i > 0 {
+            // The bound (2 lines) keeps the last exchange only.
+            expected.push(turn("user", "tell me a story"));
+            expected.push(turn("assistant", "Once upon a time."));
+        }
+        expected.push(turn("user", "tell me a story"));
+        assert_eq!(messages, expected, "request {i}: {sent}");
+    }
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT session_id, role FROM conversation_messages ORDER BY created_at_ms, message_id",
+    )
+    .fetch_all(app.app_ctx.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("s-3".to_owned(), "user".to_owned()),
+            ("s-3".to_owned(), "assistant".to_owned())
+        ]
+    );
+    app.stop().await;
+}

@@ -520,14 +520,28 @@ impl Worker {
         }
     }
 
+    /// Stores a question and its answer, and trims the device's history to its bound: one
+    /// transaction, so a failure stores neither half of the pair (and SQLite syncs once).
     async fn remember(&self, session: &SessionId, user: &str, assistant: &str) {
+        if let Err(e) = self.try_remember(session, user, assistant).await {
+            tracing::warn!(device_id = %self.device, error = %e, "storing conversation history failed");
+        }
+    }
+
+    async fn try_remember(
+        &self,
+        session: &SessionId,
+        user: &str,
+        assistant: &str,
+    ) -> Result<(), sqlx::Error> {
         let now = now_ms();
+        let mut tx = self.rt.db.pool().begin().await?;
         for (i, (role, content)) in [(Role::User, user), (Role::Assistant, assistant)]
             .into_iter()
             .enumerate()
         {
             let id = format!("{now:013}-{i}-{:08x}", rand::rng().random::<u32>());
-            let r = sqlx::query(
+            sqlx::query(
                 "INSERT INTO conversation_messages (message_id, device_id, session_id, persona_id, role, content, created_at_ms)
                  SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $2)",
             )
@@ -538,21 +552,18 @@ impl Worker {
             .bind(role.as_str())
             .bind(content)
             .bind(now + i as i64)
-            .execute(self.rt.db.pool())
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(device_id = %self.device, error = %e, "storing conversation history failed");
-                return;
-            }
+            .execute(&mut *tx)
+            .await?;
         }
-        let _ = sqlx::query(
+        sqlx::query(
             "DELETE FROM conversation_messages WHERE device_id = $1 AND message_id NOT IN
                (SELECT message_id FROM conversation_messages WHERE device_id = $1
                 ORDER BY created_at_ms DESC, message_id DESC LIMIT $2)",
         )
         .bind(self.device.as_str())
         .bind(i64::try_from(self.rt.limits.history).unwrap_or(20))
-        .execute(self.rt.db.pool())
-        .await;
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
     }
 }
