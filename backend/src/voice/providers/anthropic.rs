@@ -4,13 +4,11 @@
 //! `ping` and, mid-stream, `error` (e.g. `overloaded_error`). Other events are ignored.
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
-use tracing::debug;
 
 use super::http::{join, Http};
-use super::sse::{SseEvent, SseParser};
+use super::sse::{llm_stream, LlmDecoder, SseEvent};
 use super::{alternating, ChatRequest, LanguageModel, LlmEvent, LlmStream, ProviderError, Usage};
 use crate::settings::Secret;
 
@@ -87,7 +85,7 @@ struct Decoder {
     done: bool,
 }
 
-impl Decoder {
+impl LlmDecoder for Decoder {
     fn event(&mut self, sse: &SseEvent) -> Result<Option<LlmEvent>, ProviderError> {
         let parsed: Event = match serde_json::from_str(&sse.data) {
             Ok(e) => e,
@@ -135,6 +133,15 @@ impl Decoder {
         })
     }
 
+    fn eof(&mut self) -> Result<LlmEvent, ProviderError> {
+        // `message_stop` would have ended the stream with `Done` already.
+        Err(ProviderError::Malformed(
+            "stream ended before message_stop".into(),
+        ))
+    }
+}
+
+impl Decoder {
     /// Usage figures are cumulative: each one replaces the last.
     fn merge(&mut self, u: UsageJson) {
         let cur = self.usage.get_or_insert_with(Usage::default);
@@ -178,67 +185,12 @@ impl LanguageModel for Anthropic {
                     .json(&body)
             })
             .await?;
-        let chunks = self.http.chunks(resp);
-        Ok(sse_stream(chunks))
+        Ok(llm_stream(
+            "anthropic",
+            self.http.chunks(resp),
+            Decoder::default(),
+        ))
     }
-}
-
-/// Turns the byte chunks into events; ends after `message_stop` or the first error.
-fn sse_stream(
-    chunks: impl futures::Stream<Item = Result<bytes::Bytes, ProviderError>> + Send + 'static,
-) -> LlmStream {
-    struct State<S> {
-        chunks: std::pin::Pin<Box<S>>,
-        parser: SseParser,
-        decoder: Decoder,
-        queue: std::collections::VecDeque<Result<LlmEvent, ProviderError>>,
-        finished: bool,
-    }
-    let state = State {
-        chunks: Box::pin(chunks),
-        parser: SseParser::default(),
-        decoder: Decoder::default(),
-        queue: Default::default(),
-        finished: false,
-    };
-    Box::pin(futures::stream::unfold(state, |mut st| async move {
-        loop {
-            if let Some(item) = st.queue.pop_front() {
-                if item.is_err() || matches!(item, Ok(LlmEvent::Done(_))) {
-                    st.finished = true;
-                    st.queue.clear();
-                }
-                return Some((item, st));
-            }
-            if st.finished {
-                return None;
-            }
-            match st.chunks.next().await {
-                Some(Ok(bytes)) => {
-                    for ev in st.parser.push(&bytes) {
-                        debug!(event = %ev.event, "anthropic event");
-                        match st.decoder.event(&ev) {
-                            Ok(Some(item)) => st.queue.push_back(Ok(item)),
-                            Ok(None) => {}
-                            Err(e) => st.queue.push_back(Err(e)),
-                        }
-                    }
-                }
-                Some(Err(e)) => st.queue.push_back(Err(e)),
-                None => {
-                    st.finished = true;
-                    if !st.decoder.done {
-                        return Some((
-                            Err(ProviderError::Malformed(
-                                "stream ended before message_stop".into(),
-                            )),
-                            st,
-                        ));
-                    }
-                }
-            }
-        }
-    }))
 }
 
 #[cfg(test)]

@@ -3,8 +3,6 @@
 //! `data: [DONE]`), transcription (`/audio/transcriptions`, a multipart WAV upload) and speech
 //! (`/audio/speech`, `response_format: pcm`: 24 kHz 16-bit mono, resampled to 16 kHz).
 
-use std::collections::VecDeque;
-use std::pin::Pin;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -13,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::http::{join, Http};
-use super::sse::SseParser;
+use super::sse::{llm_stream, LlmDecoder, SseEvent};
 use super::{
     alternating, AudioStream, ChatRequest, LanguageModel, LlmEvent, LlmStream, ProviderError,
     SpeechToText, TextToSpeech, Usage,
@@ -135,57 +133,21 @@ impl ChatDecoder {
     }
 }
 
-fn chat_stream(
-    chunks: impl Stream<Item = Result<Bytes, ProviderError>> + Send + 'static,
-) -> LlmStream {
-    struct State {
-        chunks: Pin<Box<dyn Stream<Item = Result<Bytes, ProviderError>> + Send>>,
-        parser: SseParser,
-        decoder: ChatDecoder,
-        queue: VecDeque<Result<LlmEvent, ProviderError>>,
-        ended: bool,
+impl LlmDecoder for ChatDecoder {
+    fn event(&mut self, ev: &SseEvent) -> Result<Option<LlmEvent>, ProviderError> {
+        self.data(&ev.data)
     }
-    let state = State {
-        chunks: Box::pin(chunks),
-        parser: SseParser::default(),
-        decoder: ChatDecoder::default(),
-        queue: VecDeque::new(),
-        ended: false,
-    };
-    Box::pin(futures::stream::unfold(state, |mut st| async move {
-        loop {
-            if let Some(item) = st.queue.pop_front() {
-                if item.is_err() || matches!(item, Ok(LlmEvent::Done(_))) {
-                    st.ended = true;
-                    st.queue.clear();
-                }
-                return Some((item, st));
-            }
-            if st.ended {
-                return None;
-            }
-            match st.chunks.next().await {
-                Some(Ok(bytes)) => {
-                    for ev in st.parser.push(&bytes) {
-                        match st.decoder.data(&ev.data) {
-                            Ok(Some(item)) => st.queue.push_back(Ok(item)),
-                            Ok(None) => {}
-                            Err(e) => st.queue.push_back(Err(e)),
-                        }
-                    }
-                }
-                Some(Err(e)) => st.queue.push_back(Err(e)),
-                None if st.decoder.finished => {
-                    st.queue.push_back(Ok(LlmEvent::Done(st.decoder.usage)))
-                }
-                None => {
-                    st.queue.push_back(Err(ProviderError::Malformed(
-                        "stream ended before [DONE]".into(),
-                    )));
-                }
-            }
+
+    /// No `[DONE]`: complete if a choice finished (some compatible servers just close).
+    fn eof(&mut self) -> Result<LlmEvent, ProviderError> {
+        if self.finished {
+            Ok(LlmEvent::Done(self.usage))
+        } else {
+            Err(ProviderError::Malformed(
+                "stream ended before [DONE]".into(),
+            ))
         }
-    }))
+    }
 }
 
 #[async_trait]
@@ -213,7 +175,11 @@ impl LanguageModel for OpenAi {
             .http
             .send(|| self.post("/chat/completions").json(&body))
             .await?;
-        Ok(chat_stream(self.http.chunks(resp)))
+        Ok(llm_stream(
+            "openai",
+            self.http.chunks(resp),
+            ChatDecoder::default(),
+        ))
     }
 }
 

@@ -1,6 +1,14 @@
 //! Server-sent events (the WHATWG `text/event-stream` format) parsed incrementally from
 //! arbitrary byte chunks.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+use super::{LlmEvent, LlmStream, ProviderError};
+
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SseEvent {
@@ -76,6 +84,68 @@ impl SseParser {
             _ => {} // id, retry, unknown fields
         }
     }
+}
+
+/// A provider's event decoder for [`llm_stream`].
+pub trait LlmDecoder: Send + 'static {
+    /// One event: an item to emit, nothing, or an error (which ends the stream). An emitted
+    /// `Done` ends the stream too.
+    fn event(&mut self, ev: &SseEvent) -> Result<Option<LlmEvent>, ProviderError>;
+    /// The body ended before any `Done`: the last item, `Done` when the reply was complete
+    /// after all, an error when it was cut short.
+    fn eof(&mut self) -> Result<LlmEvent, ProviderError>;
+}
+
+/// Turns a streaming response body into [`LlmEvent`]s with `decoder`; ends after the first
+/// `Done` or error.
+pub fn llm_stream<D: LlmDecoder>(
+    provider: &'static str,
+    chunks: impl Stream<Item = Result<Bytes, ProviderError>> + Send + 'static,
+    decoder: D,
+) -> LlmStream {
+    struct State<D> {
+        chunks: Pin<Box<dyn Stream<Item = Result<Bytes, ProviderError>> + Send>>,
+        parser: SseParser,
+        decoder: D,
+        queue: VecDeque<Result<LlmEvent, ProviderError>>,
+        ended: bool,
+    }
+    let state = State {
+        chunks: Box::pin(chunks),
+        parser: SseParser::default(),
+        decoder,
+        queue: VecDeque::new(),
+        ended: false,
+    };
+    Box::pin(futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if let Some(item) = st.queue.pop_front() {
+                if item.is_err() || matches!(item, Ok(LlmEvent::Done(_))) {
+                    st.ended = true;
+                    st.queue.clear();
+                }
+                return Some((item, st));
+            }
+            if st.ended {
+                return None;
+            }
+            match st.chunks.next().await {
+                Some(Ok(bytes)) => {
+                    for ev in st.parser.push(&bytes) {
+                        tracing::debug!(provider, event = %ev.event, "llm stream event");
+                        if let Some(item) = st.decoder.event(&ev).transpose() {
+                            st.queue.push_back(item);
+                        }
+                    }
+                }
+                Some(Err(e)) => st.queue.push_back(Err(e)),
+                None => {
+                    let last = st.decoder.eof();
+                    st.queue.push_back(last);
+                }
+            }
+        }
+    }))
 }
 
 #[cfg(test)]
