@@ -57,6 +57,38 @@ async fn serve_and_check(data_dir: &std::path::Path, database_url: Option<&str>)
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "ready");
 
+    // A device connects over TLS and leaves cleanly (mosquitto_pub sends DISCONNECT).
+    let admin = std::fs::read_to_string(data_dir.join("admin-token")).unwrap();
+    let created: serde_json::Value = client
+        .post(server.url("/api/v1/devices"))
+        .bearer_auth(admin.trim())
+        .json(&serde_json::json!({ "name": "visitor", "device_type": "other" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, token) = (
+        created["device_id"].as_str().unwrap(),
+        created["auth_token"].as_str().unwrap(),
+    );
+    let ca = data_dir.join("tls/ca.pem");
+    let port = server.mqtts.unwrap().port().to_string();
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port, "--cafile"])
+        .arg(&ca)
+        .args(["-i", id, "-u", id, "-P", token, "-q", "1", "-n"])
+        .args(["-t", &format!("devices/{id}/telemetry")])
+        .output()
+        .await
+        .expect("mosquitto_pub is installed (package mosquitto-clients)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let metrics = client.get(server.url("/metrics")).send().await.unwrap();
     assert_eq!(metrics.status(), 200);
     let text = metrics.text().await.unwrap();
@@ -77,6 +109,18 @@ async fn serve_and_check(data_dir: &std::path::Path, database_url: Option<&str>)
         server.log
     );
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    // A normal start, a device's visit and a shutdown are not errors (rumqttd logs every
+    // clean disconnect as `ERROR router-drop`; see logging.rs).
+    assert!(
+        server
+            .log
+            .iter()
+            .any(|l| l.contains("device disconnected") && l.contains(id)),
+        "{:#?}",
+        server.log
+    );
+    let errors: Vec<&String> = server.log.iter().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
 }
 
 #[tokio::test]

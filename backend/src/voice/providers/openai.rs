@@ -3,7 +3,6 @@
 //! `data: [DONE]`), transcription (`/audio/transcriptions`, a multipart WAV upload) and speech
 //! (`/audio/speech`, `response_format: pcm`: 24 kHz 16-bit mono, resampled to 16 kHz).
 
-
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
