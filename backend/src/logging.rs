@@ -1,6 +1,7 @@
 //! Logging with `tracing`: plain or JSON by configuration, filtered by `RUST_LOG`.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -54,13 +55,22 @@ where
         .with(QuietRouterDrops)
 }
 
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// Marks the process as stopping: from now on rumqttd's connection errors are expected (every
+/// internal connection is being closed, some with a reset) and no longer logged.
+pub fn shutting_down() {
+    SHUTTING_DOWN.store(true, Ordering::Relaxed);
+}
+
 /// rumqttd 0.20 logs `ERROR router-drop error=Recv(Disconnected)` whenever a client of its
 /// own listener disconnects cleanly: the router drops the link on DISCONNECT and the link task
 /// reports that as an error. Every device that disconnects (its upstream link forwards the
 /// DISCONNECT) and the start-up readiness probes did it, so `companion serve` printed errors
 /// on every start and on every normal disconnect. The edge logs device disconnects itself
 /// (`device disconnected`, with the reason), so these events are dropped; other rumqttd
-/// errors pass.
+/// errors pass, except once the process is shutting down ([`shutting_down`]), when its
+/// connections being reset are expected.
 struct QuietRouterDrops;
 
 const RUMQTTD_LINK_TARGET: &str = "rumqttd::server::broker";
@@ -69,6 +79,9 @@ impl<S: Subscriber> Layer<S> for QuietRouterDrops {
     fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
         if event.metadata().target() != RUMQTTD_LINK_TARGET {
             return true;
+        }
+        if SHUTTING_DOWN.load(Ordering::Relaxed) {
+            return false;
         }
         let mut message = IsMessage {
             wanted: "router-drop",
@@ -157,5 +170,16 @@ mod tests {
                 "no colour codes off a terminal: {text:?}"
             );
         }
+        // Once shutting down, rumqttd's link errors are expected: none is logged. (This is
+        // the only test that logs through this layer, so the global flag disturbs no other.)
+        shutting_down();
+        let out = Captured::default();
+        let subscriber = plain(EnvFilter::new(DEFAULT_FILTER), false, out.clone());
+        tracing::subscriber::with_default(subscriber, emit_rumqttd_events);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("rumqttd::router"));
+        assert!(lines[1].contains("device disconnected"));
     }
 }

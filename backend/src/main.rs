@@ -207,6 +207,7 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
+        companion_backend::logging::shutting_down();
         shutdown.cancel();
     });
     Ok(())
