@@ -132,6 +132,7 @@ pub async fn start(
         sink,
         metrics,
         sessions: sessions::Sessions::default(),
+        upstream_ids: edge::pump::UpstreamIds::default(),
         internal,
         shutdown,
         tracker: tracker.clone(),

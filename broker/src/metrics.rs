@@ -55,6 +55,8 @@ pub mod result {
 #[derive(Clone, Default)]
 pub struct Metrics {
     pub connected_devices: Gauge,
+    /// Distinct client ids the edge has used on the router (rumqttd keeps a record per id).
+    pub router_client_ids: Gauge,
     pub connects: Family<ResultLabel, Counter>,
     pub auth_failures: Family<ReasonLabel, Counter>,
     pub acl_denied: Family<ActionLabel, Counter>,
@@ -76,6 +78,11 @@ impl Metrics {
             "connected_devices",
             "Device connections currently forwarded to the router",
             m.connected_devices.clone(),
+        );
+        r.register(
+            "router_client_ids",
+            "Distinct client ids used on the embedded router; rumqttd keeps a small record per id for the life of the process",
+            m.router_client_ids.clone(),
         );
         r.register(
             "connects",

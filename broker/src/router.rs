@@ -315,7 +315,7 @@ async fn probe(addr: SocketAddr, level: u8, endpoint: &InternalEndpoint) -> std:
     let mut stream = TcpStream::connect(addr).await?;
     let connect = connect_packet(
         level,
-        // A fresh id per attempt: see `edge::pump::upstream_client_id` for the rumqttd trap
+        // A fresh id per attempt: see `edge::pump::UpstreamIds` for the rumqttd trap
         // that a reused id after a failed attempt springs.
         &format!(
             "{RESERVED_CLIENT_ID_PREFIX}-probe-{}-{}",

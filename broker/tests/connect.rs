@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::*;
 use companion_broker::{BrokerEvent, DenyReason, DisconnectReason};
 use rumqttc::{ConnectReturnCode, ConnectionError, LastWill, QoS};
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn a_registered_device_publishes_telemetry_over_tls_and_the_backend_receives_it() {
@@ -314,4 +315,47 @@ async fn a_device_that_aborts_its_handshakes_again_and_again_can_still_connect()
         backend.next_publish().await,
         ("devices/b/telemetry".to_owned(), b"still-routing".to_vec())
     );
+}
+
+#[tokio::test]
+async fn a_device_that_reconnects_again_and_again_reuses_its_router_client_id() {
+    let app = TestApp::start().await;
+    let connect = raw_connect("a", "a", "token-a", None);
+    let is_a_gone = |e: &BrokerEvent| matches!(e, BrokerEvent::Disconnected { device, .. } if device.as_str() == "a");
+    for i in 0..12 {
+        let (mut s, connack) = raw_session(app.plain, &connect).await;
+        assert_eq!(connack, [0x20, 2, 0, 0], "round {i}");
+        if i % 2 == 0 {
+            // Clean: DISCONNECT, then the edge closes.
+            s.write_all(&[0xe0, 0]).await.unwrap();
+            wait_eof(&mut s).await;
+        } else {
+            // The device just vanishes.
+            drop(s);
+        }
+        app.events.wait_count(i + 1, is_a_gone).await;
+    }
+    // Twelve connections, clean and not, one client id on the router.
+    assert_eq!(app.metric("broker_router_client_ids"), 1.0);
+
+    // A takeover needs a second id while the first is still in use; both are reused after.
+    for _ in 0..3 {
+        let (mut first, _) = raw_session(app.plain, &connect).await;
+        let (second, connack) = raw_session(app.plain, &connect).await;
+        assert_eq!(connack, [0x20, 2, 0, 0]);
+        wait_eof(&mut first).await;
+        drop(second);
+    }
+    app.events.wait_count(18, is_a_gone).await;
+    assert!(app.metric("broker_router_client_ids") <= 2.0);
+
+    // The reused ids still carry traffic.
+    let mut backend = app.backend("t", &["devices/+/telemetry"]).await;
+    backend.wait_suback().await;
+    let device = Client::connect(app.device_plain("a", "token-a"))
+        .await
+        .unwrap();
+    device.publish("devices/a/telemetry", b"still here").await;
+    assert_eq!(backend.next_publish().await.1, b"still here".to_vec());
+    assert!(app.metric("broker_router_client_ids") <= 2.0);
 }

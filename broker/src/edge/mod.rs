@@ -36,6 +36,8 @@ pub(crate) struct Edge {
     pub sink: Arc<dyn EventSink>,
     pub metrics: Metrics,
     pub sessions: Sessions,
+    /// Client ids for the upstream connections to the router.
+    pub upstream_ids: pump::UpstreamIds,
     pub internal: InternalEndpoint,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,

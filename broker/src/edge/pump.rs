@@ -46,7 +46,8 @@ pub(super) async fn session<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut dr, mut dw) = tokio::io::split(device_io);
-    let Some(mut upstream) = open_upstream(edge, connect, device, &mut dw).await else {
+    let Some((mut upstream, upstream_id)) = open_upstream(edge, connect, device, &mut dw).await
+    else {
         return;
     };
     edge.count_connect(result::ACCEPTED);
@@ -79,14 +80,19 @@ pub(super) async fn session<S>(
         .await;
     }
     let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.shutdown()).await;
-    if reason == DisconnectReason::Clean {
-        // Let rumqttd close the upstream after the forwarded DISCONNECT. Closing it first
-        // races rumqttd 0.20's router: its link then reports a second disconnect for a
-        // connection id the router has already freed and may have handed to a new client,
-        // which it then drops (seen as the backend's connection vanishing under load).
-        wait_for_eof(&mut ur).await;
+    // Let rumqttd close the upstream: after the forwarded DISCONNECT, or after our FIN (no
+    // DISCONNECT, so rumqttd publishes the Will). Closing it first races rumqttd 0.20's
+    // router: its link then reports a second disconnect for a connection id the router has
+    // already freed and may have handed to a new client, which it then drops (seen as the
+    // backend's connection vanishing under load). Seeing its EOF also frees the client id.
+    if reason != DisconnectReason::Clean {
+        let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, uw.shutdown()).await;
     }
+    let closed_by_router = !edge.shutdown.is_cancelled() && wait_for_eof(&mut ur).await;
     drop(upstream);
+    if closed_by_router {
+        edge.upstream_ids.give_back(upstream_id);
+    }
 
     edge.metrics.connected_devices.dec();
     edge.metrics
@@ -118,27 +124,27 @@ fn v5_code(reason: DisconnectReason) -> u8 {
 }
 
 /// Connects to the router's port for the device's protocol version, sends the rewritten
-/// CONNECT and relays the CONNACK. `None` if the device is not connected.
+/// CONNECT and relays the CONNACK. `None` if the device is not connected (the client id used
+/// is then burned: see [`UpstreamIds`]).
 async fn open_upstream<W: AsyncWrite + Unpin>(
     edge: &Edge,
     connect: &ConnectInfo,
     device: &DeviceId,
     dw: &mut W,
-) -> Option<TcpStream> {
+) -> Option<(TcpStream, UpstreamId)> {
     let addr = if connect.v5() {
         edge.internal.v5
     } else {
         edge.internal.v4
     };
+    let id = edge
+        .upstream_ids
+        .take(device, &edge.metrics.router_client_ids);
     let attempt = async {
         let mut up = TcpStream::connect(addr).await?;
         up.set_nodelay(true)?;
         let rewritten = connect
-            .rewrite(
-                &upstream_client_id(device),
-                device.as_str(),
-                &edge.internal.password,
-            )
+            .rewrite(&id.to_string(), device.as_str(), &edge.internal.password)
             .map_err(std::io::Error::other)?;
         up.write_all(&rewritten).await?;
         let mut buf = BytesMut::with_capacity(64);
@@ -169,7 +175,7 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
         edge.count_connect(result::ROUTER_REFUSED);
         return None;
     }
-    Some(up)
+    Some((up, id))
 }
 
 /// Per-class counters, resolved once per connection.
@@ -498,26 +504,79 @@ async fn write_or_stop<W: AsyncWrite + Unpin>(
     ok
 }
 
-/// A client id used upstream once only: `{device}~{n}`.
+/// Client ids for the upstream (router) connections: `{device}~{n}`, reused only when safe.
 ///
 /// rumqttd 0.20 keeps a Will handler per client id and, when a connection fails between
 /// CONNECT and CONNACK, leaves a dead one behind; the next CONNECT with that id then panics
 /// inside rumqttd while holding its lock, poisoning it, and every later connection to that
-/// listener panics too. Never reusing an id upstream avoids the trap; takeover by the same
-/// device id is the edge's job (`sessions`), not rumqttd's.
-pub(crate) fn upstream_client_id(device: &DeviceId) -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{device}~{n}")
+/// listener panics too. A reused id whose old connection the router still holds is a takeover
+/// inside rumqttd, whose late disconnect can drop an unrelated connection. So an id goes back
+/// to its device's pool only after its connection got CONNACK 0 and ended with rumqttd
+/// closing the socket (EOF seen: the router has let the connection go); any other ending burns
+/// it. Takeover by the same device id is the edge's job (`sessions`), not rumqttd's.
+///
+/// Reuse matters because rumqttd also keeps a record for every client id that ever
+/// disconnected and never drops it: with a fresh id per connection that was a slow leak of a
+/// few hundred bytes per device connection. `broker_router_client_ids` counts the ids issued.
+#[derive(Default)]
+pub(crate) struct UpstreamIds {
+    free: std::sync::Mutex<HashMap<DeviceId, Vec<u64>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl UpstreamIds {
+    /// An id for a new upstream connection of `device`: a free one, or a fresh one (counted).
+    pub(crate) fn take(
+        &self,
+        device: &DeviceId,
+        issued: &prometheus_client::metrics::gauge::Gauge,
+    ) -> UpstreamId {
+        let reused = self.free.lock().ok().and_then(|mut free| {
+            let slots = free.get_mut(device)?;
+            let n = slots.pop();
+            if slots.is_empty() {
+                free.remove(device);
+            }
+            n
+        });
+        let n = reused.unwrap_or_else(|| {
+            issued.inc();
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        });
+        UpstreamId {
+            device: device.clone(),
+            n,
+        }
+    }
+
+    /// Returns an id whose connection ended safely (see the type's documentation).
+    pub(crate) fn give_back(&self, id: UpstreamId) {
+        if let Ok(mut free) = self.free.lock() {
+            free.entry(id.device).or_default().push(id.n);
+        }
+    }
+}
+
+/// One upstream client id, `{device}~{n}`.
+pub(crate) struct UpstreamId {
+    device: DeviceId,
+    n: u64,
+}
+
+impl std::fmt::Display for UpstreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}~{}", self.device, self.n)
+    }
 }
 
 /// How long to wait for rumqttd to close a connection after a DISCONNECT.
 pub(crate) const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// Reads and discards until the peer closes (or [`UPSTREAM_CLOSE_WAIT`] passes).
-pub(crate) async fn wait_for_eof<R: AsyncRead + Unpin>(r: &mut R) {
+/// Reads and discards until the peer closes (or [`UPSTREAM_CLOSE_WAIT`] passes). Whether it
+/// closed in time.
+pub(crate) async fn wait_for_eof<R: AsyncRead + Unpin>(r: &mut R) -> bool {
     let mut sink = [0u8; 512];
-    let _ = tokio::time::timeout(UPSTREAM_CLOSE_WAIT, async {
+    tokio::time::timeout(UPSTREAM_CLOSE_WAIT, async {
         loop {
             match r.read(&mut sink).await {
                 Ok(0) | Err(_) => return,
@@ -525,5 +584,6 @@ pub(crate) async fn wait_for_eof<R: AsyncRead + Unpin>(r: &mut R) {
             }
         }
     })
-    .await;
+    .await
+    .is_ok()
 }

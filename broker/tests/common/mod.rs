@@ -89,6 +89,29 @@ impl Recorder {
         })
     }
 
+    /// Waits (with a deadline) until `n` events match `pred`.
+    pub async fn wait_count(&self, n: usize, pred: impl Fn(&BrokerEvent) -> bool) {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let notified = self.notify.notified();
+                if self
+                    .events
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|e| pred(e))
+                    .count()
+                    >= n
+                {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("not {n} matching events; got {:?}", self.all()))
+    }
+
     pub fn all(&self) -> Vec<BrokerEvent> {
         self.events.lock().unwrap().clone()
     }
