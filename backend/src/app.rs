@@ -348,6 +348,7 @@ impl App {
             routes,
             self.http_listener,
             self.http_tls,
+            self.ctx.trusted_proxies.clone(),
             self.shutdown.clone(),
             self.tracker.clone(),
         ));

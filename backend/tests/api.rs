@@ -58,26 +58,10 @@ async fn device_lifecycle_works_end_to_end(kind: DbKind) {
     let mut live = Client::connect(app.device_tls(&id, &token))
         .await
         .expect("the registered device connects");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let got: Value = app
-            .admin(Method::GET, &format!("/api/v1/devices/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if got["presence"]["online"] == true {
-            assert_eq!(got["presence"]["peer"], "127.0.0.1", "{got}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "presence never showed online: {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let got = app
+        .wait_device(&id, |d| d["presence"]["online"] == true)
+        .await;
+    assert_eq!(got["presence"]["peer"], "127.0.0.1", "{got}");
     let online: Value = app
         .admin(Method::GET, "/api/v1/devices?online=true")
         .send()

@@ -197,12 +197,7 @@ fn nginx_accepts_the_reverse_proxy_config() {
         .replace(&format!("{live}/privkey.pem"), key.to_str().unwrap());
     let path = dir.path().join("nginx.conf");
     std::fs::write(&path, conf).unwrap();
-    let out = std::process::Command::new("nginx")
-        .arg("-t")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .expect("nginx is installed (packages nginx, libnginx-mod-stream)");
+    let out = nginx(dir.path(), &path, &["-t"]);
     assert!(
         out.status.success(),
         "nginx -t:\n{}",
@@ -279,13 +274,7 @@ impl Nginx {
         }
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
-        let out = std::process::Command::new("nginx")
-            .arg("-e")
-            .arg(dir.join("startup.log"))
-            .arg("-c")
-            .arg(&path)
-            .output()
-            .expect("nginx is installed (packages nginx, libnginx-mod-stream)");
+        let out = nginx(dir, &path, &[]);
         assert!(
             out.status.success(),
             "nginx: {}",
@@ -302,14 +291,21 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("nginx")
-            .arg("-e")
-            .arg(self.dir.join("startup.log"))
-            .arg("-c")
-            .arg(&self.conf)
-            .args(["-s", "stop"])
-            .output();
+        let _ = nginx(&self.dir, &self.conf, &["-s", "stop"]);
     }
+}
+
+/// Runs `nginx -e {dir}/startup.log -c conf extra...` (its start-up log kept out of
+/// /var/log).
+fn nginx(dir: &std::path::Path, conf: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    std::process::Command::new("nginx")
+        .arg("-e")
+        .arg(dir.join("startup.log"))
+        .arg("-c")
+        .arg(conf)
+        .args(extra)
+        .output()
+        .expect("nginx is installed (packages nginx, libnginx-mod-stream)")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,24 +386,10 @@ async fn behind_the_shipped_nginx_the_server_sees_each_client_at_its_own_address
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    // Presence is written by a background task: poll until it has the connection.
-    let deadline = tokio::time::Instant::now() + common::app::DEADLINE;
-    loop {
-        let got: Value = app
-            .admin(reqwest::Method::GET, &format!("/api/v1/devices/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if !got["presence"]["peer"].is_null() {
-            assert_eq!(got["presence"]["peer"], client_ip, "{got}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no presence: {got}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let got = app
+        .wait_device(&id, |d| !d["presence"]["peer"].is_null())
+        .await;
+    assert_eq!(got["presence"]["peer"], client_ip, "{got}");
     drop(nginx);
     app.stop().await;
 }

@@ -126,13 +126,14 @@ pub async fn start(
     let internal = router::start(settings, metrics.lost.clone(), shutdown.clone(), tracker).await?;
 
     let count = usize::from(listeners.plain.is_some()) + usize::from(listeners.tls.is_some());
+    let upstream_ids = edge::pump::UpstreamIds::new(metrics.router_client_ids.clone());
     let edge = Arc::new(edge::Edge {
         settings: settings.clone(),
         auth,
         sink,
         metrics,
         sessions: sessions::Sessions::default(),
-        upstream_ids: edge::pump::UpstreamIds::default(),
+        upstream_ids,
         internal,
         shutdown,
         tracker: tracker.clone(),

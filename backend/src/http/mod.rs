@@ -37,7 +37,7 @@ pub struct Req {
     /// The `Authorization` header.
     pub auth: Option<String>,
     /// The client: the connection's peer, or behind a trusted proxy the address it forwarded
-    /// (port 0 then). See [`client_addr`].
+    /// (port 0 then). See [`client_addr`]; resolved per request in [`server`].
     pub remote: Option<SocketAddr>,
     /// The raw query string (empty when absent).
     pub query: String,
@@ -116,12 +116,10 @@ impl RouteTable {
                 let metrics = metrics.clone();
                 async move {
                     let method = parts.method.clone();
-                    let remote =
-                        client_addr(parts.remote, &parts.forwarded_for, &ctx.trusted_proxies);
                     let req = Req {
                         params,
                         auth: parts.auth,
-                        remote,
+                        remote: parts.remote,
                         query: parts.query,
                         body: parts.body,
                     };
@@ -209,8 +207,6 @@ struct Parts {
     method: Method,
     auth: Option<String>,
     remote: Option<SocketAddr>,
-    /// Every `X-Forwarded-For` header, in order.
-    forwarded_for: Vec<String>,
     query: String,
     body: Result<Bytes, ApiError>,
 }
@@ -230,25 +226,17 @@ fn request_parts() -> BoxedFilter<(Parts,)> {
             }
             Ok((Err(error::rejection_to_error(&r)),))
         });
-    let remote =
-        warp::ext::optional::<server::PeerAddr>().map(|p: Option<server::PeerAddr>| p.map(|p| p.0));
-    let forwarded_for = warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
-        h.get_all("x-forwarded-for")
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect::<Vec<_>>()
-    });
+    let remote = warp::ext::optional::<server::ClientAddr>()
+        .map(|c: Option<server::ClientAddr>| c.map(|c| c.0));
     warp::method()
         .and(auth)
         .and(remote)
-        .and(forwarded_for)
         .and(query)
         .and(body)
-        .map(|method, auth, remote, forwarded_for, query, body| Parts {
+        .map(|method, auth, remote, query, body| Parts {
             method,
             auth,
             remote,
-            forwarded_for,
             query,
             body,
         })
@@ -260,18 +248,20 @@ fn request_parts() -> BoxedFilter<(Parts,)> {
 /// addresses from the right (each proxy appends the address it received from) past trusted
 /// proxies; the first other address is the client. An entry that does not parse ends the walk
 /// at the last address that did: nothing left of it can be trusted.
-pub fn client_addr(
-    peer: Option<SocketAddr>,
-    forwarded_for: &[String],
+pub fn client_addr<'h>(
+    peer: SocketAddr,
+    forwarded_for: impl IntoIterator<Item = &'h HeaderValue, IntoIter: DoubleEndedIterator>,
     trusted: &companion_broker::proxy::Networks,
-) -> Option<SocketAddr> {
-    let peer = peer?;
+) -> SocketAddr {
     if !trusted.contains(peer.ip()) {
-        return Some(peer);
+        return peer;
     }
     let mut client = peer;
-    let hops = forwarded_for.iter().flat_map(|v| v.split(','));
-    for hop in hops.rev() {
+    let hops = forwarded_for
+        .into_iter()
+        .rev()
+        .flat_map(|v| v.to_str().unwrap_or("").rsplit(','));
+    for hop in hops {
         let Some(ip) = parse_hop(hop.trim()) else {
             break;
         };
@@ -280,7 +270,7 @@ pub fn client_addr(
             break;
         }
     }
-    Some(client)
+    client
 }
 
 /// One `X-Forwarded-For` entry: `1.2.3.4`, `2001:db8::1`, `1.2.3.4:5678` or `[2001:db8::1]:80`.
@@ -327,9 +317,11 @@ mod tests {
 
     fn client(peer: &str, xff: &[&str], trusted: &[&str]) -> String {
         let trusted = Networks::parse(trusted).unwrap();
-        let xff: Vec<String> = xff.iter().map(|s| s.to_string()).collect();
-        client_addr(Some(peer.parse().unwrap()), &xff, &trusted)
-            .unwrap()
+        let xff: Vec<HeaderValue> = xff
+            .iter()
+            .map(|s| HeaderValue::from_str(s).unwrap())
+            .collect();
+        client_addr(peer.parse().unwrap(), &xff, &trusted)
             .ip()
             .to_string()
     }

@@ -17,9 +17,12 @@ use tower_service::Service;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
-/// The connection's peer, attached to each request as an extension.
+use companion_broker::proxy::Networks;
+
+/// The request's client, attached to each request as an extension: the connection's peer, or
+/// behind a trusted proxy the address it forwarded (see [`super::client_addr`]).
 #[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
+pub struct ClientAddr(pub SocketAddr);
 
 /// How long a client has to finish the TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,9 +35,11 @@ pub async fn serve(
     filter: BoxedFilter<(Response,)>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    trusted_proxies: Networks,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let trusted_proxies = std::sync::Arc::new(trusted_proxies);
     let graceful = GracefulShutdown::new();
     loop {
         // Cases: a new connection; shutdown.
@@ -53,11 +58,14 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let filter = filter.clone();
         let tls = tls.clone();
+        let trusted_proxies = trusted_proxies.clone();
         let watcher = graceful.watcher();
         tracker.spawn(async move {
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(PeerAddr(peer));
+                    let forwarded = req.headers().get_all("x-forwarded-for");
+                    let client = super::client_addr(peer, forwarded, &trusted_proxies);
+                    req.extensions_mut().insert(ClientAddr(client));
                     let mut svc = warp::service(filter.clone());
                     svc.call(req)
                 },

@@ -132,6 +132,30 @@ impl TestApp {
         )
     }
 
+    /// Polls `GET /api/v1/devices/{id}` until `pred` holds (presence is written by a
+    /// background task) and returns that answer.
+    pub async fn wait_device(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let got: Value = self
+                .admin(reqwest::Method::GET, &format!("/api/v1/devices/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if pred(&got) {
+                return got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the device never got there: {got}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Audit rows for `action` (newest first).
     pub async fn audit(&self, action: &str) -> Vec<Value> {
         let resp = self

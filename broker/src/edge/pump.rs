@@ -137,9 +137,7 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
     } else {
         edge.internal.v4
     };
-    let id = edge
-        .upstream_ids
-        .take(device, &edge.metrics.router_client_ids);
+    let id = edge.upstream_ids.take(device);
     let attempt = async {
         let mut up = TcpStream::connect(addr).await?;
         up.set_nodelay(true)?;
@@ -518,19 +516,24 @@ async fn write_or_stop<W: AsyncWrite + Unpin>(
 /// Reuse matters because rumqttd also keeps a record for every client id that ever
 /// disconnected and never drops it: with a fresh id per connection that was a slow leak of a
 /// few hundred bytes per device connection. `broker_router_client_ids` counts the ids issued.
-#[derive(Default)]
 pub(crate) struct UpstreamIds {
     free: std::sync::Mutex<HashMap<DeviceId, Vec<u64>>>,
     next: std::sync::atomic::AtomicU64,
+    /// `broker_router_client_ids`.
+    issued: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl UpstreamIds {
+    pub(crate) fn new(issued: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            free: Default::default(),
+            next: Default::default(),
+            issued,
+        }
+    }
+
     /// An id for a new upstream connection of `device`: a free one, or a fresh one (counted).
-    pub(crate) fn take(
-        &self,
-        device: &DeviceId,
-        issued: &prometheus_client::metrics::gauge::Gauge,
-    ) -> UpstreamId {
+    pub(crate) fn take(&self, device: &DeviceId) -> UpstreamId {
         let reused = self.free.lock().ok().and_then(|mut free| {
             let slots = free.get_mut(device)?;
             let n = slots.pop();
@@ -540,7 +543,7 @@ impl UpstreamIds {
             n
         });
         let n = reused.unwrap_or_else(|| {
-            issued.inc();
+            self.issued.inc();
             self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         });
         UpstreamId {
