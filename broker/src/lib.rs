@@ -1,20 +1,20 @@
 //! `companion-broker`: the MQTT edge in front of an embedded rumqttd router.
 //!
 //! ```text
-//! device --MQTT(+TLS)--> edge --loopback MQTT--> rumqttd router <--loopback MQTT-- backend
+//! device --MQTT(+TLS)--> edge ==local link==> rumqttd router <==local link== backend
 //! ```
 //!
 //! What [`start`] runs (all on the caller's tokio runtime, tracked by its `TaskTracker`,
 //! stopped by its `CancellationToken`), except rumqttd's router loop, which rumqttd runs on its
 //! own thread:
-//! - [`router`]: rumqttd's `Router` plus one `Server` per protocol version (v4, v5) on
-//!   loopback ports, accepting only this process's random internal credentials, and a task
-//!   counting rumqttd's `CursorJump` alerts.
+//! - [`router`]: rumqttd's `Router` with no listeners of its own, reached only through
+//!   [`link::RouterPort`] (rumqttd local links; nothing else can bypass the edge).
 //! - [`edge`]: one accept loop per device-facing listener (TLS, plain); one task per
 //!   connection doing TLS handshake, CONNECT, authentication ([`Authenticator`]), then the
-//!   pump: an upstream TCP connection to the router and framed packets both ways with ACL
-//!   checks ([`acl`]), size and rate limits. No channels: each connection task owns its two
-//!   sockets and writes directly (back-pressure is TCP's).
+//!   pump: the device's own router link and packets both ways, decoded once, with ACL checks
+//!   ([`acl`]), size and rate limits. Each connection task owns its socket and its link; the
+//!   router's event queue is shared (bounded, 1,000) and waited on before every batch.
+//! - [`local`]: [`LocalClient`], the backend's in-process connection to the router.
 //! - [`sessions`]: live connections by device id, for [`BrokerHandle::kick`] and takeover.
 //! - Events go to the backend's [`EventSink`]; metrics to the shared registry ([`metrics`]).
 
@@ -22,6 +22,8 @@ pub mod acl;
 pub mod auth;
 mod edge;
 pub mod events;
+pub mod link;
+pub mod local;
 pub mod metrics;
 pub mod packet;
 pub mod proxy;
@@ -41,7 +43,8 @@ use tokio_util::task::TaskTracker;
 
 pub use auth::{AuthDecision, AuthRequest, Authenticator, DenyReason};
 pub use events::{AclAction, BrokerEvent, DisconnectReason, EventSink, NullSink};
-pub use router::InternalEndpoint;
+pub use link::{RouterLinkError, RouterPort};
+pub use local::{LocalClient, LocalEvent};
 pub use settings::{MqttSettings, RateSettings, TlsFiles};
 
 /// Client ids starting with this belong to the platform (the backend's router clients); the
@@ -74,7 +77,6 @@ pub struct BrokerHandle {
 impl std::fmt::Debug for BrokerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerHandle")
-            .field("internal", &self.edge.internal)
             .field("connected_devices", &self.connected_devices())
             .finish()
     }
@@ -97,9 +99,14 @@ impl BrokerHandle {
         usize::try_from(self.edge.metrics.connected_devices.get()).unwrap_or(0)
     }
 
-    /// How the backend's MQTT client reaches the router directly.
-    pub fn internal(&self) -> InternalEndpoint {
-        self.edge.internal.clone()
+    /// An in-process client of the router under the reserved id
+    /// `companion-internal-{name}` (the backend's connection; devices can never use it).
+    pub async fn local_client(&self, name: &str) -> Result<LocalClient, RouterLinkError> {
+        LocalClient::open(
+            &self.edge.router,
+            &format!("{RESERVED_CLIENT_ID_PREFIX}-{name}"),
+        )
+        .await
     }
 }
 
@@ -123,18 +130,22 @@ pub async fn start(
         (None, _) => None,
     };
     let metrics = metrics::Metrics::register(registry);
-    let internal = router::start(settings, metrics.lost.clone(), shutdown.clone(), tracker).await?;
+    let router = router::start(
+        settings,
+        metrics.lost.clone(),
+        metrics.router_client_ids.clone(),
+        shutdown.clone(),
+        tracker,
+    )?;
 
     let count = usize::from(listeners.plain.is_some()) + usize::from(listeners.tls.is_some());
-    let upstream_ids = edge::pump::UpstreamIds::new(metrics.router_client_ids.clone());
     let edge = Arc::new(edge::Edge {
         settings: settings.clone(),
         auth,
         sink,
         metrics,
         sessions: sessions::Sessions::default(),
-        upstream_ids,
-        internal,
+        router,
         shutdown,
         tracker: tracker.clone(),
         permits: Arc::new(Semaphore::new(settings.max_connections.max(1))),

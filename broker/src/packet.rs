@@ -45,6 +45,8 @@ pub enum PacketError {
     Protocol(u8),
     #[error("CONNECT could not be decoded: {0}")]
     Connect(String),
+    #[error("malformed packet: {0}")]
+    Malformed(String),
 }
 
 /// The fixed header of a packet.
@@ -252,32 +254,120 @@ impl ConnectInfo {
         self.level == 5
     }
 
-    /// Re-encodes the CONNECT with `username`/`password` replaced (the upstream CONNECT).
-    /// The CONNECT to send upstream: `client_id` replaced (see `edge::pump`), a clean
-    /// session forced (rumqttd never expires persistent sessions), and the login replaced by
-    /// the internal credentials.
-    pub fn rewrite(
-        &self,
-        client_id: &str,
-        username: &str,
-        password: &str,
-    ) -> Result<BytesMut, PacketError> {
-        let mut packet = self.packet.clone();
-        if let Packet::Connect(connect, _, _, _, login) = &mut packet {
-            connect.client_id = client_id.to_owned();
-            connect.clean_session = true;
-            *login = Some(protocol::Login {
-                username: username.to_owned(),
-                password: password.to_owned(),
-            });
-        }
-        let mut out = BytesMut::new();
-        let written = if self.v5() {
-            protocol::v5::V5.write(packet, &mut out)
+    /// The codec for the rest of the connection.
+    pub fn codec(&self) -> Codec {
+        if self.v5() {
+            Codec::V5
         } else {
-            protocol::v4::V4.write(packet, &mut out)
+            Codec::V4
+        }
+    }
+
+    /// The Will as the publish the edge makes for the device when it goes away uncleanly
+    /// (QoS 0 into the router: what subscribers get is their subscription's QoS).
+    pub fn will(&self) -> Option<Packet> {
+        let Packet::Connect(_, _, Some(will), will_props, _) = &self.packet else {
+            return None;
         };
-        written.map_err(|e| PacketError::Connect(format!("{e:?}")))?;
+        let props = will_props.as_ref().map(|p| protocol::PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.clone(),
+            user_properties: p.user_properties.clone(),
+            content_type: p.content_type.clone(),
+            ..Default::default()
+        });
+        Some(Packet::Publish(
+            protocol::Publish::new(will.topic.clone(), will.message.clone(), will.retain),
+            props,
+        ))
+    }
+}
+
+/// One packet from a client.
+#[derive(Debug)]
+pub struct Decoded {
+    /// Bytes on the wire.
+    pub len: usize,
+    /// QoS bits of the fixed header (PUBLISH).
+    pub qos: u8,
+    /// A PUBLISH's packet id (QoS 1 and 2).
+    pub packet_id: Option<u16>,
+    pub packet: Packet,
+}
+
+/// The MQTT codec of one connection (3.1.1 or 5), rumqttd's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    V4,
+    V5,
+}
+
+impl Codec {
+    pub fn v5(self) -> bool {
+        self == Codec::V5
+    }
+
+    /// Takes the next complete packet out of `buf` and decodes it. A packet larger than
+    /// `max_len` is refused as soon as its header is read.
+    pub fn next_packet(
+        self,
+        buf: &mut BytesMut,
+        max_len: usize,
+    ) -> Result<Option<Decoded>, PacketError> {
+        let Some(header) = parse_header(buf)? else {
+            return Ok(None);
+        };
+        let len = header.frame_len();
+        if len > max_len {
+            return Err(PacketError::TooLarge(len));
+        }
+        if buf.len() < len {
+            buf.reserve(len - buf.len());
+            return Ok(None);
+        }
+        // rumqttd keeps a decoded PUBLISH's packet id private; the edge needs it to answer a
+        // publish it drops.
+        let packet_id = if header.kind() == PUBLISH {
+            publish_info(&header, &buf[..len], self.v5())?.packet_id
+        } else {
+            None
+        };
+        let packet = match self {
+            Codec::V4 => protocol::v4::V4.read_mut(buf, max_len),
+            Codec::V5 => protocol::v5::V5.read_mut(buf, max_len),
+        }
+        .map_err(|e| PacketError::Malformed(format!("{e:?}")))?;
+        Ok(Some(Decoded {
+            len,
+            qos: header.qos(),
+            packet_id,
+            packet,
+        }))
+    }
+
+    /// Appends `packet`, encoded, to `out`.
+    pub fn write(self, packet: Packet, out: &mut BytesMut) -> Result<usize, PacketError> {
+        match self {
+            Codec::V4 => protocol::v4::V4.write(packet, out),
+            Codec::V5 => protocol::v5::V5.write(packet, out),
+        }
+        .map_err(|e| PacketError::Malformed(format!("{e:?}")))
+    }
+
+    /// The CONNACK accepting a device; MQTT 5 announces the edge's topic alias limit.
+    pub fn connack_accepted(self, topic_alias_max: u16) -> Result<BytesMut, PacketError> {
+        let props = self.v5().then(|| protocol::ConnAckProperties {
+            topic_alias_max: Some(topic_alias_max),
+            ..Default::default()
+        });
+        let ack = protocol::ConnAck {
+            session_present: false,
+            code: protocol::ConnectReturnCode::Success,
+        };
+        let mut out = BytesMut::with_capacity(16);
+        self.write(Packet::ConnAck(ack, props), &mut out)?;
         Ok(out)
     }
 }
@@ -324,6 +414,19 @@ pub fn connack_code(header: &Header, frame: &[u8]) -> Result<u8, PacketError> {
         .get(header.header_len + 1)
         .copied()
         .ok_or(PacketError::Truncated)
+}
+
+/// The answer to PINGREQ (the same in 3.1.1 and 5).
+pub const PINGRESP: [u8; 2] = [0xD0, 0x00];
+
+/// A CONNACK saying the server cannot take the connection now: 3.1.1 "server unavailable"
+/// (0x03) or 5 "server unavailable" (0x88).
+pub fn connack_unavailable(v5: bool) -> Bytes {
+    if v5 {
+        Bytes::from_static(&[0x20, 0x03, 0x00, 0x88, 0x00])
+    } else {
+        Bytes::from_static(&[0x20, 0x02, 0x00, 0x03])
+    }
 }
 
 /// A CONNACK refusing the connection: 3.1.1 "not authorized" (0x05) or 5 "not authorized" (0x87).

@@ -199,17 +199,6 @@ async fn a_refused_mqtt_5_client_gets_reason_code_0x87() {
 }
 
 #[tokio::test]
-async fn connecting_to_the_router_directly_with_a_device_token_is_refused() {
-    let app = TestApp::start().await;
-    let internal = app.handle.internal();
-    let mut o = rumqttc::MqttOptions::new("a", "127.0.0.1", internal.v4.port());
-    o.set_credentials("a", "token-a");
-    let result = Client::connect(o).await;
-    assert!(result.is_err(), "the router accepted a device token");
-    assert!(!format!("{internal:?}").contains(&internal.password));
-}
-
-#[tokio::test]
 async fn mosquitto_clients_publish_and_subscribe_through_the_tls_edge() {
     let app = TestApp::start().await;
     let mut backend = app.backend("mosq", &["devices/+/telemetry"]).await;

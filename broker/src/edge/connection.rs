@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use companion_schema::DeviceId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{pump, Edge};
+use super::{session, Edge};
 use crate::acl;
 use crate::auth::{AuthDecision, AuthRequest, DenyReason};
 use crate::events::{AclAction, BrokerEvent};
@@ -86,7 +86,7 @@ where
     }
 
     let control = edge.sessions.register(&device, &edge.shutdown).await;
-    pump::session(&edge, stream, buf, &connect, &device, peer, &control).await;
+    session::run(&edge, stream, buf, &connect, &device, peer, &control).await;
     edge.sessions.finish(&device, &control);
 }
 

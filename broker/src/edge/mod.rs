@@ -1,11 +1,14 @@
 //! The device-facing edge: accept loops (plain and TLS), one task per connection.
 //!
 //! - [`connection`]: TLS handshake, CONNECT, identity rules, authentication, Will ACL.
-//! - [`pump`]: the upstream connection to the router and the packet pump both ways (ACL,
+//! - [`session`]: the device's router link (a rumqttd local link under the device's own
+//!   client id), its CONNACK, and the Will on an unclean end.
+//! - [`pump`]: packets both ways between the device socket and the link (ACL, aliases,
 //!   limits, metrics), until the device leaves or is closed.
 
 mod connection;
-pub(crate) mod pump;
+mod pump;
+mod session;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,9 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::events::EventSink;
+use crate::link::RouterPort;
 use crate::metrics::{result, Metrics, ReasonLabel, ResultLabel};
 use crate::proxy;
-use crate::router::InternalEndpoint;
 use crate::sessions::Sessions;
 use crate::settings::MqttSettings;
 
@@ -36,9 +39,8 @@ pub(crate) struct Edge {
     pub sink: Arc<dyn EventSink>,
     pub metrics: Metrics,
     pub sessions: Sessions,
-    /// Client ids for the upstream connections to the router.
-    pub upstream_ids: pump::UpstreamIds,
-    pub internal: InternalEndpoint,
+    /// Where device links to the router are opened.
+    pub router: Arc<RouterPort>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     pub permits: Arc<Semaphore>,

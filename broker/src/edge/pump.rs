@@ -1,10 +1,10 @@
-//! The forwarding half of a device connection: opens the upstream connection to the router
-//! (CONNECT with the password rewritten to the internal secret), then pumps framed packets both
-//! ways, checking the ACL on PUBLISH/SUBSCRIBE/UNSUBSCRIBE and the publish rate, until the
-//! device leaves, breaks a rule, or is closed (kick, takeover, shutdown).
+//! The packet pump of a device connection: device packets are framed, decoded once (rumqttd's
+//! codec), checked (ACL on PUBLISH/SUBSCRIBE/UNSUBSCRIBE, v5 topic aliases, publish rate) and
+//! handed to the router's local link in batches; the router's notifications are encoded for
+//! the device. Runs until the device leaves, breaks a rule, or is closed (kick, takeover,
+//! shutdown).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
@@ -12,169 +12,23 @@ use bytes::{Bytes, BytesMut};
 use companion_schema::{DeviceId, Topic, TopicKind};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::counter::Counter;
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
+use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use super::connection::{acl_denied, read_frame};
 use super::Edge;
 use crate::acl;
-use crate::events::{AclAction, BrokerEvent, DisconnectReason};
-use crate::metrics::{result, ClassLabel, ReasonLabel};
-use crate::packet::{self, reason, ConnectInfo, Header, PacketError};
+use crate::events::{AclAction, DisconnectReason};
+use crate::link::{self, Link};
+use crate::metrics::{ClassLabel, ReasonLabel};
+use crate::packet::{self, Codec, PacketError};
 use crate::sessions::Control;
 
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
-const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Largest packet accepted from the router (the backend's publishes are bounded by schema).
-const MAX_DOWN_PACKET: usize = 4 * 1024 * 1024;
-/// A device may hold at most this many MQTT 5 topic aliases.
-const MAX_TOPIC_ALIASES: usize = 64;
+/// A device may hold at most this many MQTT 5 topic aliases (announced in the CONNACK).
+pub(super) const MAX_TOPIC_ALIASES: u16 = 64;
 /// A gap this long without a dropped publish ends an over-limit episode.
 const OVER_LIMIT_GAP: Duration = Duration::from_secs(1);
 const BUFFER: usize = 8 * 1024;
-
-/// Runs the session after authentication. Emits Connected/Disconnected.
-pub(super) async fn session<S>(
-    edge: &Edge,
-    device_io: S,
-    device_buf: BytesMut,
-    connect: &ConnectInfo,
-    device: &DeviceId,
-    peer: SocketAddr,
-    control: &Control,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let (mut dr, mut dw) = tokio::io::split(device_io);
-    let Some((mut upstream, upstream_id)) = open_upstream(edge, connect, device, &mut dw).await
-    else {
-        return;
-    };
-    edge.count_connect(result::ACCEPTED);
-    edge.metrics.connected_devices.inc();
-    edge.sink.send(BrokerEvent::Connected {
-        device: device.clone(),
-        peer,
-        protocol: connect.level,
-    });
-    tracing::info!(device_id = %device, %peer, protocol = connect.level, "device connected");
-
-    let mut pump = Pump::new(edge, device.clone(), connect.v5());
-    let keepalive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    let (mut ur, mut uw) = upstream.split();
-    let reason = pump
-        .run(
-            &mut dr, &mut dw, &mut ur, &mut uw, device_buf, keepalive, control,
-        )
-        .await;
-
-    // Anything but a clean DISCONNECT drops the upstream without one: rumqttd then publishes
-    // the device's Will.
-    if connect.v5() && reason != DisconnectReason::Clean {
-        let code = v5_code(reason);
-        let _ = tokio::time::timeout(
-            FINAL_WRITE_TIMEOUT,
-            dw.write_all(&packet::disconnect_v5(code)),
-        )
-        .await;
-    }
-    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.shutdown()).await;
-    // Let rumqttd close the upstream: after the forwarded DISCONNECT, or after our FIN (no
-    // DISCONNECT, so rumqttd publishes the Will). Closing it first races rumqttd 0.20's
-    // router: its link then reports a second disconnect for a connection id the router has
-    // already freed and may have handed to a new client, which it then drops (seen as the
-    // backend's connection vanishing under load). Seeing its EOF also frees the client id.
-    if reason != DisconnectReason::Clean {
-        let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, uw.shutdown()).await;
-    }
-    let closed_by_router = !edge.shutdown.is_cancelled() && wait_for_eof(&mut ur).await;
-    drop(upstream);
-    if closed_by_router {
-        edge.upstream_ids.give_back(upstream_id);
-    }
-
-    edge.metrics.connected_devices.dec();
-    edge.metrics
-        .disconnects
-        .get_or_create(&ReasonLabel {
-            reason: reason.as_str(),
-        })
-        .inc();
-    tracing::info!(device_id = %device, reason = reason.as_str(), "device disconnected");
-    edge.sink.send(BrokerEvent::Disconnected {
-        device: device.clone(),
-        reason,
-    });
-}
-
-fn v5_code(reason: DisconnectReason) -> u8 {
-    match reason {
-        DisconnectReason::AclViolation => reason::NOT_AUTHORIZED,
-        DisconnectReason::RateLimited => reason::MESSAGE_RATE_TOO_HIGH,
-        DisconnectReason::PacketTooLarge => reason::PACKET_TOO_LARGE,
-        DisconnectReason::Kicked => reason::ADMINISTRATIVE_ACTION,
-        DisconnectReason::Takeover => reason::SESSION_TAKEN_OVER,
-        DisconnectReason::ServerShutdown => reason::SERVER_SHUTTING_DOWN,
-        DisconnectReason::KeepaliveTimeout => reason::KEEP_ALIVE_TIMEOUT,
-        DisconnectReason::ProtocolError
-        | DisconnectReason::NetworkError
-        | DisconnectReason::Clean => reason::PROTOCOL_ERROR,
-    }
-}
-
-/// Connects to the router's port for the device's protocol version, sends the rewritten
-/// CONNECT and relays the CONNACK. `None` if the device is not connected (the client id used
-/// is then burned: see [`UpstreamIds`]).
-async fn open_upstream<W: AsyncWrite + Unpin>(
-    edge: &Edge,
-    connect: &ConnectInfo,
-    device: &DeviceId,
-    dw: &mut W,
-) -> Option<(TcpStream, UpstreamId)> {
-    let addr = if connect.v5() {
-        edge.internal.v5
-    } else {
-        edge.internal.v4
-    };
-    let id = edge.upstream_ids.take(device);
-    let attempt = async {
-        let mut up = TcpStream::connect(addr).await?;
-        up.set_nodelay(true)?;
-        let rewritten = connect
-            .rewrite(&id.to_string(), device.as_str(), &edge.internal.password)
-            .map_err(std::io::Error::other)?;
-        up.write_all(&rewritten).await?;
-        let mut buf = BytesMut::with_capacity(64);
-        match read_frame(&mut up, &mut buf, MAX_DOWN_PACKET).await {
-            Ok(Some((h, frame))) if h.kind() == packet::CONNACK => Ok((up, h, frame)),
-            other => Err(std::io::Error::other(format!(
-                "no CONNACK from router: {other:?}"
-            ))),
-        }
-    };
-    let (up, header, connack) = match tokio::time::timeout(UPSTREAM_TIMEOUT, attempt).await {
-        Ok(Ok(ok)) => ok,
-        Ok(Err(e)) => {
-            tracing::error!(device_id = %device, error = %e, "router connection failed");
-            edge.count_connect(result::UPSTREAM_ERROR);
-            return None;
-        }
-        Err(_) => {
-            tracing::error!(device_id = %device, "router connection timed out");
-            edge.count_connect(result::UPSTREAM_ERROR);
-            return None;
-        }
-    };
-    let code = packet::connack_code(&header, &connack).unwrap_or(u8::MAX);
-    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.write_all(&connack)).await;
-    if code != 0 {
-        tracing::warn!(device_id = %device, code, "router refused the connection");
-        edge.count_connect(result::ROUTER_REFUSED);
-        return None;
-    }
-    Some((up, id))
-}
 
 /// Per-class counters, resolved once per connection.
 struct ClassCounters {
@@ -182,11 +36,12 @@ struct ClassCounters {
     bytes: Counter,
 }
 
-struct Pump<'a> {
+pub(super) struct Pump<'a> {
     edge: &'a Edge,
     device: DeviceId,
-    v5: bool,
-    aliases: HashMap<u16, TopicKind>,
+    codec: Codec,
+    /// MQTT 5 topic aliases the device set: alias → (kind, topic).
+    aliases: HashMap<u16, (TopicKind, Bytes)>,
     control_limit: DefaultDirectRateLimiter,
     audio_limit: DefaultDirectRateLimiter,
     over_since: Option<Instant>,
@@ -197,27 +52,28 @@ struct Pump<'a> {
     counters_out: HashMap<Option<TopicKind>, ClassCounters>,
 }
 
-/// The outcome of a batch of device packets.
+/// The outcome of a batch of packets.
+#[derive(Debug, PartialEq, Eq)]
 enum Step {
     Continue,
-    /// The device sent DISCONNECT (forwarded).
+    /// The device sent DISCONNECT.
     Clean,
     Close(DisconnectReason),
 }
 
 fn quota(per_s: u32, burst: u32) -> Quota {
-    let per_s = NonZeroU32::new(per_s).unwrap_or(NonZeroU32::MIN);
+    let per_s = NonZeroU32::new(per_s.max(1)).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(burst).unwrap_or(per_s);
     Quota::per_second(per_s).allow_burst(burst)
 }
 
 impl<'a> Pump<'a> {
-    fn new(edge: &'a Edge, device: DeviceId, v5: bool) -> Self {
+    pub(super) fn new(edge: &'a Edge, device: DeviceId, codec: Codec) -> Self {
         let rate = &edge.settings.rate;
         Self {
             edge,
             device,
-            v5,
+            codec,
             aliases: HashMap::new(),
             control_limit: RateLimiter::direct(quota(rate.control_per_s, rate.control_burst)),
             audio_limit: RateLimiter::direct(quota(rate.audio_per_s, rate.audio_burst)),
@@ -236,45 +92,51 @@ impl<'a> Pump<'a> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn run<DR, DW, UR, UW>(
+    /// Pumps until the connection ends; the reason it ended.
+    pub(super) async fn run<R, W>(
         &mut self,
-        dr: &mut DR,
-        dw: &mut DW,
-        ur: &mut UR,
-        uw: &mut UW,
+        dr: &mut R,
+        dw: &mut W,
+        link: &mut Link,
         mut dbuf: BytesMut,
         keepalive: Option<Duration>,
         control: &Control,
     ) -> DisconnectReason
     where
-        DR: AsyncRead + Unpin,
-        DW: AsyncWrite + Unpin,
-        UR: AsyncRead + Unpin,
-        UW: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
     {
         let max = self.edge.settings.max_packet_size;
-        let mut ubuf = BytesMut::with_capacity(BUFFER);
-        let mut to_router = BytesMut::with_capacity(BUFFER);
+        let mut to_router: Vec<Packet> = Vec::new();
         let mut to_device = BytesMut::with_capacity(BUFFER);
+        let mut notes: Vec<Notification> = Vec::new();
+        let mut unscheduled = false;
         let far = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
-        // Bytes that arrived with the CONNECT.
-        let mut step = self.check_from_device(&mut dbuf, max, &mut to_router, &mut to_device);
+        // Packets that arrived with the CONNECT.
+        let mut step = self.from_device(&mut dbuf, max, &mut to_router, &mut to_device);
         loop {
             if !to_device.is_empty() && !write_or_stop(dw, &mut to_device, control).await {
                 return write_failed(control);
             }
-            if !to_router.is_empty() && !write_or_stop(uw, &mut to_router, control).await {
-                return write_failed(control);
+            if unscheduled {
+                unscheduled = false;
+                if let Err(e) = link.wake().await {
+                    tracing::warn!(device_id = %self.device, error = %e, "router link lost");
+                    return DisconnectReason::ProtocolError;
+                }
+            }
+            if let Err(e) = link.send(&mut to_router).await {
+                tracing::warn!(device_id = %self.device, error = %e, "router link lost");
+                return DisconnectReason::ProtocolError;
             }
             match step {
                 Step::Continue => {}
                 Step::Clean => return DisconnectReason::Clean,
                 Step::Close(reason) => return reason,
             }
-            // Cases: closed (kick, takeover, shutdown); bytes from the device; bytes from the
-            // router; keep-alive expired.
+            // Cases: closed (kick, takeover, shutdown); bytes from the device; notifications
+            // from the router; keep-alive expired.
             tokio::select! {
                 _ = control.stop.cancelled() => return stopped_or(control, DisconnectReason::ServerShutdown),
                 read = dr.read_buf(&mut dbuf) => {
@@ -282,17 +144,14 @@ impl<'a> Pump<'a> {
                         return DisconnectReason::NetworkError;
                     }
                     deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
-                    step = self.check_from_device(&mut dbuf, max, &mut to_router, &mut to_device);
+                    step = self.from_device(&mut dbuf, max, &mut to_router, &mut to_device);
                 }
-                read = ur.read_buf(&mut ubuf) => {
-                    if !matches!(read, Ok(n) if n > 0) {
-                        tracing::debug!(device_id = %self.device, "router closed the connection");
-                        return DisconnectReason::NetworkError;
+                got = link.recv(&mut notes) => {
+                    if got.is_err() {
+                        tracing::warn!(device_id = %self.device, "the router closed the link");
+                        return DisconnectReason::ProtocolError;
                     }
-                    step = match self.frame_from_router(&mut ubuf, &mut to_device) {
-                        Ok(()) => Step::Continue,
-                        Err(_) => Step::Close(DisconnectReason::ProtocolError),
-                    };
+                    (step, unscheduled) = self.from_router(&mut notes, &mut to_device);
                 }
                 _ = tokio::time::sleep_until(deadline), if keepalive.is_some() => {
                     return DisconnectReason::KeepaliveTimeout;
@@ -301,80 +160,119 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// Checks every complete device packet in `buf`; allowed ones go to `to_router`, the
-    /// edge's own answers (PUBACK for a dropped publish) to `to_device`.
-    fn check_from_device(
+    /// Decodes and checks every complete device packet in `buf`; allowed ones go to
+    /// `to_router`, the edge's own answers (PINGRESP, PUBACK for a dropped publish) to
+    /// `to_device`.
+    fn from_device(
         &mut self,
         buf: &mut BytesMut,
         max: usize,
-        to_router: &mut BytesMut,
+        to_router: &mut Vec<Packet>,
         to_device: &mut BytesMut,
     ) -> Step {
         loop {
-            let (header, frame) = match packet::next_frame(buf, max) {
-                Ok(Some(f)) => f,
+            let decoded = match self.codec.next_packet(buf, max) {
+                Ok(Some(p)) => p,
                 Ok(None) => return Step::Continue,
                 Err(PacketError::TooLarge(len)) => {
                     tracing::warn!(device_id = %self.device, len, max, "packet too large");
                     return Step::Close(DisconnectReason::PacketTooLarge);
                 }
-                Err(_) => return Step::Close(DisconnectReason::ProtocolError),
+                Err(e) => {
+                    tracing::debug!(device_id = %self.device, error = %e, "bad packet");
+                    return Step::Close(DisconnectReason::ProtocolError);
+                }
             };
-            match header.kind() {
-                packet::PUBLISH => match self.check_publish(&header, &frame, to_device) {
-                    Ok(true) => to_router.extend_from_slice(&frame),
-                    Ok(false) => {}
-                    Err(reason) => return Step::Close(reason),
-                },
-                packet::SUBSCRIBE | packet::UNSUBSCRIBE => {
-                    let Ok(filters) = packet::filters(&header, &frame, self.v5) else {
-                        return Step::Close(DisconnectReason::ProtocolError);
-                    };
-                    if let Some(bad) = filters
+            let (len, qos, packet_id) = (decoded.len, decoded.qos, decoded.packet_id);
+            let packet = decoded.packet;
+            match packet {
+                Packet::Publish(publish, props) => {
+                    match self.check_publish(publish, props, len, (qos, packet_id), to_device) {
+                        Ok(Some(p)) => to_router.push(p),
+                        Ok(None) => {}
+                        Err(reason) => return Step::Close(reason),
+                    }
+                }
+                Packet::Subscribe(ref s, _) => {
+                    if let Some(bad) = s
+                        .filters
+                        .iter()
+                        .find(|f| !acl::may_subscribe(&self.device, &f.path))
+                    {
+                        super::connection::acl_denied(
+                            self.edge,
+                            &self.device,
+                            AclAction::Subscribe,
+                            &bad.path,
+                        );
+                        return Step::Close(DisconnectReason::AclViolation);
+                    }
+                    to_router.push(packet);
+                }
+                Packet::Unsubscribe(ref u, _) => {
+                    if let Some(bad) = u
+                        .filters
                         .iter()
                         .find(|f| !acl::may_subscribe(&self.device, f))
                     {
-                        acl_denied(self.edge, &self.device, AclAction::Subscribe, bad);
+                        super::connection::acl_denied(
+                            self.edge,
+                            &self.device,
+                            AclAction::Subscribe,
+                            bad,
+                        );
                         return Step::Close(DisconnectReason::AclViolation);
                     }
-                    to_router.extend_from_slice(&frame);
+                    to_router.push(packet);
                 }
-                packet::CONNECT => return Step::Close(DisconnectReason::ProtocolError),
-                packet::DISCONNECT => {
-                    to_router.extend_from_slice(&frame);
+                // Answered here: the router has nothing to add to a ping.
+                Packet::PingReq(_) => to_device.extend_from_slice(&packet::PINGRESP),
+                Packet::Disconnect(..) => {
+                    to_router.push(packet);
                     return Step::Clean;
                 }
-                _ => to_router.extend_from_slice(&frame),
+                Packet::PubAck(..)
+                | Packet::PubRec(..)
+                | Packet::PubRel(..)
+                | Packet::PubComp(..) => to_router.push(packet),
+                // CONNECT twice, or packets only a server sends.
+                _ => return Step::Close(DisconnectReason::ProtocolError),
             }
         }
     }
 
-    /// `Ok(true)`: forward; `Ok(false)`: dropped (rate limit); `Err`: close the connection.
+    /// `Ok(Some)`: the publish to route (aliases resolved); `Ok(None)`: dropped (rate limit);
+    /// `Err`: close the connection.
     fn check_publish(
         &mut self,
-        header: &Header,
-        frame: &Bytes,
+        mut publish: Publish,
+        mut props: Option<PublishProperties>,
+        len: usize,
+        ids: (u8, Option<u16>),
         to_device: &mut BytesMut,
-    ) -> Result<bool, DisconnectReason> {
-        let info = packet::publish_info(header, frame, self.v5)
-            .map_err(|_| DisconnectReason::ProtocolError)?;
-        let kind = if info.topic.is_empty() {
+    ) -> Result<Option<Packet>, DisconnectReason> {
+        let alias = props.as_mut().and_then(|p| p.topic_alias.take());
+        let kind = if publish.topic.is_empty() {
             // MQTT 5: a topic alias set earlier (its topic passed the ACL then).
-            let alias = info.topic_alias.ok_or(DisconnectReason::ProtocolError)?;
-            *self
+            let alias = alias.ok_or(DisconnectReason::ProtocolError)?;
+            let (kind, topic) = self
                 .aliases
                 .get(&alias)
-                .ok_or(DisconnectReason::ProtocolError)?
+                .ok_or(DisconnectReason::ProtocolError)?;
+            publish.topic = topic.clone();
+            *kind
         } else {
-            let Some(kind) = acl::may_publish(&self.device, info.topic) else {
-                acl_denied(self.edge, &self.device, AclAction::Publish, info.topic);
+            let topic =
+                std::str::from_utf8(&publish.topic).map_err(|_| DisconnectReason::ProtocolError)?;
+            let Some(kind) = acl::may_publish(&self.device, topic) else {
+                super::connection::acl_denied(self.edge, &self.device, AclAction::Publish, topic);
                 return Err(DisconnectReason::AclViolation);
             };
-            if let Some(alias) = info.topic_alias {
-                if self.aliases.len() >= MAX_TOPIC_ALIASES && !self.aliases.contains_key(&alias) {
+            if let Some(alias) = alias {
+                if alias == 0 || alias > MAX_TOPIC_ALIASES {
                     return Err(DisconnectReason::ProtocolError);
                 }
-                self.aliases.insert(alias, kind);
+                self.aliases.insert(alias, (kind, publish.topic.clone()));
             }
             kind
         };
@@ -385,24 +283,23 @@ impl<'a> Pump<'a> {
             &self.control_limit
         };
         if limiter.check().is_err() {
-            return self
-                .drop_publish(header, info.packet_id, to_device)
-                .map(|()| false);
+            return self.drop_publish(ids, to_device).map(|()| None);
         }
         let counters = class_counters(&mut self.counters_in, Some(kind), || {
             (&self.edge.metrics.messages_in, &self.edge.metrics.bytes_in)
         });
         counters.messages.inc();
-        counters.bytes.inc_by(frame.len() as u64);
-        Ok(true)
+        counters.bytes.inc_by(len as u64);
+        // Properties without the alias; none at all when nothing else was set.
+        let props = props.filter(|p| *p != PublishProperties::default());
+        Ok(Some(Packet::Publish(publish, props)))
     }
 
     /// Drops an over-limit PUBLISH (acknowledging QoS 1); a device over the limit for the
     /// configured time, or flooding at QoS 2, is disconnected.
     fn drop_publish(
         &mut self,
-        header: &Header,
-        packet_id: Option<u16>,
+        (qos, packet_id): (u8, Option<u16>),
         to_device: &mut BytesMut,
     ) -> Result<(), DisconnectReason> {
         self.dropped.inc();
@@ -421,38 +318,57 @@ impl<'a> Pump<'a> {
             tracing::warn!(device_id = %self.device, "publish rate over the limit for too long");
             return Err(DisconnectReason::RateLimited);
         }
-        match (header.qos(), packet_id) {
+        match (qos, packet_id) {
             (0, _) => Ok(()),
             (1, Some(id)) => {
-                to_device.extend_from_slice(&packet::puback_dropped(id, self.v5));
+                to_device.extend_from_slice(&packet::puback_dropped(id, self.codec.v5()));
                 Ok(())
             }
             _ => Err(DisconnectReason::RateLimited),
         }
     }
 
-    /// Frames router packets for the device, counting publishes by class.
-    fn frame_from_router(
+    /// Encodes the router's notifications for the device, counting publishes by class.
+    /// Returns the step and whether the router unscheduled the link (answer with `wake`).
+    fn from_router(
         &mut self,
-        buf: &mut BytesMut,
+        notes: &mut Vec<Notification>,
         to_device: &mut BytesMut,
-    ) -> Result<(), PacketError> {
-        while let Some((header, frame)) = packet::next_frame(buf, MAX_DOWN_PACKET)? {
-            if header.kind() == packet::PUBLISH {
-                let kind = packet::publish_info(&header, &frame, self.v5)
-                    .ok()
-                    .and_then(|i| Topic::parse(i.topic).ok())
-                    .map(|t| t.kind);
+    ) -> (Step, bool) {
+        let mut unscheduled = false;
+        for note in notes.drain(..) {
+            if let Notification::Disconnect(ref d, _) = note {
+                tracing::warn!(device_id = %self.device, reason = ?d.reason_code, "the router dropped the connection");
+                return (Step::Close(DisconnectReason::ProtocolError), unscheduled);
+            }
+            let kind = match &note {
+                Notification::Forward(f) => Some(
+                    std::str::from_utf8(&f.publish.topic)
+                        .ok()
+                        .and_then(|t| Topic::parse(t).ok())
+                        .map(|t| t.kind),
+                ),
+                _ => None,
+            };
+            let Some(packet) = link::into_packet(note) else {
+                unscheduled = true;
+                continue;
+            };
+            let before = to_device.len();
+            if let Err(e) = self.codec.write(packet, to_device) {
+                tracing::warn!(device_id = %self.device, error = %e, "router packet could not be encoded");
+                return (Step::Close(DisconnectReason::ProtocolError), unscheduled);
+            }
+            if let Some(kind) = kind {
                 let metrics = &self.edge.metrics;
                 let c = class_counters(&mut self.counters_out, kind, || {
                     (&metrics.messages_out, &metrics.bytes_out)
                 });
                 c.messages.inc();
-                c.bytes.inc_by(frame.len() as u64);
+                c.bytes.inc_by((to_device.len() - before) as u64);
             }
-            to_device.extend_from_slice(&frame);
         }
-        Ok(())
+        (Step::Continue, unscheduled)
     }
 }
 
@@ -500,93 +416,4 @@ async fn write_or_stop<W: AsyncWrite + Unpin>(
     };
     buf.clear();
     ok
-}
-
-/// Client ids for the upstream (router) connections: `{device}~{n}`, reused only when safe.
-///
-/// rumqttd 0.20 keeps a Will handler per client id and, when a connection fails between
-/// CONNECT and CONNACK, leaves a dead one behind; the next CONNECT with that id then panics
-/// inside rumqttd while holding its lock, poisoning it, and every later connection to that
-/// listener panics too. A reused id whose old connection the router still holds is a takeover
-/// inside rumqttd, whose late disconnect can drop an unrelated connection. So an id goes back
-/// to its device's pool only after its connection got CONNACK 0 and ended with rumqttd
-/// closing the socket (EOF seen: the router has let the connection go); any other ending burns
-/// it. Takeover by the same device id is the edge's job (`sessions`), not rumqttd's.
-///
-/// Reuse matters because rumqttd also keeps a record for every client id that ever
-/// disconnected and never drops it: with a fresh id per connection that was a slow leak of a
-/// few hundred bytes per device connection. `broker_router_client_ids` counts the ids issued.
-pub(crate) struct UpstreamIds {
-    free: std::sync::Mutex<HashMap<DeviceId, Vec<u64>>>,
-    next: std::sync::atomic::AtomicU64,
-    /// `broker_router_client_ids`.
-    issued: prometheus_client::metrics::gauge::Gauge,
-}
-
-impl UpstreamIds {
-    pub(crate) fn new(issued: prometheus_client::metrics::gauge::Gauge) -> Self {
-        Self {
-            free: Default::default(),
-            next: Default::default(),
-            issued,
-        }
-    }
-
-    /// An id for a new upstream connection of `device`: a free one, or a fresh one (counted).
-    pub(crate) fn take(&self, device: &DeviceId) -> UpstreamId {
-        let reused = self.free.lock().ok().and_then(|mut free| {
-            let slots = free.get_mut(device)?;
-            let n = slots.pop();
-            if slots.is_empty() {
-                free.remove(device);
-            }
-            n
-        });
-        let n = reused.unwrap_or_else(|| {
-            self.issued.inc();
-            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        });
-        UpstreamId {
-            device: device.clone(),
-            n,
-        }
-    }
-
-    /// Returns an id whose connection ended safely (see the type's documentation).
-    pub(crate) fn give_back(&self, id: UpstreamId) {
-        if let Ok(mut free) = self.free.lock() {
-            free.entry(id.device).or_default().push(id.n);
-        }
-    }
-}
-
-/// One upstream client id, `{device}~{n}`.
-pub(crate) struct UpstreamId {
-    device: DeviceId,
-    n: u64,
-}
-
-impl std::fmt::Display for UpstreamId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}~{}", self.device, self.n)
-    }
-}
-
-/// How long to wait for rumqttd to close a connection after a DISCONNECT.
-pub(crate) const UPSTREAM_CLOSE_WAIT: Duration = Duration::from_secs(2);
-
-/// Reads and discards until the peer closes (or [`UPSTREAM_CLOSE_WAIT`] passes). Whether it
-/// closed in time.
-pub(crate) async fn wait_for_eof<R: AsyncRead + Unpin>(r: &mut R) -> bool {
-    let mut sink = [0u8; 512];
-    tokio::time::timeout(UPSTREAM_CLOSE_WAIT, async {
-        loop {
-            match r.read(&mut sink).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .is_ok()
 }

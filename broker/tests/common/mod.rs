@@ -225,16 +225,14 @@ impl TestApp {
         o
     }
 
-    /// The backend's view: an internal client connected straight to the router, subscribed.
+    /// The backend's view: an in-process client of the router (a local link), subscribed.
     pub async fn backend(&self, name: &str, filters: &[&str]) -> Client {
-        let internal = self.handle.internal();
-        let mut o = MqttOptions::new(
-            format!("{}-{name}", companion_broker::RESERVED_CLIENT_ID_PREFIX),
-            internal.v4.ip().to_string(),
-            internal.v4.port(),
-        );
-        o.set_credentials(internal.username, internal.password);
-        let client = Client::connect(o).await.expect("backend connects");
+        let local = self
+            .handle
+            .local_client(name)
+            .await
+            .expect("the router takes a local client");
+        let client = Client::local(local);
         for f in filters {
             client.subscribe(f).await;
         }
@@ -264,13 +262,97 @@ pub enum Seen {
     Closed(String),
 }
 
-/// A rumqttc 3.1.1 client whose event loop runs in a task.
+/// The sending half of a test client: a rumqttc client (devices) or a local link (backend).
+pub enum Conn {
+    Mqtt(AsyncClient),
+    Local(mpsc::Sender<LocalCmd>),
+}
+
+pub enum LocalCmd {
+    Publish(String, Vec<u8>, bool),
+    Subscribe(String),
+}
+
+impl Conn {
+    pub async fn publish(
+        &self,
+        topic: impl Into<String>,
+        qos: QoS,
+        retain: bool,
+        payload: impl Into<Vec<u8>>,
+    ) -> Result<(), String> {
+        match self {
+            Conn::Mqtt(c) => c
+                .publish(topic, qos, retain, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Conn::Local(tx) => tx
+                .send(LocalCmd::Publish(topic.into(), payload.into(), retain))
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), String> {
+        match self {
+            Conn::Mqtt(c) => c.subscribe(filter, qos).await.map_err(|e| e.to_string()),
+            Conn::Local(tx) => tx
+                .send(LocalCmd::Subscribe(filter.to_owned()))
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn disconnect(&self) -> Result<(), String> {
+        match self {
+            Conn::Mqtt(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Conn::Local(_) => Ok(()),
+        }
+    }
+}
+
+/// A client whose connection is driven by a task; what it receives arrives on `rx`.
 pub struct Client {
-    pub client: AsyncClient,
+    pub client: Conn,
     pub rx: mpsc::Receiver<Seen>,
 }
 
 impl Client {
+    /// A local router client driven by a task.
+    pub fn local(mut local: companion_broker::LocalClient) -> Client {
+        let (tx, rx) = mpsc::channel(1024);
+        let (cmd_tx, mut cmd_rx) = mpsc::channel::<LocalCmd>(64);
+        tokio::spawn(async move {
+            loop {
+                // Cases: a command from the test; something from the router.
+                tokio::select! {
+                    cmd = cmd_rx.recv() => match cmd {
+                        Some(LocalCmd::Publish(t, p, retain)) => local.publish(t, p, retain).await.unwrap(),
+                        Some(LocalCmd::Subscribe(f)) => local.subscribe(&[f.as_str()]).await.unwrap(),
+                        None => return,
+                    },
+                    ev = local.next() => {
+                        let seen = match ev {
+                            Ok(companion_broker::LocalEvent::Publish { topic, payload, .. }) => Seen::Publish {
+                                topic: String::from_utf8(topic.to_vec()).unwrap(),
+                                payload: payload.to_vec(),
+                            },
+                            Ok(companion_broker::LocalEvent::SubAck) => Seen::SubAck,
+                            Err(e) => Seen::Closed(e.to_string()),
+                        };
+                        if tx.send(seen).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Client {
+            client: Conn::Local(cmd_tx),
+            rx,
+        }
+    }
+
     /// Connects and waits for the CONNACK; the refusal error otherwise.
     pub async fn connect(opts: MqttOptions) -> Result<Client, rumqttc::ConnectionError> {
         let (client, mut el) = AsyncClient::new(opts, 64);
@@ -279,7 +361,10 @@ impl Client {
             .expect("CONNACK in time")?;
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(drive(el, tx));
-        Ok(Client { client, rx })
+        Ok(Client {
+            client: Conn::Mqtt(client),
+            rx,
+        })
     }
 
     pub async fn subscribe(&self, filter: &str) {

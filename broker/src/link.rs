@@ -1,0 +1,220 @@
+//! The router's network layer, in process: rumqttd's local links (`LinkBuilder`, `LinkTx`,
+//! `LinkRx`), which are what rumqttd's own network link is built on, driven from async code.
+//!
+//! rumqttd 0.20 keeps the async halves of that API crate-private (`LinkTx::notify`,
+//! `LinkRx::exchange`) and leaves blocking ones public, so this module supplies the rest:
+//! - opening a link blocks until the router thread answers: it runs on tokio's blocking pool;
+//! - `LinkTx::send` makes a *blocking* send on the router's bounded (1,000) event channel: a
+//!   batch goes out only after [`RouterPort::wait_for_room`] saw room for it, so the send never
+//!   waits in practice (the router thread never waits on links: it only `try_send`s to them);
+//! - notifications are taken a batch at a time (`LinkRx::next` for the first, then polled
+//!   without waiting for the rest);
+//! - `Notification::Unschedule` (the link's buffer was full and the router paused it) is
+//!   answered with `wake` once the batch is written, or delivery to the link stops;
+//! - every forwarded publish carries its offset in the filter's commit log, so a jump in
+//!   offsets is messages the router dropped before this link read them (a slow reader whose
+//!   log segment was rotated away): counted in `broker_messages_lost_total`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use companion_schema::{Topic, TopicKind};
+use futures::FutureExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::Packet;
+use rumqttd::Notification;
+
+/// Capacity of rumqttd 0.20's router event channel (`Router::new`: `bounded(1000)`).
+const ROUTER_QUEUE: usize = 1000;
+/// Room left for senders that checked at the same moment (tokio workers, blocking threads).
+const ROUTER_QUEUE_HEADROOM: usize = 64;
+/// How long a sender waits for room before the router counts as gone.
+const ROUTER_STALL_LIMIT: Duration = Duration::from_secs(10);
+const ROOM_POLL: Duration = Duration::from_millis(1);
+
+/// Why a link stopped working.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterLinkError {
+    #[error("the router refused the link: {0}")]
+    Open(String),
+    #[error("the router closed the link")]
+    Closed,
+    #[error("the router has not taken events for {0:?}")]
+    Stalled(Duration),
+}
+
+type BuildFn =
+    dyn Fn(&str) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync + 'static;
+
+/// The way into a running router: opens links and watches its event queue. rumqttd's
+/// `Router::spawn` hands out a sender whose event type is private, so it lives in closures.
+pub struct RouterPort {
+    build: Box<BuildFn>,
+    queued: Box<dyn Fn() -> usize + Send + Sync>,
+    lost: Counter,
+    /// Client ids the router has seen (it keeps a small record per id for good), counted in
+    /// `broker_router_client_ids`.
+    ids: std::sync::Mutex<std::collections::HashSet<String>>,
+    ids_gauge: Gauge,
+}
+
+impl RouterPort {
+    pub(crate) fn new(
+        build: Box<BuildFn>,
+        queued: Box<dyn Fn() -> usize + Send + Sync>,
+        lost: Counter,
+        ids_gauge: Gauge,
+    ) -> Self {
+        Self {
+            build,
+            queued,
+            lost,
+            ids: Default::default(),
+            ids_gauge,
+        }
+    }
+
+    /// Waits until the router's event queue has room for one more event from every thread
+    /// that may be sending at this moment.
+    async fn wait_for_room(&self) -> Result<(), RouterLinkError> {
+        if (self.queued)() + ROUTER_QUEUE_HEADROOM < ROUTER_QUEUE {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + ROUTER_STALL_LIMIT;
+        while (self.queued)() + ROUTER_QUEUE_HEADROOM >= ROUTER_QUEUE {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RouterLinkError::Stalled(ROUTER_STALL_LIMIT));
+            }
+            tokio::time::sleep(ROOM_POLL).await;
+        }
+        Ok(())
+    }
+
+    /// Opens a clean-session link for `client_id` (dynamic filters on: publishing where nobody
+    /// subscribes yet is allowed). A link with the same id is replaced by the router.
+    pub async fn open(
+        self: &std::sync::Arc<Self>,
+        client_id: &str,
+    ) -> Result<Link, RouterLinkError> {
+        self.wait_for_room().await?;
+        if let Ok(mut ids) = self.ids.lock() {
+            if !ids.contains(client_id) {
+                ids.insert(client_id.to_owned());
+                self.ids_gauge.inc();
+            }
+        }
+        let port = self.clone();
+        let id = client_id.to_owned();
+        // Blocks until the router thread has registered the connection.
+        let built = tokio::task::spawn_blocking(move || (port.build)(&id))
+            .await
+            .map_err(|e| RouterLinkError::Open(e.to_string()))?;
+        let (tx, rx, _connack) = built.map_err(|e| RouterLinkError::Open(e.to_string()))?;
+        Ok(Link {
+            tx,
+            rx,
+            port: self.clone(),
+            offsets: HashMap::new(),
+        })
+    }
+}
+
+/// One connection to the router: packets in, notifications out.
+pub struct Link {
+    tx: LinkTx,
+    rx: LinkRx,
+    port: std::sync::Arc<RouterPort>,
+    /// Last commit-log offset forwarded per filter, by topic kind: a link subscribes to one
+    /// filter per kind (a device to its own topic, the backend to `devices/+/<kind>`).
+    offsets: HashMap<TopicKind, u64>,
+}
+
+impl Link {
+    /// Hands `packets` (drained) to the router as one batch.
+    pub async fn send(&mut self, packets: &mut Vec<Packet>) -> Result<(), RouterLinkError> {
+        if packets.is_empty() {
+            return Ok(());
+        }
+        // The only await: nothing is taken from `packets` before it (cancel-safe).
+        self.port.wait_for_room().await?;
+        let Some(last) = packets.pop() else {
+            return Ok(());
+        };
+        self.tx.buffer().extend(packets.drain(..));
+        // Pushes `last` and one DeviceData event for the whole batch; the queue has room.
+        self.tx
+            .send(last)
+            .await
+            .map(|_| ())
+            .map_err(|_| RouterLinkError::Closed)
+    }
+
+    /// Waits for notifications and moves every one that is ready into `out`.
+    /// Cancel-safe: nothing is taken from the router until the first one is ready.
+    pub async fn recv(&mut self, out: &mut Vec<Notification>) -> Result<(), RouterLinkError> {
+        loop {
+            match self.rx.next().await {
+                Ok(Some(n)) => {
+                    self.observe(&n);
+                    out.push(n);
+                    break;
+                }
+                // Woken for a batch already taken.
+                Ok(None) => {}
+                Err(_) => return Err(RouterLinkError::Closed),
+            }
+        }
+        while let Some(Ok(Some(n))) = self.rx.next().now_or_never() {
+            self.observe(&n);
+            out.push(n);
+        }
+        Ok(())
+    }
+
+    /// Tells the router this link has room again (the answer to `Notification::Unschedule`).
+    pub async fn wake(&self) -> Result<(), RouterLinkError> {
+        self.port.wait_for_room().await?;
+        self.rx.wake().await.map_err(|_| RouterLinkError::Closed)
+    }
+
+    /// Counts messages the router skipped for this link (offset jumps within a filter).
+    fn observe(&mut self, n: &Notification) {
+        let Notification::Forward(forward) = n else {
+            return;
+        };
+        let Some((_, offset)) = forward.cursor else {
+            return; // retained: not from the log
+        };
+        let Some(kind) = std::str::from_utf8(&forward.publish.topic)
+            .ok()
+            .and_then(|t| Topic::parse(t).ok())
+            .map(|t| t.kind)
+        else {
+            return;
+        };
+        if let Some(previous) = self.offsets.insert(kind, offset) {
+            let skipped = offset.saturating_sub(previous).saturating_sub(1);
+            if skipped > 0 {
+                tracing::warn!(
+                    kind = kind.label(),
+                    skipped,
+                    "router dropped messages before this link read them"
+                );
+                self.port.lost.inc_by(skipped);
+            }
+        }
+    }
+}
+
+/// The packet a notification carries to the client, `None` for `Unschedule` (answer with
+/// [`Link::wake`]) and for the replication/shadow notifications a link never gets here.
+pub fn into_packet(n: Notification) -> Option<Packet> {
+    match n {
+        Notification::Forward(_) | Notification::DeviceAck(_) | Notification::Disconnect(..) => {
+            n.into()
+        }
+        _ => None,
+    }
+}
