@@ -15,15 +15,16 @@ use std::time::Duration;
 use companion_agent::audio::codec::Encoder;
 use companion_agent::hw::FRAME_SAMPLES;
 use companion_broker::{
-    AuthDecision, AuthRequest, Authenticator, DenyReason, EdgeListeners, MqttSettings, NullSink,
+    AuthDecision, AuthRequest, Authenticator, DenyReason, EdgeListeners, LocalEvent, MqttSettings,
+    NullSink,
 };
 use companion_schema::{
     decode, encode, AudioChunk, ButtonEvent, Codec, DeviceId, PersonaId, PersonaState,
     SessionAction, SessionControl, SessionEvent, SessionState, Topic, TopicKind,
 };
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_bytes::ByteBuf;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -92,39 +93,44 @@ async fn main() -> anyhow::Result<()> {
         &tracker,
     )
     .await?;
-    let internal = handle.internal();
     println!("plain={plain_addr}");
     println!("tls={tls_addr}");
     println!("ca={}", material.ca_pem_path.display());
     println!("credentials={}", dir.join("credentials.csv").display());
-    println!("internal={}", internal.v4);
-    println!("internal_user={}", internal.username);
-    println!("internal_pass={}", internal.password);
 
-    let mut o = MqttOptions::new(
-        "companion-internal-double",
-        internal.v4.ip().to_string(),
-        internal.v4.port(),
-    );
-    o.set_credentials(internal.username.clone(), internal.password.clone());
-    let (client, mut el) = AsyncClient::new(o, 4096);
-    client
-        .subscribe(TopicKind::Button.all_devices_filter(), QoS::AtLeastOnce)
+    // The backend double: an in-process router client, owned by one task; replies go through
+    // a queue so the audio pacing tasks can publish too.
+    let mut local = handle.local_client("double").await?;
+    local
+        .subscribe(&[
+            &TopicKind::Button.all_devices_filter(),
+            &TopicKind::SessionUp.all_devices_filter(),
+        ])
         .await?;
-    client
-        .subscribe(TopicKind::SessionUp.all_devices_filter(), QoS::AtLeastOnce)
-        .await?;
+    let (out, mut queue) = mpsc::channel::<Out>(4096);
     let reply = Arc::new(reply_frames(reply_s));
     tokio::spawn(async move {
         loop {
-            let Ok(Event::Incoming(Packet::Publish(p))) = el.poll().await else {
-                continue;
+            // Cases: a reply to publish; a delivery from the router.
+            let (topic, payload) = tokio::select! {
+                o = queue.recv() => {
+                    let Some((topic, payload, retain)) = o else { return };
+                    if local.publish(topic, payload, retain).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                ev = local.next() => match ev {
+                    Ok(LocalEvent::Publish { topic, payload, .. }) => (topic, payload),
+                    Ok(LocalEvent::SubAck) => continue,
+                    Err(_) => return,
+                },
             };
-            let Ok(t) = Topic::parse(&p.topic) else {
+            let Ok(t) = Topic::parse(&String::from_utf8_lossy(&topic)) else {
                 continue;
             };
             match t.kind {
-                TopicKind::Button if decode::<ButtonEvent>(&p.payload).is_ok() => {
+                TopicKind::Button if decode::<ButtonEvent>(&payload).is_ok() => {
                     let s = PersonaState {
                         v: 1,
                         persona_id: PersonaId::parse("robot").expect("valid"),
@@ -136,15 +142,18 @@ async fn main() -> anyhow::Result<()> {
                     };
                     if let Ok(b) = encode(&s) {
                         let topic = Topic::new(t.device, TopicKind::Persona).to_string();
-                        let _ = client.publish(topic, QoS::AtLeastOnce, true, b).await;
+                        // Straight to the link: this task drains `queue` itself.
+                        if local.publish(topic, b, true).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 TopicKind::SessionUp => {
-                    let Ok(c) = decode::<SessionControl>(&p.payload) else {
+                    let Ok(c) = decode::<SessionControl>(&payload) else {
                         continue;
                     };
                     if c.action == SessionAction::Stop {
-                        tokio::spawn(answer(client.clone(), t.device, c, reply.clone()));
+                        tokio::spawn(answer(out.clone(), t.device, c, reply.clone()));
                     }
                 }
                 _ => {}
@@ -174,8 +183,11 @@ fn reply_frames(seconds: u64) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A publish for the double's owner task: topic, payload, retain.
+type Out = (String, Vec<u8>, bool);
+
 async fn answer(
-    client: AsyncClient,
+    client: mpsc::Sender<Out>,
     device: DeviceId,
     c: SessionControl,
     frames: Arc<Vec<Vec<u8>>>,
@@ -192,9 +204,7 @@ async fn answer(
     let audio = Topic::new(device, TopicKind::AudioDown).to_string();
     for state in [SessionState::Thinking, SessionState::Speaking] {
         if let Ok(b) = encode(&event(state)) {
-            let _ = client
-                .publish(down.clone(), QoS::AtLeastOnce, false, b)
-                .await;
+            let _ = client.send((down.clone(), b, false)).await;
         }
     }
     let chunks: Vec<_> = frames.chunks(3).collect();
@@ -213,12 +223,10 @@ async fn answer(
             last: seq + 1 == chunks.len(),
         };
         if let Ok(b) = encode(&c) {
-            let _ = client
-                .publish(audio.clone(), QoS::AtMostOnce, false, b)
-                .await;
+            let _ = client.send((audio.clone(), b, false)).await;
         }
     }
     if let Ok(b) = encode(&event(SessionState::Idle)) {
-        let _ = client.publish(down, QoS::AtLeastOnce, false, b).await;
+        let _ = client.send((down, b, false)).await;
     }
 }

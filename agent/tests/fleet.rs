@@ -1,57 +1,52 @@
 //! The fleet tool against the real broker, with a backend double that answers persona presses
-//! and talk sessions, and the router's internal endpoint as the telemetry observer. Checks
+//! and talk sessions, which also counts the telemetry that reached the router. Checks
 //! that the counts are honest: everything sent is acknowledged and observed.
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use companion_agent::fleet::{run_with, FleetArgs, FleetStats};
+use companion_broker::LocalEvent;
 use companion_schema::{
     decode, encode, AudioChunk, ButtonEvent, Codec, PersonaId, PersonaState, SessionAction,
     SessionControl, Topic, TopicKind,
 };
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_bytes::ByteBuf;
 
-/// Answers every persona press with a `PersonaState` and every `stop` with one audio chunk.
-async fn backend_double(broker: &TestBroker) {
-    let internal = broker.handle.internal();
-    let mut o = MqttOptions::new(
-        "companion-internal-fleet-double",
-        internal.v4.ip().to_string(),
-        internal.v4.port(),
-    );
-    o.set_credentials(internal.username, internal.password);
-    let (client, mut el) = AsyncClient::new(o, 1024);
+/// Answers every persona press with a `PersonaState` and every `stop` with one audio chunk,
+/// and counts the telemetry that reached the router (the observer, in process).
+async fn backend_double(broker: &TestBroker) -> Arc<AtomicU64> {
+    let mut client = broker.handle.local_client("fleet-double").await.unwrap();
     client
-        .subscribe(TopicKind::Button.all_devices_filter(), QoS::AtLeastOnce)
+        .subscribe(&[
+            &TopicKind::Button.all_devices_filter(),
+            &TopicKind::SessionUp.all_devices_filter(),
+            &TopicKind::Telemetry.all_devices_filter(),
+        ])
         .await
         .unwrap();
-    client
-        .subscribe(TopicKind::SessionUp.all_devices_filter(), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let mut subacks = 0;
-    while subacks < 2 {
-        if let Ok(Event::Incoming(Packet::SubAck(_))) = el.poll().await {
-            subacks += 1;
+    loop {
+        if let Ok(LocalEvent::SubAck) = client.next().await {
+            break;
         }
     }
+    let observed = Arc::new(AtomicU64::new(0));
+    let counter = observed.clone();
     tokio::spawn(async move {
         loop {
-            let Ok(Event::Incoming(Packet::Publish(p))) = el.poll().await else {
-                continue;
+            let Ok(LocalEvent::Publish { topic, payload, .. }) = client.next().await else {
+                return;
             };
-            let Ok(t) = Topic::parse(&p.topic) else {
+            let Ok(t) = Topic::parse(&String::from_utf8_lossy(&topic)) else {
                 continue;
             };
             let (kind, payload) = match t.kind {
                 TopicKind::Button => {
-                    let Ok(_b) = decode::<ButtonEvent>(&p.payload) else {
+                    let Ok(_b) = decode::<ButtonEvent>(&payload) else {
                         continue;
                     };
                     let state = PersonaState {
@@ -66,7 +61,7 @@ async fn backend_double(broker: &TestBroker) {
                     (TopicKind::Persona, encode(&state).unwrap())
                 }
                 TopicKind::SessionUp => {
-                    let Ok(c) = decode::<SessionControl>(&p.payload) else {
+                    let Ok(c) = decode::<SessionControl>(&payload) else {
                         continue;
                     };
                     if c.action != SessionAction::Stop {
@@ -85,17 +80,19 @@ async fn backend_double(broker: &TestBroker) {
                     };
                     (TopicKind::AudioDown, encode(&chunk).unwrap())
                 }
+                TopicKind::Telemetry => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 _ => continue,
             };
             let topic = Topic::new(t.device, kind).to_string();
-            let q = if kind.is_audio() {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            };
-            let _ = client.publish(topic, q, false, payload).await;
+            if client.publish(topic, payload, false).await.is_err() {
+                return;
+            }
         }
     });
+    observed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,12 +105,11 @@ async fn the_fleet_counts_what_really_arrived_and_reports_percentiles() {
         .map(|(d, t)| (d.as_str(), t.as_str()))
         .collect();
     let broker = TestBroker::start(&refs).await;
-    backend_double(&broker).await;
+    let observed = backend_double(&broker).await;
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("creds.csv");
     let text: String = devices.iter().map(|(d, t)| format!("{d},{t}\n")).collect();
     std::fs::write(&creds, format!("# device_id,token\n{text}")).unwrap();
-    let internal = broker.handle.internal();
     let args = FleetArgs {
         devices: 5,
         telemetry_interval_ms: 100,
@@ -125,9 +121,9 @@ async fn the_fleet_counts_what_really_arrived_and_reports_percentiles() {
         persona_every_s: 1,
         ramp_s: 0,
         talk_s: 1,
-        observe_addr: Some(internal.v4.to_string()),
-        observe_user: Some(internal.username.clone()),
-        observe_pass: Some(internal.password.clone()),
+        observe_addr: None,
+        observe_user: None,
+        observe_pass: None,
         quiet: true,
     };
     let stats = Arc::new(FleetStats::default());
@@ -141,7 +137,15 @@ async fn the_fleet_counts_what_really_arrived_and_reports_percentiles() {
     let sent = g(&stats.telemetry_sent);
     assert!(sent >= 5 * 20, "{report}");
     assert_eq!(g(&stats.telemetry_acked), sent, "{report}");
-    assert_eq!(g(&stats.telemetry_observed), sent, "{report}");
+    // Everything acknowledged reached the router's subscriber.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while g(&observed) < sent {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("observed {} of {sent}: {report}", g(&observed)));
+    assert_eq!(g(&observed), sent, "{report}");
     assert!(g(&stats.buttons_sent) >= 5, "{report}");
     assert_eq!(
         g(&stats.persona_received),

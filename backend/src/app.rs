@@ -192,12 +192,17 @@ impl App {
             }
         })?;
         // With an external broker the embedded one does not run; its listeners are closed.
-        let (broker, target) = match upstream {
+        let (broker, publisher, connection): (
+            Option<BrokerHandle>,
+            Box<dyn crate::bus::Publisher>,
+            Box<dyn crate::bus::Connection>,
+        ) = match upstream {
             Some(target) => {
                 tracing::info!(upstream = %settings.mqtt.upstream, "using an external MQTT broker; the embedded broker is off");
                 drop(listeners.mqtt);
                 drop(listeners.mqtts);
-                (None, target)
+                let (publisher, connection) = crate::bus::upstream::connect(&target);
+                (None, Box::new(publisher), Box::new(connection))
             }
             None => {
                 let broker = companion_broker::start(
@@ -215,13 +220,13 @@ impl App {
                 )
                 .await
                 .context("starting the broker")?;
-                let target = crate::bus::Target::from(&broker.internal());
-                (Some(broker), target)
+                let (publisher, connection) = crate::bus::local::connect(broker.clone());
+                (Some(broker), Box::new(publisher), Box::new(connection))
             }
         };
 
-        // The backend's own MQTT connection to the broker, and the device runtime behind it.
-        let (bus, eventloop) = Bus::new(&target, bus_metrics);
+        // The backend's own connection to the broker, and the device runtime behind it.
+        let bus = Bus::new(publisher, bus_metrics);
         let telemetry = Arc::new(Batcher::default());
         let runtime = Arc::new(Runtime {
             db: db.clone(),
@@ -242,7 +247,7 @@ impl App {
         let dispatcher = Dispatcher::new(runtime, tracker.clone(), shutdown.clone());
         tracker.spawn(crate::bus::run(
             bus,
-            eventloop,
+            connection,
             dispatcher.clone(),
             shutdown.clone(),
         ));

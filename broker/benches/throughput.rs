@@ -1,8 +1,11 @@
-//! Throughput bench: N devices x M msg/s of 160-byte telemetry (QoS 0) through
-//! (1) the edge, (2) rumqttd directly, (3) Mosquitto, one after the other in the same run.
-//! The broker under test runs in a child process (this binary re-executed with
-//! `--serve-broker`; Mosquitto is its own process) so its CPU time is measured alone from
-//! `/proc/<pid>/stat`. Publishers and the subscriber are rumqttc clients in this process.
+//! Throughput bench: N devices x M msg/s of 160-byte telemetry (QoS 0) through (1) the edge
+//! and its embedded router, (2) Mosquitto, one after the other in the same run. The broker
+//! under test runs in a child process (this binary re-executed with `--serve-broker`;
+//! Mosquitto is its own process) so its CPU time is measured alone from `/proc/<pid>/stat`.
+//! Publishers are rumqttc clients in this process. The subscriber on `devices/+/telemetry` is
+//! where the backend would be: for the edge an in-process router client inside the child (so
+//! its cost counts for the edge), for Mosquitto a rumqttc client in this process. Payloads
+//! carry the wall-clock send time, so latency is measured across processes.
 //!
 //! `cargo bench -p companion-broker --bench throughput`
 //! Environment: BENCH_DEVICES (default 100), BENCH_RATE msg/s per device (20), BENCH_SECS (15).
@@ -10,16 +13,18 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const PAYLOAD: usize = 160;
 
-fn epoch() -> Instant {
-    static E: OnceLock<Instant> = OnceLock::new();
-    *E.get_or_init(Instant::now)
+/// Wall-clock nanoseconds (both processes read the same clock).
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn env(name: &str, default: u64) -> u64 {
@@ -45,7 +50,7 @@ fn main() {
         "{:<10} {:>10} {:>8} {:>14} {:>9} {:>9} {:>9}",
         "target", "received", "lost", "cpu s/M msg", "p50 ms", "p99 ms", "rss MiB"
     );
-    for target in ["edge", "rumqttd", "mosquitto"] {
+    for target in ["edge", "mosquitto"] {
         let r = rt.block_on(run_target(target, devices, rate, secs));
         println!(
             "{:<10} {:>10} {:>8} {:>14.2} {:>9.2} {:>9.2} {:>9.1}",
@@ -68,8 +73,8 @@ struct Target {
     child: Child,
     port: u16,
     creds: Box<dyn Fn(usize) -> Option<(String, String)> + Send + Sync>,
-    sub_creds: Option<(String, String)>,
-    sub_port: u16,
+    /// The child's stdout, for the edge: its in-process subscriber reports there.
+    report: Option<BufReader<std::process::ChildStdout>>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -99,8 +104,7 @@ fn start_target(name: &str) -> Target {
                 child,
                 port,
                 creds: Box::new(|_| None),
-                sub_creds: None,
-                sub_port: port,
+                report: None,
                 _dir: Some(dir),
             }
         }
@@ -111,36 +115,20 @@ fn start_target(name: &str) -> Target {
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("re-exec");
+            let mut out = BufReader::new(child.stdout.take().expect("stdout"));
             let mut line = String::new();
-            BufReader::new(child.stdout.take().expect("stdout"))
-                .read_line(&mut line)
-                .expect("READY line");
-            let f: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-            let (edge, v4, user, pass) = (
-                f[1].parse().expect("port"),
-                f[2].parse().expect("port"),
-                f[3].clone(),
-                f[4].clone(),
-            );
-            let internal = Some((user.clone(), pass.clone()));
-            if name == "edge" {
-                Target {
-                    child,
-                    port: edge,
-                    creds: Box::new(|i| Some((format!("dev-{i}"), "token".into()))),
-                    sub_creds: internal,
-                    sub_port: v4,
-                    _dir: None,
-                }
-            } else {
-                Target {
-                    child,
-                    port: v4,
-                    creds: Box::new(move |_| Some((user.clone(), pass.clone()))),
-                    sub_creds: internal,
-                    sub_port: v4,
-                    _dir: None,
-                }
+            out.read_line(&mut line).expect("READY line");
+            let port = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .expect("READY <port>");
+            Target {
+                child,
+                port,
+                creds: Box::new(|i| Some((format!("dev-{i}"), "token".into()))),
+                report: Some(out),
+                _dir: None,
             }
         }
     }
@@ -178,39 +166,33 @@ async fn run_target(name: &str, devices: usize, rate: u64, secs: u64) -> Report 
     let mut target = start_target(name);
     let pid = target.child.id();
 
-    // Subscriber.
-    let mut o = MqttOptions::new(
-        format!("companion-internal-bench-{name}"),
-        "127.0.0.1",
-        target.sub_port,
-    );
-    o.set_keep_alive(Duration::from_secs(60));
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    if let Some((u, p)) = &target.sub_creds {
-        o.set_credentials(u, p);
-    }
-    let (sub, mut sub_el) = AsyncClient::new(o, 1024);
-    sub.subscribe("devices/+/telemetry", QoS::AtMostOnce)
-        .await
-        .expect("subscribe");
-    loop {
-        if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_el.poll().await {
-            break;
-        }
-    }
+    // Subscriber (Mosquitto only; the edge's runs inside the child).
     let latencies = Arc::new(Mutex::new(Vec::<u64>::with_capacity(1 << 20)));
-    let lat = latencies.clone();
-    let receiver = tokio::spawn(async move {
-        while let Ok(ev) = sub_el.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = ev {
-                let mut ts = [0u8; 8];
-                ts.copy_from_slice(&p.payload[..8]);
-                let sent = u64::from_be_bytes(ts);
-                let now = epoch().elapsed().as_nanos() as u64;
-                lat.lock().unwrap().push(now.saturating_sub(sent));
+    let receiver = if target.report.is_none() {
+        let mut o = MqttOptions::new(format!("bench-sub-{name}"), "127.0.0.1", target.port);
+        o.set_keep_alive(Duration::from_secs(60));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (sub, mut sub_el) = AsyncClient::new(o, 1024);
+        sub.subscribe("devices/+/telemetry", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = sub_el.poll().await {
+                break;
             }
         }
-    });
+        let lat = latencies.clone();
+        Some(tokio::spawn(async move {
+            let _keep = sub;
+            while let Ok(ev) = sub_el.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = ev {
+                    lat.lock().unwrap().push(latency(&p.payload));
+                }
+            }
+        }))
+    } else {
+        None
+    };
 
     // Publishers, all connected before the measured window.
     let stop = Arc::new(AtomicBool::new(false));
@@ -246,7 +228,7 @@ async fn run_target(name: &str, devices: usize, rate: u64, secs: u64) -> Report 
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let mut payload = vec![0x5Au8; PAYLOAD];
-                let ts = epoch().elapsed().as_nanos() as u64;
+                let ts = now_ns();
                 payload[..8].copy_from_slice(&ts.to_be_bytes());
                 if client
                     .publish(&topic, QoS::AtMostOnce, false, payload)
@@ -271,7 +253,10 @@ async fn run_target(name: &str, devices: usize, rate: u64, secs: u64) -> Report 
     let mut last = usize::MAX;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let n = latencies.lock().unwrap().len();
+        let n = match &target.report {
+            Some(_) => cpu_seconds(pid).to_bits() as usize,
+            None => latencies.lock().unwrap().len(),
+        };
         if n == last {
             break;
         }
@@ -280,8 +265,28 @@ async fn run_target(name: &str, devices: usize, rate: u64, secs: u64) -> Report 
     let elapsed_cpu = cpu_seconds(pid) - cpu_before;
     let rss = rss_mib(pid);
     let _ = started;
-    receiver.abort();
-    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+    if let Some(r) = receiver {
+        r.abort();
+    }
+    let mut lat = match target.report.as_mut() {
+        // The child prints its subscriber's latencies (ns), one per line, then "END".
+        Some(out) => {
+            if let Some(stdin) = target.child.stdin.as_mut() {
+                let _ = stdin.write_all(b"report\n");
+                let _ = stdin.flush();
+            }
+            let mut lat = Vec::new();
+            let mut line = String::new();
+            while out.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim() != "END" {
+                if let Ok(n) = line.trim().parse() {
+                    lat.push(n);
+                }
+                line.clear();
+            }
+            lat
+        }
+        None => std::mem::take(&mut *latencies.lock().unwrap()),
+    };
     lat.sort_unstable();
     let pct = |q: f64| {
         lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
@@ -347,19 +352,41 @@ fn serve_broker() {
         )
         .await
         .expect("broker starts");
-        let internal = handle.internal();
-        println!(
-            "READY {edge_port} {} {} {}",
-            internal.v4.port(),
-            internal.username,
-            internal.password
-        );
+        let mut sub = handle.local_client("bench").await.expect("local client");
+        sub.subscribe(&["devices/+/telemetry"])
+            .await
+            .expect("subscribe");
+        let latencies = Arc::new(Mutex::new(Vec::<u64>::with_capacity(1 << 20)));
+        let lat = latencies.clone();
+        tokio::spawn(async move {
+            while let Ok(ev) = sub.next().await {
+                if let companion_broker::LocalEvent::Publish { payload, .. } = ev {
+                    lat.lock().unwrap().push(latency(&payload));
+                }
+            }
+        });
+        println!("READY {edge_port}");
         let _ = std::io::stdout().flush();
         let _ = tokio::task::spawn_blocking(|| {
             let mut s = String::new();
             let _ = std::io::stdin().read_line(&mut s);
         })
         .await;
+        let mut out = std::io::stdout().lock();
+        for n in latencies.lock().unwrap().iter() {
+            let _ = writeln!(out, "{n}");
+        }
+        let _ = writeln!(out, "END");
+        let _ = out.flush();
         shutdown.cancel();
     });
+}
+
+/// Send-to-receive latency of a bench payload (wall-clock ns in its first 8 bytes).
+fn latency(payload: &[u8]) -> u64 {
+    let mut ts = [0u8; 8];
+    if let Some(b) = payload.get(..8) {
+        ts.copy_from_slice(b);
+    }
+    now_ns().saturating_sub(u64::from_be_bytes(ts))
 }

@@ -22,7 +22,7 @@ use companion_schema::{Topic, TopicKind};
 use futures::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::Packet;
 use rumqttd::Notification;
 
@@ -45,8 +45,8 @@ pub enum RouterLinkError {
     Stalled(Duration),
 }
 
-type BuildFn =
-    dyn Fn(&str) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync + 'static;
+/// Opens a link (blocking); the error is rumqttd's, as text.
+type BuildFn = dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync + 'static;
 
 /// The way into a running router: opens links and watches its event queue. rumqttd's
 /// `Router::spawn` hands out a sender whose event type is private, so it lives in closures.
@@ -111,7 +111,7 @@ impl RouterPort {
         let built = tokio::task::spawn_blocking(move || (port.build)(&id))
             .await
             .map_err(|e| RouterLinkError::Open(e.to_string()))?;
-        let (tx, rx, _connack) = built.map_err(|e| RouterLinkError::Open(e.to_string()))?;
+        let (tx, rx) = built.map_err(RouterLinkError::Open)?;
         Ok(Link {
             tx,
             rx,

@@ -58,6 +58,8 @@ pub(crate) fn start(
             .clean_session(true)
             .dynamic_filters(true)
             .build()
+            .map(|(tx, rx, _connack)| (tx, rx))
+            .map_err(|e| e.to_string())
     });
     let queued = Box::new(move || router_tx.len());
     Ok(Arc::new(RouterPort::new(build, queued, lost, ids)))

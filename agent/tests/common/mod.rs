@@ -1,5 +1,5 @@
 //! Test harness: the real broker crate on port-0 listeners (plain + TLS with a generated CA),
-//! a static authenticator, a backend-side rumqttc client on the router's internal endpoint, a
+//! a static authenticator, a backend double on an in-process router link, a
 //! cuttable TCP proxy, and helpers to run the agent in-process or as a real process.
 #![allow(dead_code)]
 
@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use companion_agent::config::{BrokerUrl, Secret, Settings};
 use companion_broker::{
-    AuthDecision, AuthRequest, Authenticator, BrokerHandle, DenyReason, EdgeListeners,
+    AuthDecision, AuthRequest, Authenticator, BrokerHandle, DenyReason, EdgeListeners, LocalEvent,
     MqttSettings, NullSink,
 };
 use companion_schema::{DeviceId, Payload, Topic, TopicKind};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -106,72 +105,76 @@ impl TestBroker {
         }
     }
 
-    /// The backend's view: a client on the router's internal endpoint subscribed to the
-    /// device's topics (up topics and, to see what it sends itself, nothing else).
+    /// The backend's view: an in-process client of the router (a local link) subscribed to
+    /// the device's up topics.
     pub async fn backend(&self, device: &str) -> Backend {
-        let internal = self.handle.internal();
-        let mut o = MqttOptions::new(
-            format!(
-                "{}-test-{}",
-                companion_broker::RESERVED_CLIENT_ID_PREFIX,
-                rand::random::<u32>()
-            ),
-            internal.v4.ip().to_string(),
-            internal.v4.port(),
-        );
-        o.set_credentials(internal.username, internal.password);
-        o.set_keep_alive(Duration::from_secs(30));
-        let (client, mut el) = AsyncClient::new(o, 256);
-        let (tx, rx) = mpsc::channel(4096);
-        let (suback_tx, mut suback_rx) = mpsc::channel(8);
-        tokio::spawn(async move {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if let Ok(t) = Topic::parse(&p.topic) {
-                            if let Ok(payload) = Payload::decode(t.kind, &p.payload) {
-                                if tx.send((t.kind, payload)).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = suback_tx.try_send(());
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
+        let mut local = self
+            .handle
+            .local_client(&format!("test-{}", rand::random::<u32>()))
+            .await
+            .expect("the router takes a local client");
         let device = DeviceId::parse(device).unwrap();
-        for kind in [
+        let filters: Vec<String> = [
             TopicKind::Status,
             TopicKind::Telemetry,
             TopicKind::Button,
             TopicKind::SessionUp,
             TopicKind::AudioUp,
-        ] {
-            let q = if kind.is_audio() {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            };
-            client
-                .subscribe(Topic::new(device.clone(), kind).to_string(), q)
-                .await
-                .unwrap();
-            tokio::time::timeout(DEADLINE, suback_rx.recv())
-                .await
-                .expect("SUBACK in time");
+        ]
+        .into_iter()
+        .map(|kind| Topic::new(device.clone(), kind).to_string())
+        .collect();
+        let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
+        local.subscribe(&filters).await.unwrap();
+        loop {
+            match tokio::time::timeout(DEADLINE, local.next()).await {
+                Ok(Ok(LocalEvent::SubAck)) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("no SUBACK: {other:?}"),
+            }
         }
-        Backend { client, rx, device }
+        let (tx, rx) = mpsc::channel(4096);
+        let (out_tx, mut out_rx) = mpsc::channel::<(String, Vec<u8>, bool)>(256);
+        tokio::spawn(async move {
+            loop {
+                // Cases: a publish from the test; a delivery from the router.
+                tokio::select! {
+                    out = out_rx.recv() => match out {
+                        Some((topic, payload, retain)) => {
+                            if local.publish(topic, payload, retain).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    ev = local.next() => match ev {
+                        Ok(LocalEvent::Publish { topic, payload, .. }) => {
+                            let Ok(t) = Topic::parse(&String::from_utf8_lossy(&topic)) else {
+                                continue;
+                            };
+                            if let Ok(payload) = Payload::decode(t.kind, &payload) {
+                                if tx.send((t.kind, payload)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(LocalEvent::SubAck) => {}
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+        Backend {
+            out: out_tx,
+            rx,
+            device,
+        }
     }
 }
 
 /// The backend double: sees what the device publishes, publishes to its down topics.
 pub struct Backend {
-    pub client: AsyncClient,
+    out: mpsc::Sender<(String, Vec<u8>, bool)>,
     pub rx: mpsc::Receiver<(TopicKind, Payload)>,
     pub device: DeviceId,
 }
@@ -193,13 +196,8 @@ impl Backend {
 
     pub async fn send(&self, kind: TopicKind, payload: &Payload) {
         let topic = Topic::new(self.device.clone(), kind).to_string();
-        let q = if kind.is_audio() {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        };
-        self.client
-            .publish(topic, q, kind.retained(), payload.encode().unwrap())
+        self.out
+            .send((topic, payload.encode().unwrap(), kind.retained()))
             .await
             .unwrap();
     }

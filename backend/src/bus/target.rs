@@ -1,11 +1,8 @@
-//! Where the backend's MQTT connection goes: the embedded router's internal endpoint, or the
-//! external broker named by `mqtt.upstream`.
+//! The external broker named by `mqtt.upstream`.
 
 use std::sync::Arc;
 
-use companion_broker::InternalEndpoint;
-
-/// Where the backend's MQTT connection goes: the embedded router, or an external broker.
+/// An external broker the backend connects to over MQTT.
 #[derive(Clone)]
 pub struct Target {
     pub host: String,
@@ -23,18 +20,6 @@ impl std::fmt::Debug for Target {
             .field("username", &self.username)
             .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
-    }
-}
-
-impl From<&InternalEndpoint> for Target {
-    fn from(e: &InternalEndpoint) -> Self {
-        Self {
-            host: e.v4.ip().to_string(),
-            port: e.v4.port(),
-            username: e.username.clone(),
-            password: e.password.clone(),
-            tls: None,
-        }
     }
 }
 

@@ -114,7 +114,7 @@ impl<'a> Pump<'a> {
         let far = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
         // Packets that arrived with the CONNECT.
-        let mut step = self.from_device(&mut dbuf, max, &mut to_router, &mut to_device);
+        let mut step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
         loop {
             if !to_device.is_empty() && !write_or_stop(dw, &mut to_device, control).await {
                 return write_failed(control);
@@ -144,14 +144,14 @@ impl<'a> Pump<'a> {
                         return DisconnectReason::NetworkError;
                     }
                     deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
-                    step = self.from_device(&mut dbuf, max, &mut to_router, &mut to_device);
+                    step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
                 }
                 got = link.recv(&mut notes) => {
                     if got.is_err() {
                         tracing::warn!(device_id = %self.device, "the router closed the link");
                         return DisconnectReason::ProtocolError;
                     }
-                    (step, unscheduled) = self.from_router(&mut notes, &mut to_device);
+                    (step, unscheduled) = self.router_notes(&mut notes, &mut to_device);
                 }
                 _ = tokio::time::sleep_until(deadline), if keepalive.is_some() => {
                     return DisconnectReason::KeepaliveTimeout;
@@ -163,7 +163,7 @@ impl<'a> Pump<'a> {
     /// Decodes and checks every complete device packet in `buf`; allowed ones go to
     /// `to_router`, the edge's own answers (PINGRESP, PUBACK for a dropped publish) to
     /// `to_device`.
-    fn from_device(
+    fn device_packets(
         &mut self,
         buf: &mut BytesMut,
         max: usize,
@@ -330,7 +330,7 @@ impl<'a> Pump<'a> {
 
     /// Encodes the router's notifications for the device, counting publishes by class.
     /// Returns the step and whether the router unscheduled the link (answer with `wake`).
-    fn from_router(
+    fn router_notes(
         &mut self,
         notes: &mut Vec<Notification>,
         to_device: &mut BytesMut,
