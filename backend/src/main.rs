@@ -182,6 +182,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    raise_descriptor_limit(settings.mqtt.max_connections);
     let listeners = Listeners::bind(&settings).await?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
@@ -194,6 +195,40 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
     db.close().await;
     tracing::info!("migrations applied");
     Ok(())
+}
+
+/// Every device holds one descriptor: raise the soft limit to the hard one (systemd and most
+/// shells start services at 1,024), and say so when even that is short of the configured
+/// number of connections.
+fn raise_descriptor_limit(max_connections: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if !ok {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    // Devices, plus database connections, HTTP clients and the process's own files.
+    let wanted = max_connections as u64 + 256;
+    if lim.rlim_cur < wanted {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            wanted,
+            "the open-file limit is below mqtt.max_connections; raise LimitNOFILE / ulimit -n"
+        );
+    }
 }
 
 /// SIGINT and SIGTERM cancel the root token.

@@ -117,6 +117,7 @@ impl RouterPort {
             rx,
             port: self.clone(),
             offsets: HashMap::new(),
+            gone: false,
         })
     }
 }
@@ -129,11 +130,18 @@ pub struct Link {
     /// Last commit-log offset forwarded per filter, by topic kind: a link subscribes to one
     /// filter per kind (a device to its own topic, the backend to `devices/+/<kind>`).
     offsets: HashMap<TopicKind, u64>,
+    /// The router has let this connection go (DISCONNECT sent, or it dropped the link):
+    /// anything sent after would be an event for a connection id it may have reused.
+    gone: bool,
 }
 
 impl Link {
     /// Hands `packets` (drained) to the router as one batch.
     pub async fn send(&mut self, packets: &mut Vec<Packet>) -> Result<(), RouterLinkError> {
+        if self.gone {
+            packets.clear();
+            return Err(RouterLinkError::Closed);
+        }
         if packets.is_empty() {
             return Ok(());
         }
@@ -142,6 +150,8 @@ impl Link {
         let Some(last) = packets.pop() else {
             return Ok(());
         };
+        self.gone = matches!(last, Packet::Disconnect(..))
+            || packets.iter().any(|p| matches!(p, Packet::Disconnect(..)));
         self.tx.buffer().extend(packets.drain(..));
         // Pushes `last` and one DeviceData event for the whole batch; the queue has room.
         self.tx
@@ -163,7 +173,10 @@ impl Link {
                 }
                 // Woken for a batch already taken.
                 Ok(None) => {}
-                Err(_) => return Err(RouterLinkError::Closed),
+                Err(_) => {
+                    self.gone = true;
+                    return Err(RouterLinkError::Closed);
+                }
             }
         }
         while let Some(Ok(Some(n))) = self.rx.next().now_or_never() {
@@ -179,10 +192,20 @@ impl Link {
         self.rx.wake().await.map_err(|_| RouterLinkError::Closed)
     }
 
+    /// Whether the router has let this connection go.
+    pub fn is_gone(&self) -> bool {
+        self.gone
+    }
+
     /// Counts messages the router skipped for this link (offset jumps within a filter).
     fn observe(&mut self, n: &Notification) {
-        let Notification::Forward(forward) = n else {
-            return;
+        let forward = match n {
+            Notification::Forward(forward) => forward,
+            Notification::Disconnect(..) => {
+                self.gone = true;
+                return;
+            }
+            _ => return,
         };
         let Some((_, offset)) = forward.cursor else {
             return; // retained: not from the log

@@ -151,3 +151,58 @@ async fn a_sustained_flood_disconnects_the_device() {
         .await;
     flood.abort();
 }
+
+#[tokio::test]
+async fn messages_a_slow_subscriber_loses_to_log_rotation_are_counted() {
+    // Tiny commit logs: 2 segments of 1 KiB per filter.
+    let settings = MqttSettings {
+        router_segment_bytes: 1024,
+        router_device_segment_bytes: 1024,
+        router_segment_count: 2,
+        ..common::test_settings()
+    };
+    let app = TestApp::start_with(settings).await;
+    let mut slow = app.handle.local_client("slow").await.unwrap();
+    slow.subscribe(&["devices/a/led"]).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, slow.next())
+            .await
+            .unwrap()
+            .unwrap(),
+        companion_broker::LocalEvent::SubAck
+    );
+    assert_eq!(app.metric("broker_messages_lost_total"), 0.0);
+
+    // 2,000 messages of ~100 bytes while the subscriber reads nothing: the router hands it
+    // one buffer's worth, pauses it, and rotates the rest of the log away beneath it.
+    let mut fast = app.handle.local_client("fast").await.unwrap();
+    const SENT: usize = 2000;
+    for i in 0..SENT {
+        fast.publish("devices/a/led", format!("{i:0100}"), false)
+            .await
+            .unwrap();
+    }
+    // Read until the last message: every message is then delivered or counted lost.
+    let last = format!("{:0100}", SENT - 1);
+    let mut received = 0;
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let companion_broker::LocalEvent::Publish { payload, .. } =
+                slow.next().await.unwrap()
+            {
+                received += 1;
+                if payload == last.as_bytes() {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the last message arrives");
+    let lost = app.metric("broker_messages_lost_total") as usize;
+    assert!(
+        lost > 0 && received < SENT,
+        "received {received}, lost {lost}"
+    );
+    assert_eq!(received + lost, SENT, "received {received} + lost {lost}");
+}

@@ -129,6 +129,9 @@ async fn close_link(
     device: &DeviceId,
     reason: DisconnectReason,
 ) {
+    if link.is_gone() {
+        return; // the device's own DISCONNECT went through, or the router dropped the link
+    }
     let mut last = Vec::with_capacity(2);
     if reason != DisconnectReason::Clean {
         last.extend(connect.will());
