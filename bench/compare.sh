@@ -7,7 +7,8 @@
 # devices against `companion serve` with persona presses, connected over FLEET_RAMP seconds.
 #
 #   bench/compare.sh                       # 1,000 devices x 10 msg/s for 60 s, then 10,000 devices
-#   DEVICES=200 SECS=20 FLEET_DEVICES=0 bench/compare.sh
+#   DEVICES=200 SECS=20 FLEET_DEVICES=0 bench/compare.sh   # a short throughput run only
+#   DEVICES=0 bench/compare.sh                              # the scale run only
 #
 # Knobs: DEVICES (1000), INTERVAL_MS (100: 10 msg/s each), SECS (60), RAMP (10),
 # FLEET_DEVICES (10000), FLEET_RAMP (50), FLEET_SECS (60), FLEET_TELEMETRY_MS (30000),
@@ -72,10 +73,10 @@ wait_tcp() {
   exit 1
 }
 metric() { # metric URL NAME -> value of the first sample line starting with NAME
-  curl -fsS "$1" | awk -v n="$2" 'index($0, n) == 1 {print $NF; exit}'
+  curl -fsS "$1" | awk -v n="$2" 'index($0, n) == 1 && !done {print $NF; done = 1}'
 }
 field() { # field FILE LABEL COLUMN -> a number from the fleet report
-  awk -v l="$2" -v c="$3" 'index($0, l) == 1 {print $c; exit}' "$1"
+  awk -v l="$2" -v c="$3" 'index($0, l) == 1 && !done {print $c; done = 1}' "$1"
 }
 
 # --- companion serve: data dir, devices, server ------------------------------------------
@@ -110,6 +111,9 @@ tls="$COMPANION_DATA_DIR/tls"
 mq_tls="$(free_port)"
 mq_plain="$(free_port)"
 cat >"$work/mosquitto.conf" <<CONF
+# Run as whoever runs the bench (as root it would switch to "mosquitto", who cannot read the
+# bench's private directory).
+user $(id -un)
 per_listener_settings false
 allow_anonymous true
 persistence false
@@ -132,6 +136,7 @@ fleet() { # fleet OUT URL DEVICES INTERVAL SECS RAMP PERSONA [observer args...]
     --credentials "$work/creds.csv" --url "$url" --ca-cert "$tls/ca.pem" --quiet "$@" >"$out" 2>&1
 }
 
+if [ "$DEVICES" -gt 0 ]; then
 echo "== throughput: $DEVICES TLS devices x $(( 1000 / INTERVAL_MS )) msg/s QoS 1 telemetry for ${SECS}s (${RAMP}s ramp) =="
 "$MOSQUITTO" -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
 mq_pid=$!
@@ -170,9 +175,11 @@ awk -v a="$c_per_m" -v b="$mq_per_m" 'BEGIN {if (b > 0) printf "ratio companion 
 echo "companion: telemetry_gaps_total $c_gaps, broker_messages_lost_total $c_lost, RSS at start $((c_rss0 / 1024)) MiB"
 echo "fleet reports: $work/fleet-*.txt (kept until exit)"
 sed -n '1,4p;/latency/,$p' "$work/fleet-companion.txt"
+fi
 
 if [ "$FLEET_DEVICES" -gt 0 ]; then
   echo
+  url="http://127.0.0.1:$http_port/metrics"
   echo "== scale: $FLEET_DEVICES TLS devices, ${FLEET_RAMP}s ramp, telemetry every ${FLEET_TELEMETRY_MS} ms, persona press every ${FLEET_PERSONA_S}s, ${FLEET_SECS}s =="
   start_companion
   rss0="$(rss_kib "$companion_pid")"

@@ -13,7 +13,9 @@
 //!   answered with `wake` once the batch is written, or delivery to the link stops;
 //! - every forwarded publish carries its offset in the filter's commit log, so a jump in
 //!   offsets is messages the router dropped before this link read them (a slow reader whose
-//!   log segment was rotated away): counted in `broker_messages_lost_total`.
+//!   log segment was rotated away): counted in `broker_messages_lost_total`. The first
+//!   delivery on a filter seeds the count, so what rotates away before a subscriber's very
+//!   first read is not seen.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -131,7 +131,7 @@ impl Metrics {
         );
         r.register(
             "messages_lost",
-            "Router subscribers that lost messages to commit-log rotation (rumqttd CursorJump)",
+            "Messages the embedded router dropped before a subscriber read them (commit-log rotation under a slow reader)",
             m.lost.clone(),
         );
         r.register(
