@@ -11,9 +11,12 @@
 //!   [`link::RouterPort`] (rumqttd local links; nothing else can bypass the edge).
 //! - [`edge`]: one accept loop per device-facing listener (TLS, plain); one task per
 //!   connection doing TLS handshake, CONNECT, authentication ([`Authenticator`]), then the
-//!   pump: the device's own router link and packets both ways, decoded once, with ACL checks
-//!   ([`acl`]), size and rate limits. Each connection task owns its socket and its link; the
-//!   router's event queue is shared (bounded, 1,000) and waited on before every batch.
+//!   pump: the device's MQTT session, packets decoded once, ACL checks ([`acl`]), size and
+//!   rate limits. Publishes go into the router through one shared uplink link
+//!   ([`link::Uplink`]); one downlink task holds the router link subscribed to every device's
+//!   down topics and queues each message in its device's bounded mailbox. The router keeps no
+//!   per-device state (rumqttd 0.20's per-filter bookkeeping is quadratic in filters and
+//!   topics; one filter per device topic stopped connects past a few thousand devices).
 //! - [`local`]: [`LocalClient`], the backend's in-process connection to the router.
 //! - [`sessions`]: live connections by device id, for [`BrokerHandle::kick`] and takeover.
 //! - Events go to the backend's [`EventSink`]; metrics to the shared registry ([`metrics`]).
@@ -65,6 +68,8 @@ pub enum BrokerError {
     TlsWithoutConfig,
     #[error("starting the internal router: {0}")]
     Router(#[from] router::RouterError),
+    #[error("linking the edge to the router: {0}")]
+    Link(#[from] RouterLinkError),
 }
 
 /// A handle on the running broker. Cheap to clone.
@@ -138,6 +143,10 @@ pub async fn start(
         tracker,
     )?;
 
+    let (uplink, uplink_rx) =
+        link::Uplink::open(&router, &format!("{RESERVED_CLIENT_ID_PREFIX}-uplink")).await?;
+    tracker.spawn(uplink.clone().watch(uplink_rx, shutdown.clone()));
+
     let count = usize::from(listeners.plain.is_some()) + usize::from(listeners.tls.is_some());
     let edge = Arc::new(edge::Edge {
         settings: settings.clone(),
@@ -146,11 +155,20 @@ pub async fn start(
         metrics,
         sessions: sessions::Sessions::default(),
         router,
+        uplink,
+        retained: Default::default(),
         shutdown,
         tracker: tracker.clone(),
         permits: Arc::new(Semaphore::new(settings.max_connections.max(1))),
         listeners_alive: AtomicUsize::new(count),
     });
+    // Subscribed before any device can connect, so no message for one is missed.
+    let downlink = edge::fanout::open(&edge).await?;
+    tracker.spawn(edge::fanout::run(
+        edge.clone(),
+        downlink,
+        edge.shutdown.clone(),
+    ));
     if let Some(listener) = listeners.plain {
         tracker.spawn(edge::accept_loop(edge.clone(), listener, None));
     }

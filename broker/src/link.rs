@@ -18,6 +18,7 @@
 //!   first read is not seen.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use companion_schema::{Topic, TopicKind};
@@ -94,12 +95,11 @@ impl RouterPort {
         Ok(())
     }
 
-    /// Opens a clean-session link for `client_id` (dynamic filters on: publishing where nobody
-    /// subscribes yet is allowed). A link with the same id is replaced by the router.
-    pub async fn open(
-        self: &std::sync::Arc<Self>,
+    /// The two halves of a new link (see [`RouterPort::open`]).
+    async fn open_parts(
+        self: &Arc<Self>,
         client_id: &str,
-    ) -> Result<Link, RouterLinkError> {
+    ) -> Result<(LinkTx, LinkRx), RouterLinkError> {
         self.wait_for_room().await?;
         if let Ok(mut ids) = self.ids.lock() {
             if !ids.contains(client_id) {
@@ -113,7 +113,13 @@ impl RouterPort {
         let built = tokio::task::spawn_blocking(move || (port.build)(&id))
             .await
             .map_err(|e| RouterLinkError::Open(e.to_string()))?;
-        let (tx, rx) = built.map_err(RouterLinkError::Open)?;
+        built.map_err(RouterLinkError::Open)
+    }
+
+    /// Opens a clean-session link for `client_id` (dynamic filters on: publishing where nobody
+    /// subscribes yet is allowed). A link with the same id is replaced by the router.
+    pub async fn open(self: &Arc<Self>, client_id: &str) -> Result<Link, RouterLinkError> {
+        let (tx, rx) = self.open_parts(client_id).await?;
         Ok(Link {
             tx,
             rx,
@@ -128,7 +134,7 @@ impl RouterPort {
 pub struct Link {
     tx: LinkTx,
     rx: LinkRx,
-    port: std::sync::Arc<RouterPort>,
+    port: Arc<RouterPort>,
     /// Last commit-log offset forwarded per filter, by topic kind: a link subscribes to one
     /// filter per kind (a device to its own topic, the backend to `devices/+/<kind>`).
     offsets: HashMap<TopicKind, u64>,
@@ -241,5 +247,104 @@ pub fn into_packet(n: Notification) -> Option<Packet> {
             n.into()
         }
         _ => None,
+    }
+}
+
+/// The edge's shared way in: every device's publishes go into the router through this one
+/// link (the edge has already authenticated and checked them; the router needs no
+/// per-device state for them). A batch announces itself with an event only when the link's
+/// buffer was empty: otherwise the router has an event pending that will take it too.
+pub struct Uplink {
+    port: Arc<RouterPort>,
+    tx: std::sync::Mutex<Option<LinkTx>>,
+    client_id: String,
+}
+
+impl Uplink {
+    /// Opens the link; a task from [`Uplink::watch`] keeps it open.
+    pub(crate) async fn open(
+        port: &Arc<RouterPort>,
+        client_id: &str,
+    ) -> Result<(Arc<Self>, LinkRx), RouterLinkError> {
+        let (tx, rx) = port.open_parts(client_id).await?;
+        let uplink = Arc::new(Self {
+            port: port.clone(),
+            tx: std::sync::Mutex::new(Some(tx)),
+            client_id: client_id.to_owned(),
+        });
+        Ok((uplink, rx))
+    }
+
+    /// Hands `packets` (drained) to the router.
+    pub async fn push(&self, packets: &mut Vec<Packet>) -> Result<(), RouterLinkError> {
+        if packets.is_empty() {
+            return Ok(());
+        }
+        // The only await; nothing is taken from `packets` before it (cancel-safe).
+        self.port.wait_for_room().await?;
+        let mut slot = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = slot.as_mut().ok_or(RouterLinkError::Closed)?;
+        let announce = {
+            let mut buffer = tx.buffer();
+            let was_empty = buffer.is_empty();
+            buffer.extend(packets.drain(..));
+            was_empty
+        };
+        if announce {
+            // `send` pushes one more packet and the event; the queue has room, so its blocking
+            // channel send returns at once and the future is ready on its first poll.
+            let Some(last) = tx.buffer().pop_back() else {
+                return Ok(());
+            };
+            match tx.send(last).now_or_never() {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    *slot = None;
+                    return Err(RouterLinkError::Closed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drains the link's notifications (it subscribes to nothing; the router only writes to it
+    /// to drop it) and reopens it if the router lets it go, until `shutdown`.
+    pub(crate) async fn watch(
+        self: Arc<Self>,
+        mut rx: LinkRx,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            // Cases: shutdown; a notification or the link's end.
+            let ended = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = rx.next() => match n {
+                    Ok(Some(Notification::Disconnect(..))) | Err(_) => true,
+                    Ok(_) => false,
+                },
+            };
+            if !ended {
+                continue;
+            }
+            tracing::error!("the router dropped the edge's uplink; reopening it");
+            *self.tx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            loop {
+                match self.port.open_parts(&self.client_id).await {
+                    Ok((tx, new_rx)) => {
+                        *self.tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                        rx = new_rx;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reopening the uplink failed");
+                        // Cases: shutdown; retry after a pause.
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -11,8 +11,12 @@ pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
 pub const PUBACK: u8 = 4;
 pub const PUBREC: u8 = 5;
+pub const PUBREL: u8 = 6;
+pub const PUBCOMP: u8 = 7;
 pub const SUBSCRIBE: u8 = 8;
+pub const SUBACK: u8 = 9;
 pub const UNSUBSCRIBE: u8 = 10;
+pub const UNSUBACK: u8 = 11;
 pub const DISCONNECT: u8 = 14;
 
 /// MQTT 5 reason codes the edge sends.
@@ -459,6 +463,80 @@ pub fn puback_dropped(packet_id: u16, v5: bool) -> Bytes {
     b.freeze()
 }
 
+/// Appends a variable-length remaining length.
+fn put_remaining(out: &mut BytesMut, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if len == 0 {
+            return;
+        }
+    }
+}
+
+/// Appends a PUBLISH to a device. `packet_id` is used for QoS 1.
+pub fn put_publish(
+    out: &mut BytesMut,
+    topic: &[u8],
+    payload: &[u8],
+    qos: u8,
+    packet_id: u16,
+    retain: bool,
+    v5: bool,
+) {
+    let qos = qos.min(1);
+    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + usize::from(v5) + payload.len();
+    out.reserve(len + 5);
+    out.put_u8((PUBLISH << 4) | (qos << 1) | u8::from(retain));
+    put_remaining(out, len);
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic);
+    if qos > 0 {
+        out.put_u16(packet_id);
+    }
+    if v5 {
+        out.put_u8(0); // no properties
+    }
+    out.put_slice(payload);
+}
+
+/// Appends a two-byte acknowledgement (PUBACK, PUBREC, PUBCOMP: reason "success" is implied
+/// in MQTT 5 when the remaining length is 2).
+pub fn put_ack(out: &mut BytesMut, kind: u8, packet_id: u16) {
+    let flags = if kind == PUBREL { 0b0010 } else { 0 };
+    out.put_u8((kind << 4) | flags);
+    out.put_u8(2);
+    out.put_u16(packet_id);
+}
+
+/// Appends a SUBACK granting `codes` (0 or 1 per filter, 0x80/0x87 for a refusal).
+pub fn put_suback(out: &mut BytesMut, packet_id: u16, codes: &[u8], v5: bool) {
+    put_remaining_packet(out, SUBACK, packet_id, codes, v5);
+}
+
+/// Appends an UNSUBACK for `count` filters.
+pub fn put_unsuback(out: &mut BytesMut, packet_id: u16, count: usize, v5: bool) {
+    if v5 {
+        put_remaining_packet(out, UNSUBACK, packet_id, &vec![0u8; count], true);
+    } else {
+        put_ack(out, UNSUBACK, packet_id);
+    }
+}
+
+fn put_remaining_packet(out: &mut BytesMut, kind: u8, packet_id: u16, codes: &[u8], v5: bool) {
+    out.put_u8(kind << 4);
+    put_remaining(out, 2 + usize::from(v5) + codes.len());
+    out.put_u16(packet_id);
+    if v5 {
+        out.put_u8(0);
+    }
+    out.put_slice(codes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,5 +582,39 @@ mod tests {
         assert_eq!(filters(&h, &f, false).unwrap(), vec!["#", "a/"]);
         let (h, f) = frame(&[0xA2, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, b'+']);
         assert_eq!(filters(&h, &f, true).unwrap(), vec!["+"]);
+    }
+
+    #[test]
+    fn publishes_and_acks_encode_as_rumqttd_decodes_them() {
+        for v5 in [false, true] {
+            for (qos, retain) in [(0u8, false), (1, true)] {
+                let mut out = BytesMut::new();
+                put_publish(&mut out, b"devices/a/led", b"on", qos, 9, retain, v5);
+                let codec = if v5 { Codec::V5 } else { Codec::V4 };
+                let d = codec.next_packet(&mut out, 1024).unwrap().unwrap();
+                assert_eq!(d.qos, qos);
+                assert_eq!(d.packet_id, (qos > 0).then_some(9));
+                let Packet::Publish(p, _) = d.packet else {
+                    panic!("not a publish")
+                };
+                assert_eq!(
+                    (&p.topic[..], &p.payload[..], p.retain),
+                    (&b"devices/a/led"[..], &b"on"[..], retain)
+                );
+                assert!(out.is_empty());
+            }
+        }
+        let mut out = BytesMut::new();
+        put_suback(&mut out, 3, &[1, 0], false);
+        assert_eq!(&out[..], &[0x90, 4, 0, 3, 1, 0]);
+        out.clear();
+        put_suback(&mut out, 3, &[1], true);
+        assert_eq!(&out[..], &[0x90, 4, 0, 3, 0, 1]);
+        out.clear();
+        put_unsuback(&mut out, 4, 2, true);
+        assert_eq!(&out[..], &[0xB0, 5, 0, 4, 0, 0, 0]);
+        out.clear();
+        put_ack(&mut out, PUBACK, 7);
+        assert_eq!(&out[..], &[0x40, 2, 0, 7]);
     }
 }

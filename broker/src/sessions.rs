@@ -6,9 +6,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use companion_schema::DeviceId;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::edge::Down;
 use crate::events::DisconnectReason;
+
+/// Messages waiting for one device before the downlink drops them.
+pub const MAILBOX: usize = 256;
+
+/// What became of a message for a device.
+pub enum Delivery {
+    Queued,
+    /// The device is not connected here.
+    Absent,
+    /// Its queue is full.
+    Full,
+}
 
 /// How long a new connection waits for the one it takes over to finish closing.
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(1);
@@ -21,6 +35,8 @@ pub struct Control {
     pub stop: CancellationToken,
     pub reason: Arc<Mutex<Option<DisconnectReason>>>,
     pub done: CancellationToken,
+    /// Messages from the downlink for this connection.
+    pub(crate) mailbox: mpsc::Sender<Down>,
 }
 
 impl Control {
@@ -50,20 +66,38 @@ pub struct Sessions {
 
 impl Sessions {
     /// Registers a new connection for `device`, closing (reason takeover) and waiting for the
-    /// one it replaces.
-    pub async fn register(&self, device: &DeviceId, shutdown: &CancellationToken) -> Control {
+    /// one it replaces. Returns its control and the receiving end of its mailbox.
+    pub(crate) async fn register(
+        &self,
+        device: &DeviceId,
+        shutdown: &CancellationToken,
+    ) -> (Control, mpsc::Receiver<Down>) {
+        let (mailbox, rx) = mpsc::channel(MAILBOX);
         let control = Control {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             stop: shutdown.child_token(),
             reason: Arc::default(),
             done: CancellationToken::new(),
+            mailbox,
         };
         let previous = lock(&self.live).insert(device.clone(), control.clone());
         if let Some(previous) = previous {
             previous.close(DisconnectReason::Takeover);
             let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.done.cancelled()).await;
         }
-        control
+        (control, rx)
+    }
+
+    /// Queues `down` for the device's live connection, if it has one.
+    pub(crate) fn deliver(&self, device: &DeviceId, down: Down) -> Delivery {
+        match lock(&self.live).get(device) {
+            Some(control) => match control.mailbox.try_send(down) {
+                Ok(()) => Delivery::Queued,
+                Err(mpsc::error::TrySendError::Full(_)) => Delivery::Full,
+                Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Absent,
+            },
+            None => Delivery::Absent,
+        }
     }
 
     /// Removes `control` (if it is still the device's current connection) and marks it done.

@@ -85,8 +85,11 @@ where
         }
     }
 
-    let control = edge.sessions.register(&device, &edge.shutdown).await;
-    session::run(&edge, stream, buf, &connect, &device, peer, &control).await;
+    let (control, mailbox) = edge.sessions.register(&device, &edge.shutdown).await;
+    session::run(
+        &edge, stream, buf, &connect, &device, peer, &control, mailbox,
+    )
+    .await;
     edge.sessions.finish(&device, &control);
 }
 

@@ -1,14 +1,19 @@
 //! The device-facing edge: accept loops (plain and TLS), one task per connection.
 //!
 //! - [`connection`]: TLS handshake, CONNECT, identity rules, authentication, Will ACL.
-//! - [`session`]: the device's router link (a rumqttd local link under the device's own
-//!   client id), its CONNACK, and the Will on an unclean end.
-//! - [`pump`]: packets both ways between the device socket and the link (ACL, aliases,
-//!   limits, metrics), until the device leaves or is closed.
+//! - [`session`]: CONNACK, the pump, and the Will on an unclean end.
+//! - [`pump`]: the device's MQTT session: publishes (ACL, aliases, limits) into the router
+//!   through the shared uplink, SUBSCRIBE/UNSUBSCRIBE/PING answered here, messages from the
+//!   mailbox written to the device.
+//! - [`fanout`]: the downlink: one router link for every device's down topics, handing each
+//!   message to its device's mailbox; the retained messages per device.
 
 mod connection;
+pub(crate) mod fanout;
 mod pump;
 mod session;
+
+pub(crate) use fanout::Down;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::events::EventSink;
-use crate::link::RouterPort;
+use crate::link::{RouterPort, Uplink};
 use crate::metrics::{result, Metrics, ReasonLabel, ResultLabel};
 use crate::proxy;
 use crate::sessions::Sessions;
@@ -39,8 +44,12 @@ pub(crate) struct Edge {
     pub sink: Arc<dyn EventSink>,
     pub metrics: Metrics,
     pub sessions: Sessions,
-    /// Where device links to the router are opened.
+    /// Where links to the router are opened.
     pub router: Arc<RouterPort>,
+    /// The shared way into the router for every device's publishes.
+    pub uplink: Arc<Uplink>,
+    /// The last retained message per device and down kind.
+    pub retained: fanout::Retained,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     pub permits: Arc<Semaphore>,

@@ -1,10 +1,12 @@
 //! The packet pump of a device connection: device packets are framed, decoded once (rumqttd's
-//! codec), checked (ACL on PUBLISH/SUBSCRIBE/UNSUBSCRIBE, v5 topic aliases, publish rate) and
-//! handed to the router's local link in batches; the router's notifications are encoded for
-//! the device. Runs until the device leaves, breaks a rule, or is closed (kick, takeover,
-//! shutdown).
+//! codec) and checked (ACL on PUBLISH/SUBSCRIBE/UNSUBSCRIBE, v5 topic aliases, publish rate);
+//! publishes go to the router through the edge's shared uplink in batches and are
+//! acknowledged once the router has them. The edge is the device's MQTT session: it answers
+//! SUBSCRIBE, UNSUBSCRIBE and PINGREQ itself, and writes what the downlink queues for the
+//! device (with its own packet ids for QoS 1). Runs until the device leaves, breaks a rule, or
+//! is closed (kick, takeover, shutdown).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
@@ -12,14 +14,14 @@ use bytes::{Bytes, BytesMut};
 use companion_schema::{DeviceId, Topic, TopicKind};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::counter::Counter;
-use rumqttd::protocol::{Packet, Publish, PublishProperties};
-use rumqttd::Notification;
+use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
+use super::fanout::Down;
 use super::Edge;
 use crate::acl;
 use crate::events::{AclAction, DisconnectReason};
-use crate::link::{self, Link};
 use crate::metrics::{ClassLabel, ReasonLabel};
 use crate::packet::{self, Codec, PacketError};
 use crate::sessions::Control;
@@ -28,7 +30,12 @@ use crate::sessions::Control;
 pub(super) const MAX_TOPIC_ALIASES: u16 = 64;
 /// A gap this long without a dropped publish ends an over-limit episode.
 const OVER_LIMIT_GAP: Duration = Duration::from_secs(1);
-const BUFFER: usize = 8 * 1024;
+const BUFFER: usize = 4 * 1024;
+/// QoS 1 messages sent to a device and not yet acknowledged, at most; past it the device is
+/// not reading and further QoS 1 messages are dropped (and counted as lost).
+const MAX_DOWN_INFLIGHT: usize = 64;
+/// Messages taken from the mailbox in one go.
+const DOWN_BATCH: usize = 64;
 
 /// Per-class counters, resolved once per connection.
 struct ClassCounters {
@@ -50,6 +57,11 @@ pub(super) struct Pump<'a> {
     dropped: Counter,
     counters_in: HashMap<Option<TopicKind>, ClassCounters>,
     counters_out: HashMap<Option<TopicKind>, ClassCounters>,
+    /// Down kinds the device subscribed to, with the QoS granted.
+    subscriptions: HashMap<TopicKind, u8>,
+    /// Packet ids of QoS 1 messages sent to the device and not yet acknowledged.
+    inflight: HashSet<u16>,
+    next_packet_id: u16,
 }
 
 /// The outcome of a batch of packets.
@@ -89,6 +101,9 @@ impl<'a> Pump<'a> {
                 .clone(),
             counters_in: HashMap::new(),
             counters_out: HashMap::new(),
+            subscriptions: HashMap::new(),
+            inflight: HashSet::new(),
+            next_packet_id: 0,
         }
     }
 
@@ -97,7 +112,7 @@ impl<'a> Pump<'a> {
         &mut self,
         dr: &mut R,
         dw: &mut W,
-        link: &mut Link,
+        mailbox: &mut mpsc::Receiver<Down>,
         mut dbuf: BytesMut,
         keepalive: Option<Duration>,
         control: &Control,
@@ -109,34 +124,27 @@ impl<'a> Pump<'a> {
         let max = self.edge.settings.max_packet_size;
         let mut to_router: Vec<Packet> = Vec::new();
         let mut to_device = BytesMut::with_capacity(BUFFER);
-        let mut notes: Vec<Notification> = Vec::new();
-        let mut unscheduled = false;
+        let mut downs: Vec<Down> = Vec::new();
         let far = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
         // Packets that arrived with the CONNECT.
         let mut step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
         loop {
+            // The router first: acknowledgements in `to_device` promise it has the publishes.
+            if let Err(e) = self.edge.uplink.push(&mut to_router).await {
+                tracing::warn!(device_id = %self.device, error = %e, "router uplink lost");
+                return DisconnectReason::ProtocolError;
+            }
             if !to_device.is_empty() && !write_or_stop(dw, &mut to_device, control).await {
                 return write_failed(control);
-            }
-            if unscheduled {
-                unscheduled = false;
-                if let Err(e) = link.wake().await {
-                    tracing::warn!(device_id = %self.device, error = %e, "router link lost");
-                    return DisconnectReason::ProtocolError;
-                }
-            }
-            if let Err(e) = link.send(&mut to_router).await {
-                tracing::warn!(device_id = %self.device, error = %e, "router link lost");
-                return DisconnectReason::ProtocolError;
             }
             match step {
                 Step::Continue => {}
                 Step::Clean => return DisconnectReason::Clean,
                 Step::Close(reason) => return reason,
             }
-            // Cases: closed (kick, takeover, shutdown); bytes from the device; notifications
-            // from the router; keep-alive expired.
+            // Cases: closed (kick, takeover, shutdown); bytes from the device; messages for
+            // the device; keep-alive expired.
             tokio::select! {
                 _ = control.stop.cancelled() => return stopped_or(control, DisconnectReason::ServerShutdown),
                 read = dr.read_buf(&mut dbuf) => {
@@ -146,12 +154,13 @@ impl<'a> Pump<'a> {
                     deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
                     step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
                 }
-                got = link.recv(&mut notes) => {
-                    if got.is_err() {
-                        tracing::warn!(device_id = %self.device, "the router closed the link");
-                        return DisconnectReason::ProtocolError;
+                n = mailbox.recv_many(&mut downs, DOWN_BATCH) => {
+                    if n == 0 {
+                        return stopped_or(control, DisconnectReason::Takeover);
                     }
-                    (step, unscheduled) = self.router_notes(&mut notes, &mut to_device);
+                    for down in downs.drain(..) {
+                        self.deliver(down, &mut to_device);
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline), if keepalive.is_some() => {
                     return DisconnectReason::KeepaliveTimeout;
@@ -160,9 +169,9 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// Decodes and checks every complete device packet in `buf`; allowed ones go to
-    /// `to_router`, the edge's own answers (PINGRESP, PUBACK for a dropped publish) to
-    /// `to_device`.
+    /// Decodes and checks every complete device packet in `buf`; publishes for the router go
+    /// to `to_router`, the edge's answers (acknowledgements, SUBACK, PINGRESP, retained
+    /// messages) to `to_device`.
     fn device_packets(
         &mut self,
         buf: &mut BytesMut,
@@ -184,16 +193,22 @@ impl<'a> Pump<'a> {
                 }
             };
             let (len, qos, packet_id) = (decoded.len, decoded.qos, decoded.packet_id);
-            let packet = decoded.packet;
-            match packet {
+            match decoded.packet {
                 Packet::Publish(publish, props) => {
                     match self.check_publish(publish, props, len, (qos, packet_id), to_device) {
-                        Ok(Some(p)) => to_router.push(p),
+                        Ok(Some(p)) => {
+                            to_router.push(p);
+                            match (qos, packet_id) {
+                                (1, Some(id)) => packet::put_ack(to_device, packet::PUBACK, id),
+                                (2, Some(id)) => packet::put_ack(to_device, packet::PUBREC, id),
+                                _ => {}
+                            }
+                        }
                         Ok(None) => {}
                         Err(reason) => return Step::Close(reason),
                     }
                 }
-                Packet::Subscribe(ref s, _) => {
+                Packet::Subscribe(s, _) => {
                     if let Some(bad) = s
                         .filters
                         .iter()
@@ -207,9 +222,9 @@ impl<'a> Pump<'a> {
                         );
                         return Step::Close(DisconnectReason::AclViolation);
                     }
-                    to_router.push(packet);
+                    self.subscribe(s, to_device);
                 }
-                Packet::Unsubscribe(ref u, _) => {
+                Packet::Unsubscribe(u, _) => {
                     if let Some(bad) = u
                         .filters
                         .iter()
@@ -223,20 +238,103 @@ impl<'a> Pump<'a> {
                         );
                         return Step::Close(DisconnectReason::AclViolation);
                     }
-                    to_router.push(packet);
+                    for filter in &u.filters {
+                        if let Ok(t) = Topic::parse(filter) {
+                            self.subscriptions.remove(&t.kind);
+                        }
+                    }
+                    packet::put_unsuback(to_device, u.pkid, u.filters.len(), self.codec.v5());
                 }
-                // Answered here: the router has nothing to add to a ping.
+                Packet::PubAck(ack, _) => {
+                    self.inflight.remove(&ack.pkid);
+                }
+                // The second half of a QoS 2 publish from the device.
+                Packet::PubRel(rel, _) => packet::put_ack(to_device, packet::PUBCOMP, rel.pkid),
+                // The edge never sends QoS 2: nothing to do.
+                Packet::PubRec(..) | Packet::PubComp(..) => {}
                 Packet::PingReq(_) => to_device.extend_from_slice(&packet::PINGRESP),
-                Packet::Disconnect(..) => {
-                    to_router.push(packet);
-                    return Step::Clean;
-                }
-                Packet::PubAck(..)
-                | Packet::PubRec(..)
-                | Packet::PubRel(..)
-                | Packet::PubComp(..) => to_router.push(packet),
+                Packet::Disconnect(..) => return Step::Clean,
                 // CONNECT twice, or packets only a server sends.
                 _ => return Step::Close(DisconnectReason::ProtocolError),
+            }
+        }
+    }
+
+    /// Records a SUBSCRIBE (its filters passed the ACL: each is one of the device's own down
+    /// topics), answers SUBACK, then sends the retained messages of those topics.
+    fn subscribe(&mut self, s: rumqttd::protocol::Subscribe, to_device: &mut BytesMut) {
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut kinds = Vec::with_capacity(s.filters.len());
+        for f in &s.filters {
+            let granted = match f.qos {
+                QoS::AtMostOnce => 0,
+                QoS::AtLeastOnce | QoS::ExactlyOnce => 1,
+            };
+            codes.push(granted);
+            if let Ok(t) = Topic::parse(&f.path) {
+                self.subscriptions.insert(t.kind, granted);
+                kinds.push(t.kind);
+            }
+        }
+        packet::put_suback(to_device, s.pkid, &codes, self.codec.v5());
+        for kind in kinds {
+            if let Some(down) = self.edge.retained.get(&self.device, kind) {
+                self.deliver(down, to_device);
+            }
+        }
+    }
+
+    /// Writes a message for the device if it subscribed to its topic: QoS is the lower of the
+    /// contract's and the subscription's.
+    fn deliver(&mut self, down: Down, to_device: &mut BytesMut) {
+        let Some(&granted) = self.subscriptions.get(&down.kind) else {
+            return;
+        };
+        let qos = granted.min(match down.kind.qos() {
+            companion_schema::Qos::AtMostOnce => 0,
+            companion_schema::Qos::AtLeastOnce => 1,
+        });
+        let mut id = 0;
+        if qos == 1 {
+            if self.inflight.len() >= MAX_DOWN_INFLIGHT {
+                tracing::warn!(device_id = %self.device, "device does not acknowledge; message dropped");
+                self.edge.metrics.lost.inc();
+                self.edge
+                    .metrics
+                    .dropped
+                    .get_or_create(&ReasonLabel {
+                        reason: "device_inflight_full",
+                    })
+                    .inc();
+                return;
+            }
+            id = self.packet_id();
+            self.inflight.insert(id);
+        }
+        let before = to_device.len();
+        packet::put_publish(
+            to_device,
+            &down.topic,
+            &down.payload,
+            qos,
+            id,
+            down.retain,
+            self.codec.v5(),
+        );
+        let metrics = &self.edge.metrics;
+        let c = class_counters(&mut self.counters_out, Some(down.kind), || {
+            (&metrics.messages_out, &metrics.bytes_out)
+        });
+        c.messages.inc();
+        c.bytes.inc_by((to_device.len() - before) as u64);
+    }
+
+    /// The next packet id not in flight (1..=65535).
+    fn packet_id(&mut self) -> u16 {
+        loop {
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains(&self.next_packet_id) {
+                return self.next_packet_id;
             }
         }
     }
@@ -290,9 +388,13 @@ impl<'a> Pump<'a> {
         });
         counters.messages.inc();
         counters.bytes.inc_by(len as u64);
-        // Properties without the alias; none at all when nothing else was set.
+        // Into the router at QoS 0: the edge acknowledges the device itself once the router
+        // has the message. Properties without the alias; none when nothing else was set.
         let props = props.filter(|p| *p != PublishProperties::default());
-        Ok(Some(Packet::Publish(publish, props)))
+        Ok(Some(Packet::Publish(
+            Publish::new(publish.topic, publish.payload, publish.retain),
+            props,
+        )))
     }
 
     /// Drops an over-limit PUBLISH (acknowledging QoS 1); a device over the limit for the
@@ -326,49 +428,6 @@ impl<'a> Pump<'a> {
             }
             _ => Err(DisconnectReason::RateLimited),
         }
-    }
-
-    /// Encodes the router's notifications for the device, counting publishes by class.
-    /// Returns the step and whether the router unscheduled the link (answer with `wake`).
-    fn router_notes(
-        &mut self,
-        notes: &mut Vec<Notification>,
-        to_device: &mut BytesMut,
-    ) -> (Step, bool) {
-        let mut unscheduled = false;
-        for note in notes.drain(..) {
-            if let Notification::Disconnect(ref d, _) = note {
-                tracing::warn!(device_id = %self.device, reason = ?d.reason_code, "the router dropped the connection");
-                return (Step::Close(DisconnectReason::ProtocolError), unscheduled);
-            }
-            let kind = match &note {
-                Notification::Forward(f) => Some(
-                    std::str::from_utf8(&f.publish.topic)
-                        .ok()
-                        .and_then(|t| Topic::parse(t).ok())
-                        .map(|t| t.kind),
-                ),
-                _ => None,
-            };
-            let Some(packet) = link::into_packet(note) else {
-                unscheduled = true;
-                continue;
-            };
-            let before = to_device.len();
-            if let Err(e) = self.codec.write(packet, to_device) {
-                tracing::warn!(device_id = %self.device, error = %e, "router packet could not be encoded");
-                return (Step::Close(DisconnectReason::ProtocolError), unscheduled);
-            }
-            if let Some(kind) = kind {
-                let metrics = &self.edge.metrics;
-                let c = class_counters(&mut self.counters_out, kind, || {
-                    (&metrics.messages_out, &metrics.bytes_out)
-                });
-                c.messages.inc();
-                c.bytes.inc_by((to_device.len() - before) as u64);
-            }
-        }
-        (Step::Continue, unscheduled)
     }
 }
 

@@ -1,28 +1,28 @@
-//! A device session after authentication: the router link is opened under the device's own
-//! client id, the device gets its CONNACK, the pump runs, and the link is closed — with the
-//! device's Will published first unless it said DISCONNECT. Emits Connected/Disconnected.
+//! A device session after authentication: the device gets its CONNACK, the pump runs, and
+//! unless the device said DISCONNECT its Will goes to the router. The router keeps nothing
+//! per device: publishes go through the edge's uplink, messages for the device come from the
+//! downlink through the session's mailbox. Emits Connected/Disconnected.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use companion_schema::DeviceId;
-use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
+use super::fanout::Down;
 use super::pump::{Pump, MAX_TOPIC_ALIASES};
 use super::Edge;
 use crate::events::{BrokerEvent, DisconnectReason};
-use crate::link::Link;
 use crate::metrics::{result, ReasonLabel};
 use crate::packet::{self, reason, ConnectInfo};
 use crate::sessions::Control;
 
-/// Bound on opening the router link (the router thread answers in microseconds when well).
-const LINK_TIMEOUT: Duration = Duration::from_secs(5);
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the session after authentication until the device is gone.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run<S>(
     edge: &Edge,
     device_io: S,
@@ -31,13 +31,26 @@ pub(super) async fn run<S>(
     device: &DeviceId,
     peer: SocketAddr,
     control: &Control,
+    mut mailbox: mpsc::Receiver<Down>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut dr, mut dw) = tokio::io::split(device_io);
-    let Some(mut link) = open_link(edge, connect, device, &mut dw).await else {
-        return;
+    let connack = match connect.codec().connack_accepted(MAX_TOPIC_ALIASES) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(device_id = %device, error = %e, "CONNACK could not be encoded");
+            edge.count_connect(result::PROTOCOL_ERROR);
+            return;
+        }
     };
+    if tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.write_all(&connack))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        edge.count_connect(result::PROTOCOL_ERROR);
+        return;
+    }
     edge.count_connect(result::ACCEPTED);
     edge.metrics.connected_devices.inc();
     edge.sink.send(BrokerEvent::Connected {
@@ -51,7 +64,14 @@ pub(super) async fn run<S>(
     let keepalive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let reason = pump
-        .run(&mut dr, &mut dw, &mut link, device_buf, keepalive, control)
+        .run(
+            &mut dr,
+            &mut dw,
+            &mut mailbox,
+            device_buf,
+            keepalive,
+            control,
+        )
         .await;
 
     if connect.v5() && reason != DisconnectReason::Clean {
@@ -62,7 +82,13 @@ pub(super) async fn run<S>(
         .await;
     }
     let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.shutdown()).await;
-    close_link(&mut link, connect, device, reason).await;
+    if reason != DisconnectReason::Clean {
+        if let Some(will) = connect.will() {
+            if let Err(e) = edge.uplink.push(&mut vec![will]).await {
+                tracing::warn!(device_id = %device, error = %e, "the Will could not be published");
+            }
+        }
+    }
 
     edge.metrics.connected_devices.dec();
     edge.metrics
@@ -76,75 +102,6 @@ pub(super) async fn run<S>(
         device: device.clone(),
         reason,
     });
-}
-
-/// Opens the device's router link and sends the device its CONNACK. `None` if the device is
-/// not connected (it was told the server is unavailable).
-async fn open_link<W: AsyncWrite + Unpin>(
-    edge: &Edge,
-    connect: &ConnectInfo,
-    device: &DeviceId,
-    dw: &mut W,
-) -> Option<Link> {
-    let opened = tokio::time::timeout(LINK_TIMEOUT, edge.router.open(device.as_str())).await;
-    let link = match opened {
-        Ok(Ok(link)) => Some(link),
-        Ok(Err(e)) => {
-            tracing::error!(device_id = %device, error = %e, "router link failed");
-            None
-        }
-        Err(_) => {
-            tracing::error!(device_id = %device, "router link timed out");
-            None
-        }
-    };
-    let connack = connect.codec().connack_accepted(MAX_TOPIC_ALIASES);
-    match (link, connack) {
-        (Some(link), Ok(connack)) => {
-            let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, dw.write_all(&connack)).await;
-            Some(link)
-        }
-        (link, _) => {
-            if let Some(mut link) = link {
-                close_link(&mut link, connect, device, DisconnectReason::ProtocolError).await;
-            }
-            edge.count_connect(result::UPSTREAM_ERROR);
-            let refusal = packet::connack_unavailable(connect.v5());
-            let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, async {
-                dw.write_all(&refusal).await?;
-                dw.shutdown().await
-            })
-            .await;
-            None
-        }
-    }
-}
-
-/// Leaves the router: the Will first unless the device said DISCONNECT, then DISCONNECT (the
-/// router drops the connection's state). Both go into the link's own buffer, so a link the
-/// router already dropped just ignores them.
-async fn close_link(
-    link: &mut Link,
-    connect: &ConnectInfo,
-    device: &DeviceId,
-    reason: DisconnectReason,
-) {
-    if link.is_gone() {
-        return; // the device's own DISCONNECT went through, or the router dropped the link
-    }
-    let mut last = Vec::with_capacity(2);
-    if reason != DisconnectReason::Clean {
-        last.extend(connect.will());
-    }
-    last.push(Packet::Disconnect(
-        Disconnect {
-            reason_code: DisconnectReasonCode::NormalDisconnection,
-        },
-        None,
-    ));
-    if let Err(e) = link.send(&mut last).await {
-        tracing::warn!(device_id = %device, error = %e, "closing the router link failed");
-    }
 }
 
 fn v5_code(reason: DisconnectReason) -> u8 {
