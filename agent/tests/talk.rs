@@ -33,15 +33,22 @@ fn event(
     })
 }
 
-/// Answers one utterance; returns how many audio chunks it received.
+/// Answers one utterance; returns how many audio chunks it received. The router does not keep
+/// order across topics, so audio may overtake its `start` and the `stop` may overtake the
+/// audio (the real backend copes the same way): chunks are counted by session, and the
+/// answer goes out once the `stop` and the chunk marked `last` are both in.
 async fn voice_double(mut backend: Backend) -> usize {
-    let mut session = None;
-    let mut chunks = 0;
+    let mut counts: std::collections::HashMap<SessionId, usize> = Default::default();
+    let mut last_seen = None;
+    let mut stopped = None;
     loop {
+        if let Some(s) = stopped.as_ref().filter(|s| last_seen.as_ref() == Some(*s)) {
+            answer(&backend, s).await;
+            return counts.get(s).copied().unwrap_or(0);
+        }
         let (_, p) = backend.rx.recv().await.expect("backend running");
         match p {
             Payload::SessionControl(c) if c.action == SessionAction::Start => {
-                session = Some(c.session_id.clone());
                 backend
                     .send(
                         TopicKind::SessionDown,
@@ -49,61 +56,68 @@ async fn voice_double(mut backend: Backend) -> usize {
                     )
                     .await;
             }
-            Payload::Audio(a) if Some(&a.session_id) == session.as_ref() => chunks += 1,
-            Payload::SessionControl(c) if c.action == SessionAction::Stop => {
-                let s = c.session_id;
-                backend
-                    .send(
-                        TopicKind::SessionDown,
-                        &event(&s, SessionState::Thinking, Some("what time is it"), None),
-                    )
-                    .await;
-                backend
-                    .send(
-                        TopicKind::SessionDown,
-                        &event(&s, SessionState::Speaking, None, Some("Time for tea.")),
-                    )
-                    .await;
-                let mut enc = Encoder::new(24_000).unwrap();
-                let n = 20u32;
-                for seq in 0..n {
-                    let frames = (0..3)
-                        .map(|f| {
-                            let mut pcm = [0i16; FRAME_SAMPLES];
-                            for (i, x) in pcm.iter_mut().enumerate() {
-                                let t = ((seq * 3 + f) as usize * FRAME_SAMPLES + i) as f32 / 16e3;
-                                *x = (8000.0 * (2.0 * std::f32::consts::PI * 300.0 * t).sin())
-                                    as i16;
-                            }
-                            ByteBuf::from(enc.encode(&pcm).unwrap())
-                        })
-                        .collect();
-                    let chunk = AudioChunk {
-                        v: 1,
-                        session_id: s.clone(),
-                        seq,
-                        ts_ms: 0,
-                        codec: Codec::Opus,
-                        sample_rate: 16_000,
-                        frame_ms: 20,
-                        frames,
-                        last: seq == n - 1,
-                    };
-                    backend
-                        .send(TopicKind::AudioDown, &Payload::Audio(chunk))
-                        .await;
+            Payload::Audio(a) => {
+                *counts.entry(a.session_id.clone()).or_default() += 1;
+                if a.last {
+                    last_seen = Some(a.session_id);
                 }
-                backend
-                    .send(
-                        TopicKind::SessionDown,
-                        &event(&s, SessionState::Idle, None, None),
-                    )
-                    .await;
-                return chunks;
+            }
+            Payload::SessionControl(c) if c.action == SessionAction::Stop => {
+                stopped = Some(c.session_id);
             }
             _ => {}
         }
     }
+}
+
+/// The double's answer to one utterance: thinking, speaking, reply audio, idle.
+async fn answer(backend: &Backend, s: &SessionId) {
+    backend
+        .send(
+            TopicKind::SessionDown,
+            &event(s, SessionState::Thinking, Some("what time is it"), None),
+        )
+        .await;
+    backend
+        .send(
+            TopicKind::SessionDown,
+            &event(s, SessionState::Speaking, None, Some("Time for tea.")),
+        )
+        .await;
+    let mut enc = Encoder::new(24_000).unwrap();
+    let n = 20u32;
+    for seq in 0..n {
+        let frames = (0..3)
+            .map(|f| {
+                let mut pcm = [0i16; FRAME_SAMPLES];
+                for (i, x) in pcm.iter_mut().enumerate() {
+                    let t = ((seq * 3 + f) as usize * FRAME_SAMPLES + i) as f32 / 16e3;
+                    *x = (8000.0 * (2.0 * std::f32::consts::PI * 300.0 * t).sin()) as i16;
+                }
+                ByteBuf::from(enc.encode(&pcm).unwrap())
+            })
+            .collect();
+        let chunk = AudioChunk {
+            v: 1,
+            session_id: s.clone(),
+            seq,
+            ts_ms: 0,
+            codec: Codec::Opus,
+            sample_rate: 16_000,
+            frame_ms: 20,
+            frames,
+            last: seq == n - 1,
+        };
+        backend
+            .send(TopicKind::AudioDown, &Payload::Audio(chunk))
+            .await;
+    }
+    backend
+        .send(
+            TopicKind::SessionDown,
+            &event(s, SessionState::Idle, None, None),
+        )
+        .await;
 }
 
 fn write_tone(path: &std::path::Path, seconds: f32) {
