@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    backoff_step, BusError, BusMetrics, Connection, OnPublish, Publisher, BACKOFF_MIN, CLIENT_QUEUE,
+    back_off, BusError, BusMetrics, Connection, OnPublish, Publisher, BACKOFF_MIN, CLIENT_QUEUE,
 };
 
 /// Publishes handed to the router in one batch at most.
@@ -103,13 +103,9 @@ impl Connection for LocalConnection {
             }
             metrics.reconnects.inc();
             tracing::warn!(error = %failed, backoff_ms = backoff.as_millis() as u64, "backend router link lost; reopening");
-            let (wait, next) = backoff_step(backoff);
-            // Cases: the wait is over; shutdown.
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.cancelled() => return,
+            if !back_off(&mut backoff, &shutdown).await {
+                return;
             }
-            backoff = next;
         }
     }
 }

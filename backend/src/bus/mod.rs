@@ -140,10 +140,17 @@ pub struct Bus {
     metrics: BusMetrics,
 }
 
-/// The wait before reconnect attempt `n` (with jitter), and the next bound.
-fn backoff_step(backoff: Duration) -> (Duration, Duration) {
+/// Waits before a reconnect attempt (with jitter) and doubles `backoff` up to the maximum.
+/// False if shutdown came first.
+async fn back_off(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
     let jitter = rand::rng().random_range(0.5..1.0);
-    (backoff.mul_f64(jitter), (backoff * 2).min(BACKOFF_MAX))
+    let wait = backoff.mul_f64(jitter);
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    // Cases: the wait is over; shutdown.
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = shutdown.cancelled() => false,
+    }
 }
 
 impl Bus {

@@ -14,7 +14,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Request};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    backoff_step, BusError, BusMetrics, Connection, OnPublish, Publisher, Target, BACKOFF_MIN,
+    back_off, BusError, BusMetrics, Connection, OnPublish, Publisher, Target, BACKOFF_MIN,
     CLIENT_QUEUE,
 };
 
@@ -148,13 +148,9 @@ async fn drive(
             Err(e) => {
                 metrics.reconnects.inc();
                 tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "backend MQTT connection lost; reconnecting");
-                let (wait, next) = backoff_step(backoff);
-                // Cases: the wait is over; shutdown.
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.cancelled() => return,
+                if !back_off(&mut backoff, &shutdown).await {
+                    return;
                 }
-                backoff = next;
                 carry_over(&mut eventloop, &mut carried, metrics);
                 eventloop.mqtt_options.set_client_id(client_id());
             }
