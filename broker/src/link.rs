@@ -200,11 +200,6 @@ impl Link {
         self.rx.wake().await.map_err(|_| RouterLinkError::Closed)
     }
 
-    /// Whether the router has let this connection go.
-    pub fn is_gone(&self) -> bool {
-        self.gone
-    }
-
     /// Counts messages the router skipped for this link (offset jumps within a filter).
     fn observe(&mut self, n: &Notification) {
         let forward = match n {
@@ -236,17 +231,6 @@ impl Link {
                 self.port.lost.inc_by(skipped);
             }
         }
-    }
-}
-
-/// The packet a notification carries to the client, `None` for `Unschedule` (answer with
-/// [`Link::wake`]) and for the replication/shadow notifications a link never gets here.
-pub fn into_packet(n: Notification) -> Option<Packet> {
-    match n {
-        Notification::Forward(_) | Notification::DeviceAck(_) | Notification::Disconnect(..) => {
-            n.into()
-        }
-        _ => None,
     }
 }
 

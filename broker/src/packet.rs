@@ -1,6 +1,7 @@
-//! MQTT framing and the little decoding the edge needs: the fixed header of every packet,
-//! PUBLISH topics, SUBSCRIBE/UNSUBSCRIBE filters (3.1.1 and 5), and CONNECT (decoded and
-//! re-encoded through rumqttd's codec so the password can be rewritten). Payload bytes are
+//! MQTT on the edge's wire: framing (the fixed header of every packet, sizes refused before
+//! the body arrives), decoding through rumqttd's own v4/v5 codecs (plus the PUBLISH packet id
+//! rumqttd keeps private), CONNECT, and the few packets the edge writes itself (CONNACK,
+//! SUBACK, UNSUBACK, acknowledgements, PUBLISH to a device, DISCONNECT). Payload bytes are
 //! never copied into new types.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -222,24 +223,6 @@ pub fn publish_info<'a>(
     })
 }
 
-/// The topic filters of a SUBSCRIBE or UNSUBSCRIBE frame.
-pub fn filters(header: &Header, frame: &[u8], v5: bool) -> Result<Vec<String>, PacketError> {
-    let subscribe = header.kind() == SUBSCRIBE;
-    let mut b = &frame[header.header_len..];
-    read_u16(&mut b)?;
-    if v5 {
-        read_properties(&mut b)?;
-    }
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        out.push(read_str(&mut b)?.to_owned());
-        if subscribe {
-            skip(&mut b, 1)?;
-        }
-    }
-    Ok(out)
-}
-
 /// A decoded CONNECT.
 #[derive(Debug)]
 pub struct ConnectInfo {
@@ -412,26 +395,8 @@ pub fn connect(frame: &Bytes, max_len: usize) -> Result<ConnectInfo, PacketError
     })
 }
 
-/// The return code of a CONNACK frame (0 = accepted).
-pub fn connack_code(header: &Header, frame: &[u8]) -> Result<u8, PacketError> {
-    frame
-        .get(header.header_len + 1)
-        .copied()
-        .ok_or(PacketError::Truncated)
-}
-
 /// The answer to PINGREQ (the same in 3.1.1 and 5).
 pub const PINGRESP: [u8; 2] = [0xD0, 0x00];
-
-/// A CONNACK saying the server cannot take the connection now: 3.1.1 "server unavailable"
-/// (0x03) or 5 "server unavailable" (0x88).
-pub fn connack_unavailable(v5: bool) -> Bytes {
-    if v5 {
-        Bytes::from_static(&[0x20, 0x03, 0x00, 0x88, 0x00])
-    } else {
-        Bytes::from_static(&[0x20, 0x02, 0x00, 0x03])
-    }
-}
 
 /// A CONNACK refusing the connection: 3.1.1 "not authorized" (0x05) or 5 "not authorized" (0x87).
 pub fn connack_refusal(v5: bool) -> Bytes {
@@ -572,16 +537,6 @@ mod tests {
         let (h, f) = frame(&[0x30, 0x06, 0x00, 0x00, 0x03, 0x23, 0x00, 0x03]);
         let info = publish_info(&h, &f, true).unwrap();
         assert_eq!((info.topic, info.topic_alias), ("", Some(3)));
-    }
-
-    #[test]
-    fn subscribe_and_unsubscribe_filters_are_listed() {
-        let (h, f) = frame(&[
-            0x82, 0x0B, 0x00, 0x01, 0x00, 0x01, b'#', 0x00, 0x00, 0x02, b'a', b'/', 0x01,
-        ]);
-        assert_eq!(filters(&h, &f, false).unwrap(), vec!["#", "a/"]);
-        let (h, f) = frame(&[0xA2, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, b'+']);
-        assert_eq!(filters(&h, &f, true).unwrap(), vec!["+"]);
     }
 
     #[test]
