@@ -359,3 +359,60 @@ async fn devices_leave_no_state_in_the_router_however_often_they_reconnect() {
     );
     assert_eq!(app.metric("broker_router_client_ids"), ids + 1.0);
 }
+
+#[tokio::test]
+async fn a_qos_2_publish_completes_its_handshake_at_the_edge() {
+    let app = TestApp::start().await;
+    let mut backend = app.backend("q2", &["devices/+/telemetry"]).await;
+    backend.wait_suback().await;
+    let (client, mut el) = rumqttc::AsyncClient::new(app.device_plain("a", "token-a"), 10);
+    client
+        .publish(
+            "devices/a/telemetry",
+            QoS::ExactlyOnce,
+            false,
+            b"q2".to_vec(),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_)) = el.poll().await.unwrap()
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("PUBREC, PUBREL, PUBCOMP");
+    assert_eq!(
+        backend.next_publish().await,
+        ("devices/a/telemetry".to_owned(), b"q2".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn more_qos_1_messages_than_the_inflight_window_reach_a_device_that_acknowledges() {
+    let app = TestApp::start().await;
+    let mut device = Client::connect(app.device_plain("a", "token-a"))
+        .await
+        .unwrap();
+    device.subscribe("devices/a/led").await;
+    device.wait_suback().await;
+    let backend = app.backend("many", &[]).await;
+    // 200 > the edge's 64 unacknowledged messages: packet ids must be freed by PUBACKs.
+    for i in 0..200u32 {
+        backend
+            .client
+            .publish(
+                "devices/a/led",
+                QoS::AtLeastOnce,
+                false,
+                i.to_be_bytes().to_vec(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(device.next_publish().await.1, i.to_be_bytes().to_vec());
+    }
+    assert_eq!(app.metric("broker_messages_lost_total"), 0.0);
+}
