@@ -36,7 +36,7 @@ pub struct Control {
     pub reason: Arc<Mutex<Option<DisconnectReason>>>,
     pub done: CancellationToken,
     /// Messages from the downlink for this connection.
-    pub(crate) mailbox: mpsc::Sender<Down>,
+    pub(crate) mailbox: mpsc::Sender<Box<Down>>,
 }
 
 impl Control {
@@ -71,7 +71,7 @@ impl Sessions {
         &self,
         device: &DeviceId,
         shutdown: &CancellationToken,
-    ) -> (Control, mpsc::Receiver<Down>) {
+    ) -> (Control, mpsc::Receiver<Box<Down>>) {
         let (mailbox, rx) = mpsc::channel(MAILBOX);
         let control = Control {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -91,7 +91,9 @@ impl Sessions {
     /// Queues `down` for the device's live connection, if it has one.
     pub(crate) fn deliver(&self, device: &DeviceId, down: Down) -> Delivery {
         match lock(&self.live).get(device) {
-            Some(control) => match control.mailbox.try_send(down) {
+            // Boxed: tokio allocates a channel's slots 32 at a time when it is created, and
+            // every connected device has one.
+            Some(control) => match control.mailbox.try_send(Box::new(down)) {
                 Ok(()) => Delivery::Queued,
                 Err(mpsc::error::TrySendError::Full(_)) => Delivery::Full,
                 Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Absent,

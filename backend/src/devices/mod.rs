@@ -121,9 +121,14 @@ pub struct Runtime {
     pub limits: SessionLimits,
 }
 
+/// A worker's queue. Events are boxed: tokio allocates a channel's slots 32 at a time when it
+/// is created, and one worker per connected device made that 32 x 104 bytes each.
+type EventTx = mpsc::Sender<Box<DeviceEvent>>;
+type EventRx = mpsc::Receiver<Box<DeviceEvent>>;
+
 /// Routes events to per-device workers, creating them on demand.
 pub struct Dispatcher {
-    workers: Mutex<HashMap<DeviceId, mpsc::Sender<DeviceEvent>>>,
+    workers: Mutex<HashMap<DeviceId, EventTx>>,
     runtime: Arc<Runtime>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -154,7 +159,7 @@ impl Dispatcher {
             return false;
         };
         let tx = self.sender(&mut workers, device);
-        match tx.try_send(event) {
+        match tx.try_send(Box::new(event)) {
             Ok(()) => true,
             Err(_) => {
                 self.runtime.metrics.dropped(label);
@@ -171,14 +176,16 @@ impl Dispatcher {
             };
             self.sender(&mut workers, device)
         };
-        tx.send(DeviceEvent::Command(command)).await.is_ok()
+        tx.send(Box::new(DeviceEvent::Command(command)))
+            .await
+            .is_ok()
     }
 
     fn sender(
         self: &Arc<Self>,
-        workers: &mut HashMap<DeviceId, mpsc::Sender<DeviceEvent>>,
+        workers: &mut HashMap<DeviceId, EventTx>,
         device: &DeviceId,
-    ) -> mpsc::Sender<DeviceEvent> {
+    ) -> EventTx {
         if let Some(tx) = workers.get(device).filter(|tx| !tx.is_closed()) {
             return tx.clone();
         }
@@ -192,7 +199,7 @@ impl Dispatcher {
 
     /// Called by a worker that wants to exit: succeeds (and unregisters it) only if no event
     /// is waiting, so nothing is lost.
-    fn retire(&self, device: &DeviceId, rx: &mpsc::Receiver<DeviceEvent>) -> bool {
+    fn retire(&self, device: &DeviceId, rx: &EventRx) -> bool {
         let Ok(mut workers) = self.workers.lock() else {
             return false;
         };

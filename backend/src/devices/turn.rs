@@ -23,7 +23,7 @@ pub(super) struct Turn {
     pub(super) rt: Arc<Runtime>,
     pub(super) device: DeviceId,
     pub(super) session: SessionId,
-    pub(super) internal: mpsc::Sender<Internal>,
+    pub(super) internal: mpsc::Sender<Box<Internal>>,
     pub(super) cancel: CancellationToken,
     pub(super) end_of_speech: Instant,
 }
@@ -32,10 +32,10 @@ impl Turn {
     async fn done(&self, outcome: TurnOutcome) {
         let _ = self
             .internal
-            .send(Internal::Done {
+            .send(Box::new(Internal::Done {
                 session: self.session.clone(),
                 outcome,
-            })
+            }))
             .await;
     }
 
@@ -59,11 +59,11 @@ impl Turn {
         let (tx, rx) = oneshot::channel();
         let asked = self
             .internal
-            .send(Internal::Transcribed {
+            .send(Box::new(Internal::Transcribed {
                 session: self.session.clone(),
                 text: text.clone(),
                 reply: tx,
-            })
+            }))
             .await;
         let Ok(plan) = (match asked {
             Ok(()) => rx.await,

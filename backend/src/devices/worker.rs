@@ -28,8 +28,8 @@ pub struct Worker {
     battery: Option<f64>,
     config: DeviceConfig,
     pub(super) session: Session,
-    pub(super) internal_tx: mpsc::Sender<Internal>,
-    internal_rx: mpsc::Receiver<Internal>,
+    pub(super) internal_tx: mpsc::Sender<Box<Internal>>,
+    internal_rx: mpsc::Receiver<Box<Internal>>,
 }
 
 impl Worker {
@@ -70,8 +70,10 @@ impl Worker {
         }
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<DeviceEvent>, shutdown: CancellationToken) {
-        self.load().await;
+    /// Runs until idle for [`IDLE_EXIT`] or shutdown. The handlers' futures are boxed, so an
+    /// idle worker (one per connected device) holds only its state, not the largest of them.
+    pub async fn run(mut self, mut rx: super::EventRx, shutdown: CancellationToken) {
+        Box::pin(self.load()).await;
         loop {
             let deadline = self.session.deadline();
             let idle = self.session.is_idle();
@@ -80,11 +82,11 @@ impl Worker {
             // shutdown.
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(ev) => self.handle(ev).await,
+                    Some(ev) => Box::pin(self.handle(*ev)).await,
                     None => break,
                 },
-                Some(msg) = self.internal_rx.recv() => self.handle_internal(msg).await,
-                _ = sleep_until(deadline), if deadline.is_some() => self.session_deadline().await,
+                Some(msg) = self.internal_rx.recv() => Box::pin(self.handle_internal(*msg)).await,
+                _ = sleep_until(deadline), if deadline.is_some() => Box::pin(self.session_deadline()).await,
                 _ = tokio::time::sleep(IDLE_EXIT), if idle => {
                     if self.dispatcher.retire(&self.device, &rx) {
                         return;

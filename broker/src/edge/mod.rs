@@ -124,17 +124,19 @@ fn spawn_connection(
             Some(acceptor) => {
                 let timeout = Duration::from_millis(edge2.settings.tls_handshake_timeout_ms);
                 // Cases: shutdown; the handshake finishes or times out.
+                // Boxed: the handshake's state (a whole TLS server connection) is freed when it
+                // is done, instead of sizing the connection's task for its whole life.
                 let handshake = tokio::select! {
                     _ = edge2.shutdown.cancelled() => return,
-                    h = tokio::time::timeout(timeout, acceptor.accept(stream)) => h,
+                    h = tokio::time::timeout(timeout, Box::pin(acceptor.accept(stream))) => h,
                 };
                 match handshake {
-                    Ok(Ok(stream)) => connection::run(edge2, stream, peer).await,
+                    Ok(Ok(stream)) => Box::pin(connection::run(edge2, stream, peer)).await,
                     Ok(Err(e)) => tls_failed(&edge2, peer, "error", &e.to_string()),
                     Err(_) => tls_failed(&edge2, peer, "timeout", "handshake timed out"),
                 }
             }
-            None => connection::run(edge2, stream, peer).await,
+            None => Box::pin(connection::run(edge2, stream, peer)).await,
         }
     });
 }

@@ -112,7 +112,7 @@ impl<'a> Pump<'a> {
         &mut self,
         dr: &mut R,
         dw: &mut W,
-        mailbox: &mut mpsc::Receiver<Down>,
+        mailbox: &mut mpsc::Receiver<Box<Down>>,
         mut dbuf: BytesMut,
         keepalive: Option<Duration>,
         control: &Control,
@@ -124,7 +124,7 @@ impl<'a> Pump<'a> {
         let max = self.edge.settings.max_packet_size;
         let mut to_router: Vec<Packet> = Vec::new();
         let mut to_device = BytesMut::with_capacity(BUFFER);
-        let mut downs: Vec<Down> = Vec::new();
+        let mut downs: Vec<Box<Down>> = Vec::new();
         let far = Duration::from_secs(365 * 24 * 3600);
         let mut deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
         // Packets that arrived with the CONNECT.
@@ -159,7 +159,7 @@ impl<'a> Pump<'a> {
                         return stopped_or(control, DisconnectReason::Takeover);
                     }
                     for down in downs.drain(..) {
-                        self.deliver(down, &mut to_device);
+                        self.deliver(*down, &mut to_device);
                     }
                 }
                 _ = tokio::time::sleep_until(deadline), if keepalive.is_some() => {

@@ -31,7 +31,7 @@ pub(super) async fn run<S>(
     device: &DeviceId,
     peer: SocketAddr,
     control: &Control,
-    mut mailbox: mpsc::Receiver<Down>,
+    mut mailbox: mpsc::Receiver<Box<Down>>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
