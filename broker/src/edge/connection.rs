@@ -19,7 +19,7 @@ use crate::RESERVED_CLIENT_ID_PREFIX;
 
 /// Bound on writing a refusal before the socket is closed anyway.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 512;
 
 pub(super) async fn run<S>(edge: Arc<Edge>, mut stream: S, peer: SocketAddr)
 where

@@ -30,7 +30,7 @@ use crate::sessions::Control;
 pub(super) const MAX_TOPIC_ALIASES: u16 = 64;
 /// A gap this long without a dropped publish ends an over-limit episode.
 const OVER_LIMIT_GAP: Duration = Duration::from_secs(1);
-const BUFFER: usize = 1024;
+const BUFFER: usize = 512;
 /// QoS 1 messages sent to a device and not yet acknowledged, at most; past it the device is
 /// not reading and further QoS 1 messages are dropped (and counted as lost).
 const MAX_DOWN_INFLIGHT: usize = 64;
