@@ -13,7 +13,7 @@ use super::{session, Edge};
 use crate::acl;
 use crate::auth::{AuthDecision, AuthRequest, DenyReason};
 use crate::events::{AclAction, BrokerEvent};
-use crate::metrics::{result, ActionLabel, ReasonLabel};
+use crate::metrics::{result, ReasonLabel};
 use crate::packet::{self, ConnectInfo, PacketError};
 use crate::RESERVED_CLIENT_ID_PREFIX;
 
@@ -79,7 +79,7 @@ where
     if let Some(topic) = &connect.will_topic {
         if acl::may_publish(&device, topic).is_none() {
             edge.count_connect(result::ACL_DENIED);
-            acl_denied(&edge, &device, AclAction::Will, topic);
+            edge.acl_denied(&device, AclAction::Will, topic);
             refuse(&mut stream, connect.v5()).await;
             return;
         }
@@ -125,23 +125,6 @@ async fn authenticate(
             Err(DenyReason::Unavailable)
         }
     }
-}
-
-/// Records an ACL violation: audit event, counter, log.
-pub(super) fn acl_denied(edge: &Edge, device: &DeviceId, action: AclAction, topic: &str) {
-    let topic = acl::truncate(topic, 256);
-    tracing::warn!(device_id = %device, action = action.as_str(), %topic, "ACL violation");
-    edge.metrics
-        .acl_denied
-        .get_or_create(&ActionLabel {
-            action: action.as_str(),
-        })
-        .inc();
-    edge.sink.send(BrokerEvent::AclDenied {
-        device: device.clone(),
-        action,
-        topic,
-    });
 }
 
 /// Answers CONNACK "not authorized" and closes.

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use companion_schema::DeviceId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -28,8 +29,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::events::EventSink;
+use crate::events::{AclAction, BrokerEvent};
 use crate::link::{RouterPort, Uplink};
-use crate::metrics::{result, Metrics, ReasonLabel, ResultLabel};
+use crate::metrics::{result, ActionLabel, Metrics, ReasonLabel, ResultLabel};
 use crate::proxy;
 use crate::sessions::Sessions;
 use crate::settings::MqttSettings;
@@ -58,6 +60,23 @@ pub(crate) struct Edge {
 }
 
 impl Edge {
+    /// Records an ACL violation: audit event, counter, log.
+    pub fn acl_denied(&self, device: &DeviceId, action: AclAction, topic: &str) {
+        let topic = crate::acl::truncate(topic, 256);
+        tracing::warn!(device_id = %device, action = action.as_str(), %topic, "ACL violation");
+        self.metrics
+            .acl_denied
+            .get_or_create(&ActionLabel {
+                action: action.as_str(),
+            })
+            .inc();
+        self.sink.send(BrokerEvent::AclDenied {
+            device: device.clone(),
+            action,
+            topic,
+        });
+    }
+
     pub fn count_connect(&self, result: &'static str) {
         self.metrics
             .connects

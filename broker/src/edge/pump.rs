@@ -214,12 +214,8 @@ impl<'a> Pump<'a> {
                         .iter()
                         .find(|f| !acl::may_subscribe(&self.device, &f.path))
                     {
-                        super::connection::acl_denied(
-                            self.edge,
-                            &self.device,
-                            AclAction::Subscribe,
-                            &bad.path,
-                        );
+                        self.edge
+                            .acl_denied(&self.device, AclAction::Subscribe, &bad.path);
                         return Step::Close(DisconnectReason::AclViolation);
                     }
                     self.subscribe(s, to_device);
@@ -230,12 +226,8 @@ impl<'a> Pump<'a> {
                         .iter()
                         .find(|f| !acl::may_subscribe(&self.device, f))
                     {
-                        super::connection::acl_denied(
-                            self.edge,
-                            &self.device,
-                            AclAction::Subscribe,
-                            bad,
-                        );
+                        self.edge
+                            .acl_denied(&self.device, AclAction::Subscribe, bad);
                         return Step::Close(DisconnectReason::AclViolation);
                     }
                     for filter in &u.filters {
@@ -363,7 +355,8 @@ impl<'a> Pump<'a> {
             let topic =
                 std::str::from_utf8(&publish.topic).map_err(|_| DisconnectReason::ProtocolError)?;
             let Some(kind) = acl::may_publish(&self.device, topic) else {
-                super::connection::acl_denied(self.edge, &self.device, AclAction::Publish, topic);
+                self.edge
+                    .acl_denied(&self.device, AclAction::Publish, topic);
                 return Err(DisconnectReason::AclViolation);
             };
             if let Some(alias) = alias {
