@@ -154,7 +154,8 @@ async fn a_sustained_flood_disconnects_the_device() {
 
 #[tokio::test]
 async fn messages_a_slow_subscriber_loses_to_log_rotation_are_counted() {
-    // Tiny commit logs: 2 segments of 1 KiB per filter.
+    // Tiny commit logs: 2 segments of 1 KiB per filter. On an up topic, which only the slow
+    // subscriber reads here (the edge's own downlink reads the down topics).
     let settings = MqttSettings {
         router_segment_bytes: 1024,
         router_device_segment_bytes: 1024,
@@ -163,7 +164,7 @@ async fn messages_a_slow_subscriber_loses_to_log_rotation_are_counted() {
     };
     let app = TestApp::start_with(settings).await;
     let mut slow = app.handle.local_client("slow").await.unwrap();
-    slow.subscribe(&["devices/a/led"]).await.unwrap();
+    slow.subscribe(&["devices/a/telemetry"]).await.unwrap();
     assert_eq!(
         tokio::time::timeout(DEADLINE, slow.next())
             .await
@@ -178,7 +179,7 @@ async fn messages_a_slow_subscriber_loses_to_log_rotation_are_counted() {
     let mut fast = app.handle.local_client("fast").await.unwrap();
     const SENT: usize = 2000;
     for i in 0..SENT {
-        fast.publish("devices/a/led", format!("{i:0100}"), false)
+        fast.publish("devices/a/telemetry", format!("{i:0100}"), false)
             .await
             .unwrap();
     }
