@@ -248,7 +248,7 @@ impl App {
         tracker.spawn(crate::bus::run(
             bus,
             connection,
-            dispatcher.clone(),
+            Box::new(dispatcher.clone()),
             shutdown.clone(),
         ));
         tracker.spawn(telemetry::run_writer(

@@ -35,6 +35,7 @@ pub mod personas;
 pub mod ratelimit;
 pub mod registry;
 pub mod rules;
+pub mod secret;
 pub mod secrets;
 pub mod settings;
 pub mod voice;

@@ -11,6 +11,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// A label naming a topic kind (`telemetry`, `audio_up`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 /// Content type of the Prometheus text format (0.0.4) that [`render`] produces.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use rand::RngCore;
 
-use crate::settings::{Secret, Settings};
+use crate::secret::Secret;
+use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {

@@ -4,12 +4,13 @@
 //! Loading never binds a port or touches the database; `companion serve` exits with status 64
 //! when this module returns an error.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use companion_broker::MqttSettings;
 use serde::Deserialize;
+
+pub use crate::secret::Secret;
 
 /// Configuration of the `companion` server.
 #[derive(Debug, Clone, Deserialize)]
@@ -161,28 +162,6 @@ pub enum LogFormat {
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
-}
-
-/// A string that never prints. `Debug` shows `[redacted]`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    /// The secret itself. Call only where it is used, never to log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
 }
 
 /// A configuration problem, naming the key.

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use companion_schema::{DeviceId, Message, Payload, Qos, Topic, TopicKind};
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::devices::{DeviceEvent, Dispatcher};
+use crate::metrics::KindLabel;
 
 pub mod local;
 mod target;
@@ -31,11 +30,6 @@ pub const CLIENT_QUEUE: usize = 4096;
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
-    pub kind: &'static str,
-}
 
 /// Intake and publish metrics.
 #[derive(Clone, Default)]
@@ -116,6 +110,14 @@ pub trait Publisher: Send + Sync {
         retain: bool,
         payload: Vec<u8>,
     ) -> Result<(), BusError>;
+}
+
+/// Where the bus hands every decoded device message: the device runtime implements it, so the
+/// MQTT layer knows nothing of what happens next.
+pub trait Inbox: Send + Sync {
+    /// `payload` (of an up topic's kind) arrived from `device` at `arrived`. Must not wait:
+    /// it is called on the connection task.
+    fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant);
 }
 
 /// What the connection task does with each delivery: `(topic, payload)`.
@@ -207,11 +209,11 @@ impl InvalidLog {
     }
 }
 
-/// Runs `connection` until `shutdown`, dispatching device messages.
+/// Runs `connection` until `shutdown`, handing device messages to `inbox`.
 pub async fn run(
     bus: Arc<Bus>,
     connection: Box<dyn Connection>,
-    dispatcher: Arc<Dispatcher>,
+    inbox: Box<dyn Inbox>,
     shutdown: CancellationToken,
 ) {
     let mut invalid_log = InvalidLog {
@@ -219,7 +221,7 @@ pub async fn run(
     };
     let metrics = bus.metrics.clone();
     let on_publish = Box::new(move |topic: &str, payload: &[u8]| {
-        handle_publish(topic, payload, &metrics, &dispatcher, &mut invalid_log)
+        handle_publish(topic, payload, &metrics, inbox.as_ref(), &mut invalid_log)
     });
     connection
         .run(bus.metrics.clone(), on_publish, shutdown)
@@ -230,7 +232,7 @@ fn handle_publish(
     topic: &str,
     payload: &[u8],
     metrics: &BusMetrics,
-    dispatcher: &Arc<Dispatcher>,
+    inbox: &dyn Inbox,
     invalid_log: &mut InvalidLog,
 ) {
     let topic = match Topic::parse(topic) {
@@ -248,23 +250,13 @@ fn handle_publish(
     };
     metrics.received.get_or_create(&label).inc();
     let arrived = Instant::now();
-    let event = match Payload::decode(topic.kind, payload) {
-        Ok(Payload::Telemetry(t)) => DeviceEvent::Telemetry(t),
-        Ok(Payload::Button(b)) => DeviceEvent::Button(b, arrived),
-        Ok(Payload::Status(s)) => DeviceEvent::Status(s),
-        Ok(Payload::Audio(a)) => DeviceEvent::Audio(a),
-        Ok(Payload::SessionControl(c)) => DeviceEvent::SessionControl(c, arrived),
-        Ok(_) => {
-            metrics.invalid.get_or_create(&label).inc();
-            return;
-        }
+    match Payload::decode(topic.kind, payload) {
+        Ok(payload) => inbox.deliver(&topic.device, payload, arrived),
         Err(e) => {
             metrics.invalid.get_or_create(&label).inc();
             if invalid_log.should_log(topic.device.as_str()) {
                 tracing::warn!(device_id = %topic.device, kind = topic.kind.label(), error = %e, "undecodable payload dropped (logged once a minute per device)");
             }
-            return;
         }
-    };
-    dispatcher.dispatch(&topic.device, event);
+    }
 }

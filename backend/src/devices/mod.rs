@@ -23,13 +23,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use companion_schema::{AudioChunk, ButtonEvent, DeviceId, SessionControl, Status, Telemetry};
+use companion_schema::{
+    AudioChunk, ButtonEvent, DeviceId, Payload, SessionControl, Status, Telemetry,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
-use crate::bus::Bus;
+use crate::bus::{Bus, Inbox};
 use crate::db::Db;
 use crate::personas::PersonaSet;
 use crate::rules::store::{RuleMetrics, RuleStore};
@@ -71,6 +73,25 @@ impl DeviceEvent {
             DeviceEvent::Presence { .. } => "presence",
             DeviceEvent::Command(_) => "command",
         }
+    }
+}
+
+/// The device runtime is where the bus delivers.
+impl Inbox for Arc<Dispatcher> {
+    fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant) {
+        let event = match payload {
+            Payload::Telemetry(t) => DeviceEvent::Telemetry(t),
+            Payload::Button(b) => DeviceEvent::Button(b, arrived),
+            Payload::Status(s) => DeviceEvent::Status(s),
+            Payload::Audio(a) => DeviceEvent::Audio(a),
+            Payload::SessionControl(c) => DeviceEvent::SessionControl(c, arrived),
+            // Down-topic payloads: the bus delivers up topics only.
+            _ => {
+                tracing::debug!(device_id = %device, "a down-topic payload from the bus; ignored");
+                return;
+            }
+        };
+        self.dispatch(device, event);
     }
 }
 

@@ -10,7 +10,7 @@ use sqlx::Row;
 use super::tokens::{hash_token, random_token, verify};
 use super::StoreError;
 use crate::db::{now_ms, Db};
-use crate::settings::Secret;
+use crate::secret::Secret;
 
 /// Lifetime of an exchanged JWT.
 pub const JWT_LIFETIME: Duration = Duration::from_secs(24 * 3600);

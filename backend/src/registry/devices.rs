@@ -12,7 +12,7 @@ use super::model::{capabilities_from_db, capabilities_to_db, Capability, DeviceN
 use super::tokens::{hash_token, random_token};
 use super::StoreError;
 use crate::db::{now_ms, Db};
-use crate::settings::Secret;
+use crate::secret::Secret;
 
 /// What registration asks for.
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@ use sqlx::Row;
 use super::tokens::hash_token;
 use super::StoreError;
 use crate::db::{now_ms, Db};
-use crate::settings::Secret;
+use crate::secret::Secret;
 
 /// Longest allowed code lifetime: 7 days.
 pub const MAX_EXPIRES_IN_S: u64 = 7 * 24 * 3600;

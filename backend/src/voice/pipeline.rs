@@ -30,7 +30,7 @@ use super::settings::{LlmChoice, SttChoice, TtsChoice, VoiceSettings};
 use super::speaker::Speaker;
 use super::{ChatTurn, Reply, Role, UplinkAudio, VoiceError, VoiceOutput, VoicePipeline};
 use crate::personas::Persona;
-use crate::settings::Secret;
+use crate::secret::Secret;
 
 /// Sentences written by the language model and not yet spoken.
 pub const SENTENCE_QUEUE: usize = 8;

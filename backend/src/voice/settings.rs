@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::VoiceError;
-use crate::settings::Secret;
+use crate::secret::Secret;
 
 /// Which language model answers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::http::{join, Http};
 use super::sse::{llm_stream, LlmDecoder, SseEvent};
 use super::{alternating, ChatRequest, LanguageModel, LlmEvent, LlmStream, ProviderError, Usage};
-use crate::settings::Secret;
+use crate::secret::Secret;
 
 pub struct Anthropic {
     http: Http,

@@ -9,7 +9,7 @@ use super::http::{join, Http};
 use super::openai::pcm_stream;
 use super::{AudioStream, ProviderError, TextToSpeech};
 use crate::personas::Persona;
-use crate::settings::Secret;
+use crate::secret::Secret;
 use crate::voice::audio::SAMPLE_RATE;
 
 pub struct ElevenLabs {

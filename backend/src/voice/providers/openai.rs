@@ -16,7 +16,7 @@ use super::{
     SpeechToText, TextToSpeech, Usage,
 };
 use crate::personas::Persona;
-use crate::settings::Secret;
+use crate::secret::Secret;
 use crate::voice::audio::{wav_bytes, PcmBytes, SAMPLE_RATE};
 use crate::voice::resample::Resampler;
 
