@@ -6,11 +6,12 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use companion_backend::personas::PersonaSet;
 use companion_backend::rules::{DeviceView, EventKind, Field, RuleEvent, RuleSet, DEFAULT_RULES};
+use companion_schema::Topic;
 
 fn events() -> (RuleEvent, RuleEvent) {
     let button = RuleEvent {
         kind: EventKind::Button,
-        topic: "devices/pi-1/button".into(),
+        topic: Topic::parse("devices/pi-1/button").unwrap(),
         fields: vec![
             ("seq", Field::Int(7)),
             ("ts_ms", Field::Int(1_700_000_000_000)),
@@ -20,7 +21,7 @@ fn events() -> (RuleEvent, RuleEvent) {
     };
     let telemetry = RuleEvent {
         kind: EventKind::Telemetry,
-        topic: "devices/pi-1/telemetry".into(),
+        topic: Topic::parse("devices/pi-1/telemetry").unwrap(),
         fields: vec![
             ("seq", Field::Int(7)),
             ("ts_ms", Field::Int(1_700_000_000_000)),

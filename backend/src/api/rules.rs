@@ -184,11 +184,12 @@ pub async fn test(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
         fields.push((*name, f));
     }
     let topic = match body.event.topic {
-        Some(t) => t,
+        Some(t) => companion_schema::Topic::parse(&t)
+            .map_err(|e| ApiError::Unprocessable(format!("event.topic: {e}")))?,
         None => {
             let id = companion_schema::DeviceId::parse(&device_id)
                 .map_err(|e| ApiError::Unprocessable(format!("device.id: {e}")))?;
-            companion_schema::Topic::new(id, kind.topic_kind()).to_string()
+            companion_schema::Topic::new(id, kind.topic_kind())
         }
     };
     let event = RuleEvent {

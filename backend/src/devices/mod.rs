@@ -15,6 +15,7 @@
 pub mod metrics;
 pub mod persona;
 pub mod session;
+mod signal;
 pub mod telemetry;
 mod turn;
 pub mod worker;

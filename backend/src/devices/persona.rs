@@ -9,6 +9,7 @@ use companion_schema::{
 use sqlx::Row;
 
 use super::metrics::{PersonaLabel, SwitchLabels};
+use super::signal::led_for;
 use super::Runtime;
 use crate::audit::{AuditEntry, Outcome};
 use crate::db::now_ms;
@@ -113,11 +114,7 @@ pub async fn switch(
             .inc();
     }
     rt.bus
-        .publish(
-            device,
-            TopicKind::Led,
-            &super::session::led_for(SessionState::Idle, to),
-        )
+        .publish(device, TopicKind::Led, &led_for(SessionState::Idle, to))
         .await?;
     if let Some(actor) = actor {
         rt.audit

@@ -1,5 +1,6 @@
 //! A conversation turn's task: everything after listening ends (speech to text, the worker's
-//! plan after the rules saw the transcript, the streamed reply on `audio/down`).
+//! plan after the rules saw the transcript, the streamed reply on `audio/down`), and the
+//! messages it exchanges with its device's worker.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,11 +13,42 @@ use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::session::{announce, event, Internal, TurnOutcome};
+use super::signal::{announce, event};
 use super::Runtime;
 use crate::db::now_ms;
 use crate::personas::Persona;
-use crate::voice::{Reply, VoiceError, VoiceOutput, OUTPUT_QUEUE};
+use crate::voice::{ChatTurn, Reply, Role, VoiceError, VoiceOutput, OUTPUT_QUEUE};
+
+/// Messages from a device's turn task to its worker.
+pub const INTERNAL_QUEUE: usize = 16;
+
+/// What a turn task tells its worker.
+pub enum Internal {
+    /// Speech became text; the worker runs the rules and answers with the plan.
+    Transcribed {
+        session: SessionId,
+        text: String,
+        reply: oneshot::Sender<TurnPlan>,
+    },
+    /// The turn finished (or failed).
+    Done {
+        session: SessionId,
+        outcome: TurnOutcome,
+    },
+}
+
+/// What to answer with, decided after the transcript went through the rules.
+pub struct TurnPlan {
+    pub persona: Arc<Persona>,
+    /// The persona changed because of what was said: greet in the new voice.
+    pub greet: bool,
+}
+
+pub enum TurnOutcome {
+    Replied { transcript: String, reply: Reply },
+    Spoke { text: String },
+    Failed(String),
+}
 
 /// One turn's task: everything after listening ends.
 pub(super) struct Turn {
@@ -43,7 +75,7 @@ impl Turn {
         let voice = &self.rt.voice;
         let (text, history) = tokio::join!(
             voice.transcribe(&pcm, &self.cancel),
-            super::session::history(&self.rt, &self.device)
+            history(&self.rt, &self.device)
         );
         let text = match text {
             Ok(t) => t,
@@ -185,4 +217,33 @@ impl Turn {
             last,
         }
     }
+}
+
+/// The device's recent conversation, oldest first. Read by the turn while speech is being
+/// transcribed (the previous turn was stored before this session could start), so it costs
+/// the reply nothing; a failed read answers without history.
+async fn history(rt: &Runtime, device: &DeviceId) -> Vec<ChatTurn> {
+    let rows: Result<Vec<(String, String)>, _> = sqlx::query_as(
+        "SELECT role, content FROM conversation_messages WHERE device_id = $1
+         ORDER BY created_at_ms DESC, message_id DESC LIMIT $2",
+    )
+    .bind(device.as_str())
+    .bind(i64::try_from(rt.limits.history).unwrap_or(20))
+    .fetch_all(rt.db.pool())
+    .await;
+    let rows = rows.unwrap_or_else(|e| {
+        tracing::warn!(device_id = %device, error = %e, "reading conversation history failed; answering without it");
+        Vec::new()
+    });
+    rows.into_iter()
+        .rev()
+        .map(|(role, content)| ChatTurn {
+            role: if role == "assistant" {
+                Role::Assistant
+            } else {
+                Role::User
+            },
+            content,
+        })
+        .collect()
 }

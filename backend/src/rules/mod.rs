@@ -96,7 +96,7 @@ impl From<&Field> for Value {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RuleEvent {
     pub kind: EventKind,
-    pub topic: String,
+    pub topic: companion_schema::Topic,
     pub fields: Vec<(&'static str, Field)>,
 }
 
@@ -354,14 +354,11 @@ impl RuleSet {
             ctx.add_variable_from_value("device", device_value(device));
         }
         ctx.add_variable_from_value("now", Value::Int(now_ms));
+        let topic = event.topic.to_string();
         candidates
             .iter()
             .map(|&i| &self.rules[i])
-            .filter(|r| {
-                r.topic
-                    .as_deref()
-                    .is_none_or(|f| topic_matches(f, &event.topic))
-            })
+            .filter(|r| r.topic.as_deref().is_none_or(|f| topic_matches(f, &topic)))
             .map(|r| {
                 let verdict = match &r.condition {
                     None => Ok(true),
@@ -422,7 +419,10 @@ fn key(s: &str) -> Key {
 fn event_value(event: &RuleEvent) -> Value {
     let mut m: HashMap<Key, Value> = HashMap::with_capacity(event.fields.len() + 2);
     m.insert(key("kind"), KIND_VALUES[event.kind.index()].clone());
-    m.insert(key("topic"), Value::String(Arc::new(event.topic.clone())));
+    m.insert(
+        key("topic"),
+        Value::String(Arc::new(event.topic.to_string())),
+    );
     for (name, f) in &event.fields {
         m.insert(key(name), f.into());
     }
@@ -470,7 +470,7 @@ mod tests {
     fn button(name: &str, action: &str) -> RuleEvent {
         RuleEvent {
             kind: EventKind::Button,
-            topic: Topic::new(DeviceId::parse("pi-1").unwrap(), TopicKind::Button).to_string(),
+            topic: Topic::new(DeviceId::parse("pi-1").unwrap(), TopicKind::Button),
             fields: vec![
                 ("button", Field::Text(name.into())),
                 ("action", Field::Text(action.into())),
@@ -482,7 +482,7 @@ mod tests {
     fn transcript(text: &str) -> RuleEvent {
         RuleEvent {
             kind: EventKind::Transcript,
-            topic: Topic::new(DeviceId::parse("pi-1").unwrap(), TopicKind::SessionUp).to_string(),
+            topic: Topic::new(DeviceId::parse("pi-1").unwrap(), TopicKind::SessionUp),
             fields: vec![("text", Field::Text(text.into()))],
         }
     }
@@ -567,7 +567,7 @@ mod tests {
         let set = RuleSet::parse(text, &personas()).unwrap();
         let ev = RuleEvent {
             kind: EventKind::Telemetry,
-            topic: "devices/a/telemetry".into(),
+            topic: Topic::parse("devices/a/telemetry").unwrap(),
             fields: vec![("seq", Field::Int(1))],
         };
         let out = set.evaluate(&ev, &DeviceView::default(), 0);

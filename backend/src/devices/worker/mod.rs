@@ -1,5 +1,5 @@
 //! One device's worker: handles its events in order, runs the rules, owns its persona, config
-//! and session state.
+//! and session state. The conversation's side of it is in [`conversation`].
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,27 +8,30 @@ use companion_schema::{DeviceConfig, DeviceId, Status, Telemetry, TopicKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod conversation;
+
 use super::persona::{self, Actor};
-use super::session::{Internal, Session, INTERNAL_QUEUE};
+use super::session::Session;
 use super::telemetry::{classify, last_seq, SeqVerdict};
+use super::turn::{Internal, INTERNAL_QUEUE};
 use super::{Command, DeviceEvent, Dispatcher, Runtime, IDLE_EXIT};
 use crate::db::now_ms;
 use crate::personas::Persona;
 use crate::rules::{Action, DeviceView, EventKind, Field, PersonaTarget, RuleEvent};
 
 pub struct Worker {
-    pub(super) device: DeviceId,
-    pub(super) rt: Arc<Runtime>,
+    device: DeviceId,
+    rt: Arc<Runtime>,
     dispatcher: Arc<Dispatcher>,
-    pub(super) persona: Arc<Persona>,
+    persona: Arc<Persona>,
     persona_at: u64,
     persona_trigger: String,
     online: bool,
     last_seq: Option<u64>,
     battery: Option<f64>,
     config: DeviceConfig,
-    pub(super) session: Session,
-    pub(super) internal_tx: mpsc::Sender<Box<Internal>>,
+    session: Session,
+    internal_tx: mpsc::Sender<Box<Internal>>,
     internal_rx: mpsc::Receiver<Box<Internal>>,
 }
 
@@ -72,7 +75,7 @@ impl Worker {
 
     /// Runs until idle for [`IDLE_EXIT`] or shutdown. The handlers' futures are boxed, so an
     /// idle worker (one per connected device) holds only its state, not the largest of them.
-    pub async fn run(mut self, mut rx: super::EventRx, shutdown: CancellationToken) {
+    pub async fn run(mut self, mut rx: crate::devices::EventRx, shutdown: CancellationToken) {
         Box::pin(self.load()).await;
         loop {
             let deadline = self.session.deadline();
@@ -93,12 +96,12 @@ impl Worker {
                     }
                 }
                 _ = shutdown.cancelled() => {
-                    self.session.abandon(&self.rt);
+                    self.abandon_session();
                     break;
                 }
             }
         }
-        self.session.abandon(&self.rt);
+        self.abandon_session();
         self.dispatcher.retire(&self.device, &rx);
     }
 
@@ -148,11 +151,11 @@ impl Worker {
         }
     }
 
-    fn topic(&self, kind: TopicKind) -> String {
-        companion_schema::Topic::new(self.device.clone(), kind).to_string()
+    fn topic(&self, kind: TopicKind) -> companion_schema::Topic {
+        companion_schema::Topic::new(self.device.clone(), kind)
     }
 
-    pub(super) fn view(&self) -> DeviceView {
+    fn view(&self) -> DeviceView {
         DeviceView {
             id: self.device.to_string(),
             persona: self.persona.id.to_string(),
@@ -259,7 +262,9 @@ impl Worker {
                 reply,
             } => {
                 let result = match self.rt.personas.get(&persona).cloned() {
-                    None => Err(super::SwitchError::UnknownPersona(persona.to_string())),
+                    None => Err(crate::devices::SwitchError::UnknownPersona(
+                        persona.to_string(),
+                    )),
                     Some(to) => {
                         self.switch_to(
                             &to,
@@ -278,13 +283,13 @@ impl Worker {
         }
     }
 
-    pub(super) async fn switch_to(
+    async fn switch_to(
         &mut self,
         to: &Arc<Persona>,
         trigger: &str,
         started: Instant,
         actor: Option<Actor<'_>>,
-    ) -> Result<companion_schema::PersonaState, super::SwitchError> {
+    ) -> Result<companion_schema::PersonaState, crate::devices::SwitchError> {
         let from = self.persona.clone();
         let state =
             persona::switch(&self.rt, &self.device, &from, to, trigger, started, actor).await?;
@@ -296,7 +301,7 @@ impl Worker {
 
     /// Evaluates the rules for `event` and runs the actions of those that match. A failing
     /// rule or action is logged and counted and never stops the others.
-    pub(super) async fn run_rules(&mut self, event: RuleEvent, started: Instant) {
+    async fn run_rules(&mut self, event: RuleEvent, started: Instant) {
         let set = self.rt.rules.current();
         let t0 = Instant::now();
         let results = set.evaluate(&event, &self.view(), now_ms());
