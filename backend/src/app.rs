@@ -348,7 +348,7 @@ impl App {
     /// Serves HTTP until the shutdown token is cancelled, then stops every task within the
     /// grace period.
     pub async fn run(self) -> anyhow::Result<()> {
-        let routes = crate::http::routes(&self.ctx);
+        let routes = crate::api::routes(&self.ctx);
         self.tracker.spawn(crate::http::server::serve(
             routes,
             self.http_listener,

@@ -7,9 +7,9 @@ use companion_broker::BrokerHandle;
 use companion_schema::DeviceId;
 use prometheus_client::registry::Registry;
 
+use crate::api_error::ApiError;
 use crate::audit::{AuditEntry, AuditLog, Outcome};
 use crate::db::Db;
-use crate::http::ApiError;
 use crate::metrics::HttpMetrics;
 use crate::mqtt_auth::RegistryAuthenticator;
 use crate::ratelimit::KeyedLimiter;

@@ -20,6 +20,7 @@
 //! [`voice::OUTPUT_QUEUE`]).
 
 pub mod api;
+pub mod api_error;
 pub mod app;
 pub mod audit;
 pub mod bus;

@@ -801,7 +801,7 @@ async fn the_openapi_document_lists_exactly_the_routes_the_server_has() {
             documented.insert((method.to_uppercase(), path.clone()));
         }
     }
-    let table = companion_backend::http::route_table(&app.app_ctx);
+    let table = companion_backend::api::route_table(&app.app_ctx);
     let served: std::collections::BTreeSet<_> = table
         .routes()
         .iter()

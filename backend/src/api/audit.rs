@@ -4,9 +4,10 @@ use serde::{Deserialize, Serialize};
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use crate::api_error::ApiError;
 use crate::audit::{AuditQuery, AuditRecord};
 use crate::context::Ctx;
-use crate::http::{json, ApiError, Req};
+use crate::http::{json, Req};
 
 pub const DEFAULT_LIMIT: u32 = 100;
 pub const MAX_LIMIT: u32 = 1000;

@@ -4,9 +4,10 @@ use serde::Serialize;
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use crate::api_error::ApiError;
 use crate::audit::{AuditEntry, Outcome};
 use crate::context::Ctx;
-use crate::http::{json_no_store, ApiError, Req};
+use crate::http::{json_no_store, Req};
 
 #[derive(Serialize)]
 struct Issued<'a> {

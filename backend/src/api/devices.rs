@@ -7,9 +7,10 @@ use warp::reply::Response;
 use warp::Reply;
 
 use super::{device_id_param, validate_new_device};
+use crate::api_error::ApiError;
 use crate::audit::{AuditEntry, Outcome};
 use crate::context::{Ctx, MqttInfo};
-use crate::http::{json, json_no_store, ApiError, Req};
+use crate::http::{json, json_no_store, Req};
 use crate::registry::model::DeviceName;
 use crate::registry::{Device, StoreError};
 

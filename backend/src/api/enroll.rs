@@ -7,9 +7,10 @@ use warp::reply::Response;
 
 use super::devices::{store_error, Registered};
 use super::validate_new_device;
+use crate::api_error::ApiError;
 use crate::audit::{AuditEntry, Outcome};
 use crate::context::Ctx;
-use crate::http::{json_no_store, ApiError, Req};
+use crate::http::{json_no_store, Req};
 use crate::registry::enrollments::MAX_EXPIRES_IN_S;
 
 #[derive(Debug, Deserialize)]

@@ -5,20 +5,37 @@ pub mod auth;
 pub mod devices;
 pub mod enroll;
 pub mod openapi;
+pub mod ops;
 pub mod personas;
 pub mod rules;
 
 use std::collections::BTreeSet;
 
 use companion_schema::DeviceId;
+use warp::filters::BoxedFilter;
 use warp::http::Method;
+use warp::reply::Response;
 
+use crate::api_error::ApiError;
 use crate::context::Ctx;
-use crate::http::{ApiError, RouteTable};
+use crate::http::RouteTable;
 use crate::registry::model::{Capability, DeviceName, DeviceType};
 use crate::registry::NewDevice;
 
-pub fn add_routes(t: &mut RouteTable, ctx: &Ctx) {
+/// Every route of the server: the operational ones and the API.
+pub fn route_table(ctx: &Ctx) -> RouteTable {
+    let mut t = RouteTable::new(ctx.http_metrics.clone());
+    ops::add_routes(&mut t, ctx);
+    add_routes(&mut t, ctx);
+    t
+}
+
+/// The whole router for `ctx`.
+pub fn routes(ctx: &Ctx) -> BoxedFilter<(Response,)> {
+    route_table(ctx).into_filter()
+}
+
+fn add_routes(t: &mut RouteTable, ctx: &Ctx) {
     t.add(ctx, Method::POST, "/api/v1/devices", devices::create);
     t.add(ctx, Method::GET, "/api/v1/devices", devices::list);
     t.add(ctx, Method::GET, "/api/v1/devices/{id}", devices::get);

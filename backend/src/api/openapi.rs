@@ -5,8 +5,9 @@ use serde_json::{json, Value};
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use crate::api_error::ApiError;
 use crate::context::Ctx;
-use crate::http::{json as json_reply, ApiError, Req};
+use crate::http::{json as json_reply, Req};
 
 fn err(desc: &str) -> Value {
     json!({ "description": desc, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })

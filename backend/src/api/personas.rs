@@ -9,9 +9,10 @@ use warp::reply::Response;
 
 use super::device_id_param;
 use super::devices::store_error;
+use crate::api_error::ApiError;
 use crate::context::Ctx;
 use crate::devices::{Command, SwitchError};
-use crate::http::{json, ApiError, Req};
+use crate::http::{json, Req};
 
 #[derive(Serialize)]
 struct PersonaInfo<'a> {

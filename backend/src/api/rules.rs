@@ -4,10 +4,11 @@ use serde::{Deserialize, Serialize};
 use warp::http::StatusCode;
 use warp::reply::Response;
 
+use crate::api_error::ApiError;
 use crate::audit::{AuditEntry, Outcome};
 use crate::context::Ctx;
 use crate::db::now_ms;
-use crate::http::{json, json_no_store, ApiError, Req};
+use crate::http::{json, json_no_store, Req};
 use crate::rules::store::StoreError;
 use crate::rules::{Action, DeviceView, EventKind, Field, RuleEvent, RuleSet};
 

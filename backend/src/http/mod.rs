@@ -4,10 +4,11 @@
 //! Every route is built from its template, so the table is the truth for routing, for the
 //! `endpoint` label of `api_requests_total`/`api_request_latency_seconds`, and for the
 //! OpenAPI completeness test. Handlers receive a uniform [`Req`] and return
-//! `Result<Response, ApiError>`; errors are mapped to JSON in one place ([`error`]).
+//! `Result<Response, ApiError>`; errors are mapped to JSON in one place
+//! ([`crate::api_error`]). The transport knows no routes: the API builds its table
+//! (`crate::api::route_table`) and hands the filter to [`server::serve`].
 
-pub mod error;
-pub mod ops;
+mod rejection;
 pub mod server;
 
 use std::future::Future;
@@ -23,9 +24,8 @@ use warp::http::{header, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-pub use error::ApiError;
-
-use crate::context::Ctx;
+use crate::api_error::ApiError;
+use crate::metrics::HttpMetrics;
 
 /// Largest accepted request body, in bytes.
 pub const MAX_BODY: u64 = 64 * 1024;
@@ -90,22 +90,33 @@ pub fn json_no_store<T: Serialize>(status: StatusCode, body: &T) -> Response {
 }
 
 /// The routes, as declared.
-#[derive(Default)]
 pub struct RouteTable {
     routes: Vec<(Method, &'static str)>,
     filter: Option<BoxedFilter<(Response,)>>,
+    metrics: Arc<HttpMetrics>,
 }
 
 impl RouteTable {
-    /// Adds a route. `template` is a path like `/api/v1/devices/{id}`.
-    pub fn add<H, Fut>(&mut self, ctx: &Ctx, method: Method, template: &'static str, handler: H)
+    /// An empty table whose routes are measured into `metrics`.
+    pub fn new(metrics: Arc<HttpMetrics>) -> Self {
+        Self {
+            routes: Vec::new(),
+            filter: None,
+            metrics,
+        }
+    }
+
+    /// Adds a route. `template` is a path like `/api/v1/devices/{id}`; every request gets its
+    /// own clone of `ctx`.
+    pub fn add<C, H, Fut>(&mut self, ctx: &C, method: Method, template: &'static str, handler: H)
     where
-        H: Fn(Ctx, Req) -> Fut + Clone + Send + Sync + 'static,
+        C: Clone + Send + Sync + 'static,
+        H: Fn(C, Req) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Result<Response, ApiError>> + Send + 'static,
     {
         self.routes.push((method.clone(), template));
         let ctx = ctx.clone();
-        let metrics = ctx.http_metrics.clone();
+        let metrics = self.metrics.clone();
         let route = path_filter(template)
             .and(method_filter(method))
             .and(warp::any().map(Instant::now))
@@ -155,7 +166,7 @@ impl RouteTable {
                 .and_then(|| async { Err::<Response, Rejection>(warp::reject::not_found()) })
                 .boxed()
         });
-        base.recover(error::recover)
+        base.recover(rejection::recover)
             .unify()
             .map(security_headers)
             .boxed()
@@ -224,7 +235,7 @@ fn request_parts() -> BoxedFilter<(Parts,)> {
             if r.find::<warp::reject::LengthRequired>().is_some() {
                 return Ok::<_, Rejection>((Ok(Bytes::new()),));
             }
-            Ok((Err(error::rejection_to_error(&r)),))
+            Ok((Err(rejection::rejection_to_error(&r)),))
         });
     let remote = warp::ext::optional::<server::ClientAddr>()
         .map(|c: Option<server::ClientAddr>| c.map(|c| c.0));
@@ -289,19 +300,6 @@ fn security_headers(mut resp: Response) -> Response {
     );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     resp
-}
-
-/// All routes of the server.
-pub fn route_table(ctx: &Ctx) -> RouteTable {
-    let mut t = RouteTable::default();
-    ops::add_routes(&mut t, ctx);
-    crate::api::add_routes(&mut t, ctx);
-    t
-}
-
-/// The whole router for `ctx`.
-pub fn routes(ctx: &Ctx) -> BoxedFilter<(Response,)> {
-    route_table(ctx).into_filter()
 }
 
 /// Shorthand used by handlers.

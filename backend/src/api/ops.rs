@@ -7,8 +7,9 @@ use warp::http::{header, HeaderValue, Method, StatusCode};
 use warp::reply::Response;
 use warp::Reply;
 
-use super::{json, ApiError, Req, RouteTable};
+use crate::api_error::ApiError;
 use crate::context::Ctx;
+use crate::http::{json, Req, RouteTable};
 
 pub fn add_routes(t: &mut RouteTable, ctx: &Ctx) {
     t.add(ctx, Method::GET, "/health", health);

@@ -1,12 +1,10 @@
 //! The one place REST errors meet the wire: `{ "error": { "code", "message" } }`.
 //! 5xx bodies say nothing internal; the cause goes to the log.
 
-use std::convert::Infallible;
-
 use serde::Serialize;
 use warp::http::{header, HeaderValue, StatusCode};
 use warp::reply::Response;
-use warp::{Rejection, Reply};
+use warp::Reply;
 
 /// Every error a REST handler can answer with.
 #[derive(Debug, thiserror::Error)]
@@ -118,49 +116,6 @@ impl From<sqlx::Error> for ApiError {
 }
 
 impl warp::reject::Reject for ApiError {}
-
-/// Maps any rejection left over after routing to the JSON error shape.
-pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
-    Ok(rejection_to_error(&rejection).into_response())
-}
-
-/// Translates warp's built-in rejections.
-pub fn rejection_to_error(r: &Rejection) -> ApiError {
-    if r.is_not_found() {
-        return ApiError::NotFound("no such route".into());
-    }
-    if let Some(e) = r.find::<ApiError>() {
-        return e.clone_for_wire();
-    }
-    if let Some(e) = r.find::<warp::filters::body::BodyDeserializeError>() {
-        return ApiError::BadRequest(format!("invalid JSON body: {e}"));
-    }
-    if r.find::<warp::reject::PayloadTooLarge>().is_some() {
-        return ApiError::PayloadTooLarge {
-            limit: crate::http::MAX_BODY,
-        };
-    }
-    if r.find::<warp::reject::UnsupportedMediaType>().is_some() {
-        return ApiError::BadRequest("expected Content-Type: application/json".into());
-    }
-    if r.find::<warp::reject::LengthRequired>().is_some() {
-        return ApiError::BadRequest("Content-Length is required".into());
-    }
-    if r.find::<warp::reject::InvalidQuery>().is_some() {
-        return ApiError::BadRequest("invalid query string".into());
-    }
-    if r.find::<warp::reject::MethodNotAllowed>().is_some()
-        || r.find::<crate::http::MethodMismatch>().is_some()
-    {
-        return ApiError::MethodNotAllowed;
-    }
-    if r.find::<warp::reject::MissingHeader>().is_some()
-        || r.find::<warp::reject::InvalidHeader>().is_some()
-    {
-        return ApiError::BadRequest("missing or invalid header".into());
-    }
-    ApiError::Internal(anyhow::anyhow!("unhandled rejection: {r:?}"))
-}
 
 impl ApiError {
     /// A copy carrying the same status and message (internal causes are flattened to text).
