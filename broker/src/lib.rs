@@ -18,7 +18,7 @@
 //!   per-device state (rumqttd 0.20's per-filter bookkeeping is quadratic in filters and
 //!   topics; one filter per device topic stopped connects past a few thousand devices).
 //! - [`local`]: [`LocalClient`], the backend's in-process connection to the router.
-//! - [`sessions`]: live connections by device id, for [`BrokerHandle::kick`] and takeover.
+//! - `edge::sessions`: live connections by device id, for [`BrokerHandle::kick`] and takeover.
 //! - Events go to the backend's [`EventSink`]; metrics to the shared registry ([`metrics`]).
 
 pub mod acl;
@@ -31,7 +31,6 @@ pub mod metrics;
 pub mod packet;
 pub mod proxy;
 pub mod router;
-mod sessions;
 pub mod settings;
 pub mod tls;
 
@@ -153,7 +152,7 @@ pub async fn start(
         auth,
         sink,
         metrics,
-        sessions: sessions::Sessions::default(),
+        sessions: edge::sessions::Sessions::default(),
         router,
         uplink,
         retained: Default::default(),

@@ -11,33 +11,14 @@ use bytes::Bytes;
 use companion_schema::{DeviceId, Direction, Topic, TopicKind};
 use tokio_util::sync::CancellationToken;
 
+use super::sessions::{Delivery, Down};
 use super::Edge;
 use crate::local::{LocalClient, LocalEvent};
 use crate::metrics::ReasonLabel;
-use crate::sessions::Delivery;
 
 /// The fan-out's client id on the router.
 pub(crate) const FANOUT_ID: &str = "fanout";
 const REOPEN_PAUSE: Duration = Duration::from_millis(100);
-
-/// A message for one device.
-#[derive(Clone)]
-pub(crate) struct Down {
-    pub kind: TopicKind,
-    pub topic: Bytes,
-    pub payload: Bytes,
-    /// Sent because the device subscribed (a retained message), not as it was published.
-    pub retain: bool,
-}
-
-impl std::fmt::Debug for Down {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Down")
-            .field("kind", &self.kind)
-            .field("payload_len", &self.payload.len())
-            .finish()
-    }
-}
 
 /// The last message per device and retained kind (persona, config).
 #[derive(Default)]

@@ -12,8 +12,7 @@ mod connection;
 pub(crate) mod fanout;
 mod pump;
 mod session;
-
-pub(crate) use fanout::Down;
+pub(crate) mod sessions;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,8 +32,8 @@ use crate::events::{AclAction, BrokerEvent};
 use crate::link::{RouterPort, Uplink};
 use crate::metrics::{result, ActionLabel, Metrics, ReasonLabel, ResultLabel};
 use crate::proxy;
-use crate::sessions::Sessions;
 use crate::settings::MqttSettings;
+use sessions::Sessions;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);

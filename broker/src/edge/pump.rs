@@ -18,13 +18,12 @@ use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::fanout::Down;
+use super::sessions::{Control, Down};
 use super::Edge;
 use crate::acl;
 use crate::events::{AclAction, DisconnectReason};
 use crate::metrics::{ClassLabel, ReasonLabel};
 use crate::packet::{self, Codec, PacketError};
-use crate::sessions::Control;
 
 /// A device may hold at most this many MQTT 5 topic aliases (announced in the CONNACK).
 pub(super) const MAX_TOPIC_ALIASES: u16 = 64;

@@ -11,13 +11,12 @@ use companion_schema::DeviceId;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::fanout::Down;
 use super::pump::{Pump, MAX_TOPIC_ALIASES};
+use super::sessions::{Control, Down};
 use super::Edge;
 use crate::events::{BrokerEvent, DisconnectReason};
 use crate::metrics::{result, ReasonLabel};
 use crate::packet::{self, reason, ConnectInfo};
-use crate::sessions::Control;
 
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 

@@ -5,12 +5,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use companion_schema::DeviceId;
+use bytes::Bytes;
+use companion_schema::{DeviceId, TopicKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::edge::Down;
 use crate::events::DisconnectReason;
+
+/// A message for one device.
+#[derive(Clone)]
+pub(crate) struct Down {
+    pub kind: TopicKind,
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// Sent because the device subscribed (a retained message), not as it was published.
+    pub retain: bool,
+}
+
+impl std::fmt::Debug for Down {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Down")
+            .field("kind", &self.kind)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
 
 /// Messages waiting for one device before the downlink drops them.
 pub const MAILBOX: usize = 256;
