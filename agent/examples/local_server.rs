@@ -85,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         EdgeListeners {
             plain: Some(plain),
             tls: Some(tls),
+            ..Default::default()
         },
         Arc::new(Auth(tokens)),
         Arc::new(NullSink),

@@ -64,39 +64,80 @@ impl ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub tls: bool,
+    /// MQTT over WebSocket (`wss://`, `ws://`) on [`BrokerUrl::path`].
+    pub websocket: bool,
     pub host: String,
     pub port: u16,
+    /// The HTTP path of a WebSocket URL (`/mqtt` when none is given); `/` otherwise.
+    pub path: String,
 }
 
 impl BrokerUrl {
-    /// `mqtts://host[:8883]`, or `mqtt://host[:1883]` for a loopback host only.
+    /// `mqtts://host[:8883]` or `wss://host[:443][/path]` (MQTT over WebSocket, for networks
+    /// that allow only 443; the path defaults to `/mqtt`); `mqtt://host[:1883]` and
+    /// `ws://host[:80][/path]` without TLS for a loopback host only.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let (tls, rest) = if let Some(r) = s.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = s.strip_prefix("mqtt://") {
-            (false, r)
-        } else {
-            return Err("must start with mqtts:// (or mqtt:// for loopback development)".into());
+        let schemes = [
+            ("mqtts://", true, false, 8883),
+            ("mqtt://", false, false, 1883),
+            ("wss://", true, true, 443),
+            ("ws://", false, true, 80),
+        ];
+        let Some((tls, websocket, default_port, rest)) = schemes
+            .iter()
+            .find_map(|(p, tls, ws, port)| s.strip_prefix(p).map(|r| (*tls, *ws, *port, r)))
+        else {
+            return Err(
+                "must start with mqtts:// or wss:// (or mqtt://, ws:// for loopback development)"
+                    .into(),
+            );
         };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let path = match (websocket, path) {
+            (true, "" | "/") => "/mqtt".to_owned(),
+            (true, p) => p.to_owned(),
+            (false, "" | "/") => "/".to_owned(),
+            (false, p) => return Err(format!("an MQTT URL has no path ({p:?})")),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
                 let port = p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?;
                 (h.trim_start_matches('[').trim_end_matches(']'), port)
             }
-            _ => (rest, if tls { 8883 } else { 1883 }),
+            _ => (authority, default_port),
         };
         if host.is_empty() || host.contains('/') {
             return Err(format!("bad host {host:?}"));
         }
         if !tls && !is_loopback(host) {
-            return Err("mqtt:// (without TLS) is allowed only for a loopback host".into());
+            return Err(
+                "mqtt:// and ws:// (without TLS) are allowed only for a loopback host".into(),
+            );
         }
         Ok(Self {
             tls,
+            websocket,
             host: host.to_owned(),
             port,
+            path,
         })
+    }
+
+    /// The broker address rumqttc wants: the host, or for WebSocket the whole URL.
+    pub fn broker_addr(&self) -> String {
+        if !self.websocket {
+            return self.host.clone();
+        }
+        let scheme = if self.tls { "wss" } else { "ws" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!("{scheme}://{host}:{}{}", self.port, self.path)
     }
 }
 
@@ -428,5 +469,24 @@ mod tests {
         assert_eq!(BrokerUrl::parse("mqtt://localhost").unwrap().port, 1883);
         assert_eq!(BrokerUrl::parse("mqtts://h:9000/").unwrap().port, 9000);
         assert!(BrokerUrl::parse("mqtts://h:x").is_err());
+        assert!(BrokerUrl::parse("mqtts://h/path").is_err());
+    }
+
+    #[test]
+    fn websocket_urls_carry_their_path() {
+        let u = BrokerUrl::parse("wss://api.example.com").unwrap();
+        assert!(u.tls && u.websocket);
+        assert_eq!((u.port, u.path.as_str()), (443, "/mqtt"));
+        assert_eq!(u.broker_addr(), "wss://api.example.com:443/mqtt");
+        let u = BrokerUrl::parse("wss://api.example.com:8443/ws/mqtt").unwrap();
+        assert_eq!(u.broker_addr(), "wss://api.example.com:8443/ws/mqtt");
+        let u = BrokerUrl::parse("ws://[::1]:8083/").unwrap();
+        assert!(!u.tls && u.websocket);
+        assert_eq!(u.broker_addr(), "ws://[::1]:8083/mqtt");
+        assert!(
+            BrokerUrl::parse("ws://example.com/mqtt").is_err(),
+            "plain only on loopback"
+        );
+        assert_eq!(BrokerUrl::parse("mqtts://h").unwrap().broker_addr(), "h");
     }
 }

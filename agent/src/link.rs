@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::Settings;
+use crate::config::{BrokerUrl, Settings};
 
 /// Requests rumqttc buffers between clients and its event loop.
 pub const REQUEST_CAPACITY: usize = 128;
@@ -114,7 +114,7 @@ pub fn tls_config(ca_pem: &std::path::Path) -> Result<Arc<rustls::ClientConfig>,
 /// rumqttc options for this device: identity, clean session, keepalive, Will, transport.
 pub fn mqtt_options(settings: &Settings, boot_id: &str) -> Result<MqttOptions, LinkError> {
     let id = settings.device_id.as_str();
-    let mut o = MqttOptions::new(id, settings.url.host.clone(), settings.url.port);
+    let mut o = MqttOptions::new(id, settings.url.broker_addr(), settings.url.port);
     o.set_credentials(id, settings.token.expose());
     o.set_keep_alive(Duration::from_secs(settings.keepalive_s));
     o.set_clean_session(true);
@@ -129,16 +129,29 @@ pub fn mqtt_options(settings: &Settings, boot_id: &str) -> Result<MqttOptions, L
         QoS::AtLeastOnce,
         true,
     ));
-    if settings.url.tls {
-        let ca = settings
-            .ca_cert
-            .as_deref()
-            .ok_or_else(|| LinkError::CaEmpty("CA_CERT".into()))?;
-        o.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(tls_config(ca)?),
-        ));
-    }
+    let tls = match settings.url.tls {
+        true => {
+            let ca = settings
+                .ca_cert
+                .as_deref()
+                .ok_or_else(|| LinkError::CaEmpty("CA_CERT".into()))?;
+            Some(tls_config(ca)?)
+        }
+        false => None,
+    };
+    o.set_transport(transport(&settings.url, tls));
     Ok(o)
+}
+
+/// The rumqttc transport for `url`: TCP or WebSocket, with `tls` when the URL has TLS.
+pub fn transport(url: &BrokerUrl, tls: Option<Arc<rustls::ClientConfig>>) -> Transport {
+    let tls = tls.map(rumqttc::TlsConfiguration::Rustls);
+    match (url.websocket, tls) {
+        (false, None) => Transport::Tcp,
+        (false, Some(t)) => Transport::tls_with_config(t),
+        (true, None) => Transport::Ws,
+        (true, Some(t)) => Transport::wss_with_config(t),
+    }
 }
 
 /// Whether the link is up, and how many times it came up.

@@ -169,7 +169,7 @@ async fn agent(
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    tracing::info!(device_id = %settings.device_id, host = %settings.url.host, port = settings.url.port, tls = settings.url.tls, "starting");
+    tracing::info!(device_id = %settings.device_id, host = %settings.url.host, port = settings.url.port, tls = settings.url.tls, websocket = settings.url.websocket, "starting");
     let options = RunOptions {
         telemetry_interval: telemetry_interval_ms.map(Duration::from_millis),
         ..Default::default()

@@ -38,6 +38,20 @@ pub struct Listeners {
     pub mqtt: Option<TcpListener>,
     /// MQTT over TLS; `None` when disabled.
     pub mqtts: Option<TcpListener>,
+    /// MQTT over WebSocket, plain and over TLS; `None` when disabled.
+    pub ws: Option<TcpListener>,
+    pub wss: Option<TcpListener>,
+}
+
+async fn bind_optional(key: &str, addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => Ok(Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {key} {addr}"))?,
+        )),
+        None => Ok(None),
+    }
 }
 
 impl Listeners {
@@ -47,23 +61,17 @@ impl Listeners {
         let http = TcpListener::bind(http_addr)
             .await
             .with_context(|| format!("binding http.listen {http_addr}"))?;
-        let mqtt = match settings.mqtt_addr()? {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding mqtt.listen {addr}"))?,
-            ),
-            None => None,
-        };
-        let mqtts = match settings.mqtts_addr()? {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding mqtt.tls_listen {addr}"))?,
-            ),
-            None => None,
-        };
-        Ok(Self { http, mqtt, mqtts })
+        let mqtt = bind_optional("mqtt.listen", settings.mqtt_addr()?).await?;
+        let mqtts = bind_optional("mqtt.tls_listen", settings.mqtts_addr()?).await?;
+        let ws = bind_optional("mqtt.ws_listen", settings.ws_addr()?).await?;
+        let wss = bind_optional("mqtt.wss_listen", settings.wss_addr()?).await?;
+        Ok(Self {
+            http,
+            mqtt,
+            mqtts,
+            ws,
+            wss,
+        })
     }
 
     /// Binds every listener on 127.0.0.1 port 0.
@@ -72,6 +80,8 @@ impl Listeners {
             http: TcpListener::bind("127.0.0.1:0").await?,
             mqtt: Some(TcpListener::bind("127.0.0.1:0").await?),
             mqtts: Some(TcpListener::bind("127.0.0.1:0").await?),
+            ws: Some(TcpListener::bind("127.0.0.1:0").await?),
+            wss: Some(TcpListener::bind("127.0.0.1:0").await?),
         })
     }
 }
@@ -82,6 +92,8 @@ pub struct BoundAddrs {
     pub http: SocketAddr,
     pub mqtt: Option<SocketAddr>,
     pub mqtts: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
 }
 
 impl std::fmt::Display for BoundAddrs {
@@ -89,10 +101,12 @@ impl std::fmt::Display for BoundAddrs {
         let show = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
         write!(
             f,
-            "http={} mqtt={} mqtts={}",
+            "http={} mqtt={} mqtts={} ws={} wss={}",
             self.http,
             show(self.mqtt),
-            show(self.mqtts)
+            show(self.mqtts),
+            show(self.ws),
+            show(self.wss)
         )
     }
 }
@@ -121,18 +135,13 @@ impl App {
         listeners: Listeners,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
+        let addr = |l: &Option<TcpListener>| l.as_ref().map(|l| l.local_addr()).transpose();
         let addrs = BoundAddrs {
             http: listeners.http.local_addr()?,
-            mqtt: listeners
-                .mqtt
-                .as_ref()
-                .map(|l| l.local_addr())
-                .transpose()?,
-            mqtts: listeners
-                .mqtts
-                .as_ref()
-                .map(|l| l.local_addr())
-                .transpose()?,
+            mqtt: addr(&listeners.mqtt)?,
+            mqtts: addr(&listeners.mqtts)?,
+            ws: addr(&listeners.ws)?,
+            wss: addr(&listeners.wss)?,
         };
         let db = Db::connect(&settings).await?;
         db.migrate().await?;
@@ -153,7 +162,7 @@ impl App {
         let http_metrics = HttpMetrics::register(&mut registry);
         let presence_metrics = PresenceMetrics::register(&mut registry);
 
-        let tls = if listeners.mqtts.is_some() || settings.http.tls {
+        let tls = if listeners.mqtts.is_some() || listeners.wss.is_some() || settings.http.tls {
             Some(
                 companion_broker::tls::load_or_generate(
                     &settings.mqtt.tls,
@@ -211,6 +220,8 @@ impl App {
                     EdgeListeners {
                         plain: listeners.mqtt,
                         tls: listeners.mqtts,
+                        ws: listeners.ws,
+                        wss: listeners.wss,
                     },
                     authenticator.clone(),
                     sink,

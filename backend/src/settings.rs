@@ -248,6 +248,11 @@ impl Settings {
         if !self.mqtt.tls_listen.is_empty() {
             parse_addr("mqtt.tls_listen", &self.mqtt.tls_listen)?;
         }
+        self.ws_addr()?;
+        self.wss_addr()?;
+        if !self.mqtt.ws_path.starts_with('/') {
+            return Err(invalid("mqtt.ws_path", "must start with /"));
+        }
         if self.mqtt.max_connections == 0 {
             return Err(invalid("mqtt.max_connections", "must be at least 1"));
         }
@@ -315,6 +320,14 @@ impl Settings {
 
     pub fn mqtts_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
         optional_addr("mqtt.tls_listen", &self.mqtt.tls_listen)
+    }
+
+    pub fn ws_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
+        optional_addr("mqtt.ws_listen", &self.mqtt.ws_listen)
+    }
+
+    pub fn wss_addr(&self) -> Result<Option<SocketAddr>, SettingsError> {
+        optional_addr("mqtt.wss_listen", &self.mqtt.wss_listen)
     }
 
     /// The rule file's path.

@@ -342,7 +342,7 @@ fn serve_broker() {
             None,
             companion_broker::EdgeListeners {
                 plain: Some(plain),
-                tls: None,
+                ..Default::default()
             },
             Arc::new(AnyDevice),
             Arc::new(companion_broker::NullSink),

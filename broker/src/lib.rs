@@ -58,6 +58,10 @@ pub const RESERVED_CLIENT_ID_PREFIX: &str = "companion-internal";
 pub struct EdgeListeners {
     pub plain: Option<TcpListener>,
     pub tls: Option<TcpListener>,
+    /// MQTT over WebSocket, plain.
+    pub ws: Option<TcpListener>,
+    /// MQTT over WebSocket over TLS.
+    pub wss: Option<TcpListener>,
 }
 
 /// Why the broker did not start.
@@ -128,10 +132,10 @@ pub async fn start(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<BrokerHandle, BrokerError> {
-    let tls_acceptor = match (&listeners.tls, tls) {
-        (Some(_), Some(config)) => Some(tokio_rustls::TlsAcceptor::from(config)),
-        (Some(_), None) => return Err(BrokerError::TlsWithoutConfig),
-        (None, _) => None,
+    let tls_acceptor = match (listeners.tls.is_some() || listeners.wss.is_some(), tls) {
+        (true, Some(config)) => Some(tokio_rustls::TlsAcceptor::from(config)),
+        (true, None) => return Err(BrokerError::TlsWithoutConfig),
+        (false, _) => None,
     };
     let metrics = metrics::Metrics::register(registry);
     let router = router::start(
@@ -146,7 +150,15 @@ pub async fn start(
         link::Uplink::open(&router, &format!("{RESERVED_CLIENT_ID_PREFIX}-uplink")).await?;
     tracker.spawn(uplink.clone().watch(uplink_rx, shutdown.clone()));
 
-    let count = usize::from(listeners.plain.is_some()) + usize::from(listeners.tls.is_some());
+    let count = [
+        &listeners.plain,
+        &listeners.tls,
+        &listeners.ws,
+        &listeners.wss,
+    ]
+    .iter()
+    .filter(|l| l.is_some())
+    .count();
     let edge = Arc::new(edge::Edge {
         settings: settings.clone(),
         auth,
@@ -168,11 +180,18 @@ pub async fn start(
         downlink,
         edge.shutdown.clone(),
     ));
-    if let Some(listener) = listeners.plain {
-        tracker.spawn(edge::accept_loop(edge.clone(), listener, None));
-    }
-    if let Some(listener) = listeners.tls {
-        tracker.spawn(edge::accept_loop(edge.clone(), listener, tls_acceptor));
+    let ws = Some(Arc::new(edge::websocket::Policy::new(settings)));
+    let transports = [
+        (listeners.plain, None, None),
+        (listeners.tls, tls_acceptor.clone(), None),
+        (listeners.ws, None, ws.clone()),
+        (listeners.wss, tls_acceptor, ws),
+    ];
+    for (listener, tls, ws) in transports {
+        if let Some(listener) = listener {
+            let transport = edge::Transport { tls, ws };
+            tracker.spawn(edge::accept_loop(edge.clone(), listener, transport));
+        }
     }
     Ok(BrokerHandle {
         edge,

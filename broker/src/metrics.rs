@@ -50,6 +50,8 @@ pub mod result {
     pub const UPSTREAM_ERROR: &str = "upstream_error";
     /// A trusted proxy's connection without a valid PROXY protocol header.
     pub const PROXY_HEADER: &str = "proxy_header";
+    /// A WebSocket upgrade refused (wrong path, origin or subprotocol; not a WebSocket).
+    pub const WEBSOCKET_REFUSED: &str = "websocket_refused";
 }
 
 #[derive(Clone, Default)]

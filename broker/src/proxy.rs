@@ -89,6 +89,41 @@ impl Networks {
     }
 }
 
+/// The client behind `X-Forwarded-For` values (`forwarded`, in header order). From a peer that
+/// is not a trusted proxy: the peer, whatever it sends (anyone can write the header). From a
+/// trusted proxy: walk the addresses from the right (each proxy appends the address it
+/// received from) past trusted proxies; the first other address is the client (port 0). An
+/// entry that does not parse ends the walk at the last one that did.
+pub fn forwarded_client<'h>(
+    peer: SocketAddr,
+    forwarded: impl IntoIterator<Item = &'h str, IntoIter: DoubleEndedIterator>,
+    trusted: &Networks,
+) -> SocketAddr {
+    if !trusted.contains(peer.ip()) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = forwarded.into_iter().rev().flat_map(|v| v.rsplit(','));
+    for hop in hops {
+        let Some(ip) = parse_hop(hop.trim()) else {
+            break;
+        };
+        client = SocketAddr::new(ip, 0);
+        if !trusted.contains(ip) {
+            break;
+        }
+    }
+    client
+}
+
+/// One `X-Forwarded-For` entry: `1.2.3.4`, `2001:db8::1`, `1.2.3.4:5678` or `[2001:db8::1]:80`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .map(|ip| ip.to_canonical())
+}
+
 impl<'de> Deserialize<'de> for Networks {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let items = Vec::<String>::deserialize(d)?;

@@ -13,6 +13,21 @@ pub struct MqttSettings {
     pub listen: String,
     /// MQTT over TLS, the device-facing listener. Empty string disables it.
     pub tls_listen: String,
+    /// MQTT over WebSocket without TLS: development, or behind a reverse proxy that terminates
+    /// TLS on 443 (`ops/nginx` proxies `/mqtt` here). Loopback by default; empty disables it.
+    pub ws_listen: String,
+    /// MQTT over WebSocket with TLS, for devices that may only reach 443 and no proxy in
+    /// front (e.g. `0.0.0.0:443`). Empty (the default) disables it.
+    pub wss_listen: String,
+    /// The HTTP path WebSocket clients upgrade on; any other path gets 404.
+    pub ws_path: String,
+    /// Browser origins allowed to open a WebSocket (`https://app.example.com`). Clients that
+    /// send no `Origin` (devices, agents) are always allowed: MQTT authenticates with the
+    /// device token in CONNECT, never with ambient cookies. Empty: any origin.
+    pub ws_allowed_origins: Vec<String>,
+    /// Reverse proxies (networks or addresses) in front of the WebSocket listeners whose
+    /// `X-Forwarded-For` names the device's real address. Empty: the header is ignored.
+    pub ws_trusted_proxies: crate::proxy::Networks,
     /// Host names (besides localhost and 127.0.0.1) the generated server certificate covers,
     /// and the host that registration answers tell devices to use.
     pub hosts: Vec<String>,
@@ -64,6 +79,11 @@ impl Default for MqttSettings {
         Self {
             listen: "127.0.0.1:1883".into(),
             tls_listen: "0.0.0.0:8883".into(),
+            ws_listen: "127.0.0.1:8083".into(),
+            wss_listen: String::new(),
+            ws_path: "/mqtt".into(),
+            ws_allowed_origins: Vec::new(),
+            ws_trusted_proxies: crate::proxy::Networks::default(),
             hosts: Vec::new(),
             max_connections: 10_000,
             proxy_protocol_from: crate::proxy::Networks::default(),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use companion_schema::DeviceId;
-use rumqttc::{AsyncClient, MqttOptions, Transport};
+use rumqttc::{AsyncClient, MqttOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerUrl;
@@ -129,7 +129,7 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
     let url = BrokerUrl::parse(&args.url).map_err(FleetError::Url)?;
     let tls = match (&url.tls, &args.ca_cert) {
         (true, Some(ca)) => Some(tls_config(ca)?),
-        (true, None) => return Err(FleetError::Url("mqtts:// needs --ca-cert".into())),
+        (true, None) => return Err(FleetError::Url("mqtts:// and wss:// need --ca-cert".into())),
         _ => None,
     };
     let shutdown = CancellationToken::new();
@@ -149,15 +149,11 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
     let ramp = Duration::from_secs(args.ramp_s);
     let start = tokio::time::Instant::now();
     for (i, (id, token)) in creds.into_iter().take(args.devices).enumerate() {
-        let mut o = MqttOptions::new(id.as_str(), url.host.clone(), url.port);
+        let mut o = MqttOptions::new(id.as_str(), url.broker_addr(), url.port);
         o.set_credentials(id.as_str(), token);
         o.set_keep_alive(Duration::from_secs(30));
         o.set_clean_session(true);
-        if let Some(t) = &tls {
-            o.set_transport(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(t.clone()),
-            ));
-        }
+        o.set_transport(crate::link::transport(&url, tls.clone()));
         let (client, mut el) = AsyncClient::new(o, DEVICE_REQUEST_CAPACITY);
         el.set_network_options(crate::link::network_options());
         let dev = Arc::new(Device {

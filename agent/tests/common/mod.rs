@@ -50,6 +50,9 @@ pub struct TestBroker {
     pub handle: BrokerHandle,
     pub plain: SocketAddr,
     pub tls: SocketAddr,
+    /// MQTT over WebSocket, plain and over TLS (path `/mqtt`).
+    pub ws: SocketAddr,
+    pub wss: SocketAddr,
     pub ca_pem: PathBuf,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -69,7 +72,10 @@ impl TestBroker {
             companion_broker::tls::load_or_generate(&settings.tls, dir.path(), &[]).unwrap();
         let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let wss = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (plain_addr, tls_addr) = (plain.local_addr().unwrap(), tls.local_addr().unwrap());
+        let (ws_addr, wss_addr) = (ws.local_addr().unwrap(), wss.local_addr().unwrap());
         let auth = StaticAuth {
             tokens: devices
                 .iter()
@@ -85,6 +91,8 @@ impl TestBroker {
             EdgeListeners {
                 plain: Some(plain),
                 tls: Some(tls),
+                ws: Some(ws),
+                wss: Some(wss),
             },
             Arc::new(auth),
             Arc::new(NullSink),
@@ -98,6 +106,8 @@ impl TestBroker {
             handle,
             plain: plain_addr,
             tls: tls_addr,
+            ws: ws_addr,
+            wss: wss_addr,
             ca_pem: material.ca_pem_path,
             shutdown,
             tracker,
@@ -274,6 +284,8 @@ pub fn settings(
             addr.ip().to_string()
         },
         port: addr.port(),
+        websocket: false,
+        path: "/".into(),
     };
     let mut s = Settings::new(
         DeviceId::parse(device).unwrap(),

@@ -254,42 +254,19 @@ fn request_parts() -> BoxedFilter<(Parts,)> {
         .boxed()
 }
 
-/// The client's address. From a peer that is not a trusted proxy: the peer, whatever headers
-/// it sends (anyone can write `X-Forwarded-For`). From a trusted proxy: walk the forwarded
-/// addresses from the right (each proxy appends the address it received from) past trusted
-/// proxies; the first other address is the client. An entry that does not parse ends the walk
-/// at the last address that did: nothing left of it can be trusted.
+/// The client's address: the peer, or behind a trusted proxy the address it forwarded in
+/// `X-Forwarded-For` (see [`companion_broker::proxy::forwarded_client`]; a header value that
+/// is not text counts as empty).
 pub fn client_addr<'h>(
     peer: SocketAddr,
     forwarded_for: impl IntoIterator<Item = &'h HeaderValue, IntoIter: DoubleEndedIterator>,
     trusted: &companion_broker::proxy::Networks,
 ) -> SocketAddr {
-    if !trusted.contains(peer.ip()) {
-        return peer;
-    }
-    let mut client = peer;
-    let hops = forwarded_for
-        .into_iter()
-        .rev()
-        .flat_map(|v| v.to_str().unwrap_or("").rsplit(','));
-    for hop in hops {
-        let Some(ip) = parse_hop(hop.trim()) else {
-            break;
-        };
-        client = SocketAddr::new(ip, 0);
-        if !trusted.contains(ip) {
-            break;
-        }
-    }
-    client
-}
-
-/// One `X-Forwarded-For` entry: `1.2.3.4`, `2001:db8::1`, `1.2.3.4:5678` or `[2001:db8::1]:80`.
-fn parse_hop(hop: &str) -> Option<std::net::IpAddr> {
-    hop.parse::<std::net::IpAddr>()
-        .ok()
-        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
-        .map(|ip| ip.to_canonical())
+    companion_broker::proxy::forwarded_client(
+        peer,
+        forwarded_for.into_iter().map(|v| v.to_str().unwrap_or("")),
+        trusted,
+    )
 }
 
 fn security_headers(mut resp: Response) -> Response {

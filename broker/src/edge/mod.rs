@@ -13,6 +13,7 @@ pub(crate) mod fanout;
 mod pump;
 mod session;
 pub(crate) mod sessions;
+pub(crate) mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use companion_schema::DeviceId;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -84,9 +86,28 @@ impl Edge {
     }
 }
 
+/// What a listener speaks on top of TCP.
+#[derive(Clone)]
+pub(crate) struct Transport {
+    pub tls: Option<TlsAcceptor>,
+    /// MQTT over WebSocket, upgraded under this policy.
+    pub ws: Option<Arc<websocket::Policy>>,
+}
+
+impl Transport {
+    fn label(&self) -> &'static str {
+        match (self.tls.is_some(), self.ws.is_some()) {
+            (false, false) => "plain",
+            (true, false) => "tls",
+            (false, true) => "ws",
+            (true, true) => "wss",
+        }
+    }
+}
+
 /// Runs one accept loop until shutdown; each connection gets its own task.
-pub(crate) async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, tls: Option<TlsAcceptor>) {
-    let kind = if tls.is_some() { "tls" } else { "plain" };
+pub(crate) async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, transport: Transport) {
+    let kind = transport.label();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, listener = kind, "edge listening");
     }
@@ -95,7 +116,7 @@ pub(crate) async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, tls: Opt
         tokio::select! {
             _ = edge.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => spawn_connection(&edge, stream, peer, tls.clone()),
+                Ok((stream, peer)) => spawn_connection(&edge, stream, peer, transport.clone()),
                 Err(e) => {
                     tracing::warn!(error = %e, listener = kind, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
@@ -107,12 +128,7 @@ pub(crate) async fn accept_loop(edge: Arc<Edge>, listener: TcpListener, tls: Opt
     tracing::info!(listener = kind, "edge listener closed");
 }
 
-fn spawn_connection(
-    edge: &Arc<Edge>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-) {
+fn spawn_connection(edge: &Arc<Edge>, stream: TcpStream, peer: SocketAddr, transport: Transport) {
     let Ok(permit) = edge.permits.clone().try_acquire_owned() else {
         edge.count_connect(result::OVER_CAPACITY);
         tracing::warn!(%peer, "connection refused: maximum number of connections reached");
@@ -138,7 +154,7 @@ fn spawn_connection(
                 Err(_) => return proxy_refused(&edge2, peer, "no PROXY protocol header in time"),
             }
         }
-        match tls {
+        match transport.tls {
             Some(acceptor) => {
                 let timeout = Duration::from_millis(edge2.settings.tls_handshake_timeout_ms);
                 // Cases: shutdown; the handshake finishes or times out.
@@ -149,14 +165,43 @@ fn spawn_connection(
                     h = tokio::time::timeout(timeout, Box::pin(acceptor.accept(stream))) => h,
                 };
                 match handshake {
-                    Ok(Ok(stream)) => Box::pin(connection::run(edge2, stream, peer)).await,
+                    Ok(Ok(stream)) => serve(edge2, stream, peer, transport.ws).await,
                     Ok(Err(e)) => tls_failed(&edge2, peer, "error", &e.to_string()),
                     Err(_) => tls_failed(&edge2, peer, "timeout", "handshake timed out"),
                 }
             }
-            None => Box::pin(connection::run(edge2, stream, peer)).await,
+            None => serve(edge2, stream, peer, transport.ws).await,
         }
     });
+}
+
+/// Runs the MQTT connection on `stream`, after the WebSocket upgrade when `ws` is set: one
+/// code path for every transport from here on.
+async fn serve<S>(edge: Arc<Edge>, stream: S, peer: SocketAddr, ws: Option<Arc<websocket::Policy>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Some(policy) = ws else {
+        return Box::pin(connection::run(edge, stream, peer)).await;
+    };
+    let timeout = Duration::from_millis(edge.settings.connect_timeout_ms);
+    // Cases: shutdown; the upgrade finishes, is refused, or times out.
+    // Boxed for the same reason as the TLS handshake.
+    let upgrade = tokio::select! {
+        _ = edge.shutdown.cancelled() => return,
+        u = tokio::time::timeout(timeout, Box::pin(websocket::accept(stream, &policy, peer))) => u,
+    };
+    match upgrade {
+        Ok(Ok((stream, client))) => Box::pin(connection::run(edge, stream, client)).await,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "WebSocket upgrade refused");
+            edge.count_connect(result::WEBSOCKET_REFUSED);
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no WebSocket upgrade in time");
+            edge.count_connect(result::TIMEOUT);
+        }
+    }
 }
 
 fn proxy_refused(edge: &Edge, proxy: SocketAddr, detail: &str) {

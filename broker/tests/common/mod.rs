@@ -122,6 +122,9 @@ pub struct TestApp {
     pub events: Arc<Recorder>,
     pub plain: SocketAddr,
     pub tls: SocketAddr,
+    /// MQTT over WebSocket, plain and over TLS.
+    pub ws: SocketAddr,
+    pub wss: SocketAddr,
     pub ca_pem: std::path::PathBuf,
     pub registry: prometheus_client::registry::Registry,
     pub shutdown: CancellationToken,
@@ -153,7 +156,10 @@ impl TestApp {
             companion_broker::tls::load_or_generate(&settings.tls, dir.path(), &[]).unwrap();
         let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let wss = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (plain_addr, tls_addr) = (plain.local_addr().unwrap(), tls.local_addr().unwrap());
+        let (ws_addr, wss_addr) = (ws.local_addr().unwrap(), wss.local_addr().unwrap());
         let auth = StaticAuth {
             tokens: [("a", "token-a"), ("b", "token-b"), ("off", "token-off")]
                 .into_iter()
@@ -171,6 +177,8 @@ impl TestApp {
             EdgeListeners {
                 plain: Some(plain),
                 tls: Some(tls),
+                ws: Some(ws),
+                wss: Some(wss),
             },
             Arc::new(auth),
             events.clone(),
@@ -185,6 +193,8 @@ impl TestApp {
             events,
             plain: plain_addr,
             tls: tls_addr,
+            ws: ws_addr,
+            wss: wss_addr,
             ca_pem: material.ca_pem_path,
             registry,
             shutdown,
@@ -214,6 +224,26 @@ impl TestApp {
         o.set_transport(Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(self.client_tls()),
         ));
+        o
+    }
+
+    /// rumqttc 3.1.1 options for a device over MQTT over WebSocket (`wss` with TLS verifying
+    /// the generated CA, else plain `ws`), on the default path `/mqtt`.
+    pub fn device_ws(&self, id: &str, token: &str, tls: bool) -> MqttOptions {
+        let url = if tls {
+            format!("wss://localhost:{}/mqtt", self.wss.port())
+        } else {
+            format!("ws://127.0.0.1:{}/mqtt", self.ws.port())
+        };
+        let port = if tls { self.wss.port() } else { self.ws.port() };
+        let mut o = MqttOptions::new(id, url, port);
+        o.set_credentials(id, token);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_transport(if tls {
+            Transport::wss_with_config(rumqttc::TlsConfiguration::Rustls(self.client_tls()))
+        } else {
+            Transport::Ws
+        });
         o
     }
 
