@@ -1,6 +1,7 @@
 //! The device agent's `talk --wav` against the real server: espeak-ng speaks a question to a
-//! WAV file, the agent streams it over TLS, the server's offline voice (pocketsphinx, the
-//! persona's scripted reply, espeak-ng) answers, and the agent writes a non-silent reply.
+//! WAV file, the agent streams it over MQTT+TLS or MQTT over WebSocket+TLS, the server's
+//! offline voice (pocketsphinx, the persona's scripted reply, espeak-ng) answers, and the
+//! agent writes a non-silent reply.
 
 mod common;
 mod voice_fake;
@@ -12,6 +13,15 @@ use common::app::{DbKind, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_talk_tool_gets_a_spoken_reply_from_the_real_server() {
+    talk_over(|app| format!("mqtts://localhost:{}", app.mqtts.port())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_talk_tool_works_over_wss() {
+    talk_over(|app| format!("wss://localhost:{}/mqtt", app.wss.port())).await;
+}
+
+async fn talk_over(url: fn(&TestApp) -> String) {
     let agent = common::ops::agent_binary().await;
     let app = TestApp::start(DbKind::Sqlite).await.unwrap();
     let (id, token) = app.register("talker").await;
@@ -35,8 +45,8 @@ async fn the_agents_talk_tool_gets_a_spoken_reply_from_the_real_server() {
     std::fs::write(
         &env,
         format!(
-            "DEVICE_ID={id}\nDEVICE_AUTH_TOKEN={token}\nCONTROL_PLANE_URL=mqtts://localhost:{}\nCA_CERT={}\nCACHE_DIR={}\n",
-            app.mqtts.port(),
+            "DEVICE_ID={id}\nDEVICE_AUTH_TOKEN={token}\nCONTROL_PLANE_URL={}\nCA_CERT={}\nCACHE_DIR={}\n",
+            url(&app),
             app.ca_pem.display(),
             dir.path().join("cache").display()
         ),

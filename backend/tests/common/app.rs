@@ -25,6 +25,9 @@ pub struct TestApp {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
     pub mqtts: SocketAddr,
+    /// MQTT over WebSocket, plain and over TLS (path `/mqtt`).
+    pub ws: SocketAddr,
+    pub wss: SocketAddr,
     pub admin_token: String,
     pub ca_pem: std::path::PathBuf,
     pub app_ctx: Arc<companion_backend::context::ApiContext>,
@@ -88,6 +91,8 @@ impl TestApp {
             http: addrs.http,
             mqtt: addrs.mqtt.expect("plain mqtt"),
             mqtts: addrs.mqtts.expect("mqtts"),
+            ws: addrs.ws.expect("ws"),
+            wss: addrs.wss.expect("wss"),
             admin_token,
             ca_pem,
             app_ctx,
