@@ -38,8 +38,9 @@ never printed.
   --ca-cert FILE            CA_CERT: CA certificate of the control plane's TLS listener
   --device-name NAME        DEVICE_NAME (default: the host name)
   --device-type TYPE        DEVICE_TYPE: raspberry_pi | esp32 | simulated | other (default: detected)
-  --mqtt-url URL            MQTT_URL: mqtts://host:port for the agent (default: the enrolment
-                            answer, else mqtts://<API host>:8883)
+  --mqtt-url URL            MQTT_URL: mqtts://host:port for the agent, or wss://host[:443]/mqtt
+                            (MQTT over WebSocket, for networks that allow only 443) (default:
+                            the enrolment answer, else mqtts://<API host>:8883)
   --hardware pi|sim         AGENT_HARDWARE: passed to the agent (default: the agent detects it)
   --root DIR                install under DIR as the device's root file system (an SD card
                             image): user database, files and unit inside DIR; the unit is
@@ -49,7 +50,8 @@ never printed.
   -h, --help                this help
 
 The agent's file ${ENV_FILE} holds CONTROL_PLANE_URL too, but there it is the MQTT URL the agent
-connects to (mqtts://host:8883), not the API base.
+connects to (mqtts://host:8883 or wss://host/mqtt), not the API base. Behind a reverse proxy
+with a public certificate (ops/nginx), wss:// needs --ca-cert /etc/ssl/certs/ca-certificates.crt.
 EOF
 }
 
@@ -184,7 +186,8 @@ if [[ $identity == enrol || (-z $MQTT_URL && $keep_mqtt == 0) ]]; then
     || die "CONTROL_PLANE_URL must be http(s)://host[:port] (the API base, no path), not '${api_base}'"
 fi
 if [[ -n $MQTT_URL ]]; then
-  [[ $MQTT_URL =~ ^mqtts?://[^/]+$ ]] || die "MQTT_URL must be mqtts://host[:port], not '${MQTT_URL}'"
+  [[ $MQTT_URL =~ ^mqtts?://[^/]+$ || $MQTT_URL =~ ^wss?://[^/]+(/[^[:space:]]*)?$ ]] \
+    || die "MQTT_URL must be mqtts://host[:port] or wss://host[:port][/path], not '${MQTT_URL}'"
 fi
 if [[ $identity == enrol ]]; then
   need curl curl

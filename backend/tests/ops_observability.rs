@@ -214,6 +214,13 @@ struct Nginx {
     mqtts: u16,
 }
 
+/// The addresses of the server behind nginx.
+struct Upstreams {
+    http: SocketAddr,
+    mqtts: SocketAddr,
+    ws: SocketAddr,
+}
+
 /// A port the kernel just handed out and that is free again (nginx takes no port 0).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -230,12 +237,8 @@ fn replace_once(conf: &str, from: &str, to: &str) -> String {
 
 impl Nginx {
     /// Starts nginx (daemonised: when the command returns, its ports are bound).
-    fn start(
-        dir: &std::path::Path,
-        http: SocketAddr,
-        mqtts: SocketAddr,
-        tls_dir: &std::path::Path,
-    ) -> Self {
+    fn start(dir: &std::path::Path, up: Upstreams, tls_dir: &std::path::Path) -> Self {
+        let Upstreams { http, mqtts, ws } = up;
         let (https, plain, mq) = (free_port(), free_port(), free_port());
         let d = dir.display();
         let mut conf = std::fs::read_to_string(repo_root().join("ops/nginx/nginx.conf")).unwrap();
@@ -246,6 +249,7 @@ impl Nginx {
             ("listen [::]:8883;\n", String::new()),
             ("server 127.0.0.1:18883;", format!("server {mqtts};")),
             ("server 127.0.0.1:8000;", format!("server {http};")),
+            ("server 127.0.0.1:8083;", format!("server {ws};")),
             ("listen 80;", format!("listen 127.0.0.1:{plain};")),
             ("listen [::]:80;\n", String::new()),
             (
@@ -316,12 +320,21 @@ async fn behind_the_shipped_nginx_the_server_sees_each_client_at_its_own_address
     let app = TestApp::start_with(DbKind::Sqlite, |s| {
         s.http.trusted_proxies = Networks::parse(&["127.0.0.1"]).unwrap();
         s.mqtt.proxy_protocol_from = Networks::parse(&["127.0.0.1"]).unwrap();
+        s.mqtt.ws_trusted_proxies = Networks::parse(&["127.0.0.1"]).unwrap();
     })
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tls_dir = app.ca_pem.parent().unwrap().to_owned();
-    let nginx = Nginx::start(dir.path(), app.http, app.mqtts, &tls_dir);
+    let nginx = Nginx::start(
+        dir.path(),
+        Upstreams {
+            http: app.http,
+            mqtts: app.mqtts,
+            ws: app.ws,
+        },
+        &tls_dir,
+    );
     // Clients come from 127.0.0.2, which only the proxy knows.
     let client_ip = "127.0.0.2";
 
@@ -390,6 +403,51 @@ async fn behind_the_shipped_nginx_the_server_sees_each_client_at_its_own_address
         .wait_device(&id, |d| !d["presence"]["peer"].is_null())
         .await;
     assert_eq!(got["presence"]["peer"], client_ip, "{got}");
+
+    // MQTT over WebSocket through nginx's HTTPS at /mqtt (X-Forwarded-For): the same device
+    // connects from another address, which presence shows.
+    let ws_client_ip = "127.0.0.3";
+    let script = r#"
+import sys, time
+import paho.mqtt.client as mqtt
+port, ca, dev, token, bind = sys.argv[1:6]
+c = mqtt.Client(client_id=dev, transport="websockets", protocol=mqtt.MQTTv311)
+c.ws_set_options(path="/mqtt")
+c.tls_set(ca_certs=ca)
+c.username_pw_set(dev, token)
+connected = []
+c.on_connect = lambda c, u, f, rc: connected.append(rc)
+c.connect("localhost", int(port), keepalive=30, bind_address=bind)
+c.loop_start()
+for _ in range(150):
+    if connected:
+        break
+    time.sleep(0.1)
+c.loop_stop()
+sys.exit(0 if connected == [0] else 3)
+"#;
+    let out = tokio::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(nginx.https.to_string())
+        .arg(&ca)
+        .arg(&id)
+        .arg(&token)
+        .arg(ws_client_ip)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("python3 (with python3-paho-mqtt) is installed");
+    assert!(
+        out.status.success(),
+        "paho over wss through nginx: {}\nnginx access log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(dir.path().join("access.log")).unwrap_or_default()
+    );
+    let got = app
+        .wait_device(&id, |d| d["presence"]["peer"] == ws_client_ip)
+        .await;
+    assert_eq!(got["presence"]["peer"], ws_client_ip, "{got}");
     drop(nginx);
     app.stop().await;
 }

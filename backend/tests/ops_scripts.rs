@@ -329,6 +329,89 @@ async fn setup_device_enrols_installs_a_connecting_agent_and_a_rerun_changes_not
 }
 
 #[tokio::test]
+async fn setup_device_installs_an_agent_that_connects_over_wss() {
+    if !running_as_root() {
+        return;
+    }
+    let live = LiveServer::start().await;
+    let agent = agent_binary().await;
+    let code = live.enrollment_code().await;
+    let root = tempfile::tempdir().unwrap();
+    let root_s = root.path().to_str().unwrap().to_owned();
+    let api = live.api_base();
+    let ca = live.ca_pem.to_str().unwrap().to_owned();
+    let wss = format!("wss://localhost:{}/mqtt", live.wss_port());
+    let env = [
+        ("CONTROL_PLANE_URL", api.as_str()),
+        ("ENROLL_CODE", code.as_str()),
+        ("AGENT_BINARY", agent.to_str().unwrap()),
+        ("CA_CERT", ca.as_str()),
+        ("DEVICE_TYPE", "simulated"),
+    ];
+    let bad = run_script(
+        &setup_script(),
+        &[
+            "--root",
+            &root_s,
+            "--no-start",
+            "--mqtt-url",
+            "https://x/mqtt",
+        ],
+        &env,
+    )
+    .await;
+    assert!(
+        !bad.success && bad.stderr.contains("MQTT_URL must be"),
+        "{}",
+        bad.output()
+    );
+
+    let run = run_script(
+        &setup_script(),
+        &["--root", &root_s, "--no-start", "--mqtt-url", &wss],
+        &env,
+    )
+    .await;
+    assert!(run.success, "setup_device.sh failed:\n{}", run.output());
+    let env_path = root.path().join("opt/companion/.env");
+    let vars = parse_env_file(&std::fs::read_to_string(&env_path).unwrap());
+    assert_eq!(vars["CONTROL_PLANE_URL"], wss);
+    let device_id = vars["DEVICE_ID"].clone();
+
+    let bin = root.path().join("opt/companion/bin/companion-agent");
+    let _agent_proc = tokio::process::Command::new(&bin)
+        .arg("--env-file")
+        .arg(&env_path)
+        .args(["--hardware", "sim"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("CA_CERT", root.path().join("opt/companion/ca.pem"))
+        .env("CACHE_DIR", root.path().join("var/cache/companion"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the installed agent");
+    wait_for(
+        "the device to be online over wss",
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = live
+                .admin(Method::GET, &format!("/api/v1/devices/{device_id}"), None)
+                .await;
+            if status == 429 {
+                return None;
+            }
+            assert_eq!(status, 200, "{body}");
+            (body["presence"]["online"] == true).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn setup_device_refuses_a_used_enrolment_code_and_installs_no_identity() {
     if !running_as_root() {
         return;

@@ -33,7 +33,8 @@ pub struct MqttSettings {
     pub hosts: Vec<String>,
     /// Most simultaneous device connections across both listeners.
     pub max_connections: usize,
-    /// TCP proxies (networks or addresses) in front of the listeners that send a PROXY
+    /// TCP proxies (networks or addresses) in front of the MQTT listeners (`listen`,
+    /// `tls_listen`; the WebSocket ones use `ws_trusted_proxies`) that send a PROXY
     /// protocol header (v1 or v2) with the device's real address, such as nginx's `stream`
     /// module with `proxy_protocol on;`. A connection from one of them must start with the
     /// header; from anywhere else a header is not accepted. Empty: no proxy.

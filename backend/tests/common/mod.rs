@@ -55,6 +55,8 @@ pub struct ServerProcess {
     pub http: SocketAddr,
     pub mqtt: Option<SocketAddr>,
     pub mqtts: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
     lines: mpsc::UnboundedReceiver<String>,
     pub log: Vec<String>,
 }
@@ -69,6 +71,8 @@ pub fn companion_command(data_dir: &Path) -> Command {
         .env("COMPANION_HTTP__LISTEN", "127.0.0.1:0")
         .env("COMPANION_MQTT__LISTEN", "127.0.0.1:0")
         .env("COMPANION_MQTT__TLS_LISTEN", "127.0.0.1:0")
+        .env("COMPANION_MQTT__WS_LISTEN", "127.0.0.1:0")
+        .env("COMPANION_MQTT__WSS_LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -126,6 +130,8 @@ impl ServerProcess {
                     http,
                     mqtt: field("mqtt"),
                     mqtts: field("mqtts"),
+                    ws: field("ws"),
+                    wss: field("wss"),
                     lines,
                     log,
                 };

@@ -62,6 +62,13 @@ impl LiveServer {
         self.server.mqtts.expect("the TLS listener is on").port()
     }
 
+    pub fn wss_port(&self) -> u16 {
+        self.server
+            .wss
+            .expect("the WebSocket TLS listener is on")
+            .port()
+    }
+
     /// An admin request; returns the status and the JSON body (`Null` when there is none).
     pub async fn admin(
         &self,

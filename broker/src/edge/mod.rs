@@ -140,7 +140,9 @@ fn spawn_connection(edge: &Arc<Edge>, stream: TcpStream, peer: SocketAddr, trans
         let _permit = permit;
         let mut stream = stream;
         let mut peer = peer;
-        if edge2.settings.proxy_protocol_from.contains(peer.ip()) {
+        // PROXY protocol on the MQTT listeners; the WebSocket ones learn the client's address
+        // from X-Forwarded-For (an HTTP reverse proxy cannot send a PROXY header).
+        if transport.ws.is_none() && edge2.settings.proxy_protocol_from.contains(peer.ip()) {
             let timeout = Duration::from_millis(edge2.settings.connect_timeout_ms);
             // Cases: shutdown; the header arrives, is refused, or times out.
             let header = tokio::select! {
