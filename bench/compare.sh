@@ -12,8 +12,9 @@
 #
 # Knobs: DEVICES (1000), INTERVAL_MS (100: 10 msg/s each), SECS (60), RAMP (10),
 # FLEET_DEVICES (10000), FLEET_RAMP (50), FLEET_SECS (60), FLEET_TELEMETRY_MS (30000),
-# FLEET_PERSONA_S (60). Everything listens on 127.0.0.1 (ports picked free); the run stops
-# by itself.
+# FLEET_PERSONA_S (60), FLEET_TRANSPORTS ("mqtts"; "mqtts wss" runs the scale run once per
+# transport, wss being MQTT over WebSocket over TLS). Everything listens on 127.0.0.1 (ports
+# picked free); the run stops by itself.
 set -euo pipefail
 
 DEVICES="${DEVICES:-1000}"
@@ -25,6 +26,7 @@ FLEET_RAMP="${FLEET_RAMP:-50}"
 FLEET_SECS="${FLEET_SECS:-60}"
 FLEET_TELEMETRY_MS="${FLEET_TELEMETRY_MS:-30000}"
 FLEET_PERSONA_S="${FLEET_PERSONA_S:-60}"
+FLEET_TRANSPORTS="${FLEET_TRANSPORTS:-mqtts}"
 
 for tool in mosquitto curl python3 awk; do
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || {
@@ -84,9 +86,12 @@ export COMPANION_DATA_DIR="$work/companion"
 export RUST_LOG="${RUST_LOG:-warn}"
 http_port="$(free_port)"
 mqtts_port="$(free_port)"
+wss_port="$(free_port)"
 export COMPANION_HTTP__LISTEN="127.0.0.1:$http_port"
 export COMPANION_MQTT__LISTEN=""
 export COMPANION_MQTT__TLS_LISTEN="127.0.0.1:$mqtts_port"
+export COMPANION_MQTT__WS_LISTEN=""
+export COMPANION_MQTT__WSS_LISTEN="127.0.0.1:$wss_port"
 export COMPANION_MQTT__MAX_CONNECTIONS=$(( (DEVICES > FLEET_DEVICES ? DEVICES : FLEET_DEVICES) + 100 ))
 # The fleet sends 10 msg/s per device in the throughput run: above the default control
 # limit's burst only if INTERVAL_MS < 50.
@@ -178,12 +183,18 @@ sed -n '1,4p;/latency/,$p' "$work/fleet-companion.txt"
 fi
 
 if [ "$FLEET_DEVICES" -gt 0 ]; then
+for transport in $FLEET_TRANSPORTS; do
+  case "$transport" in
+    mqtts) fleet_url="mqtts://localhost:$mqtts_port" ;;
+    wss) fleet_url="wss://localhost:$wss_port/mqtt" ;;
+    *) echo "FLEET_TRANSPORTS: mqtts or wss, not $transport" >&2; exit 64 ;;
+  esac
   echo
   url="http://127.0.0.1:$http_port/metrics"
-  echo "== scale: $FLEET_DEVICES TLS devices, ${FLEET_RAMP}s ramp, telemetry every ${FLEET_TELEMETRY_MS} ms, persona press every ${FLEET_PERSONA_S}s, ${FLEET_SECS}s =="
+  echo "== scale over $transport: $FLEET_DEVICES devices, ${FLEET_RAMP}s ramp, telemetry every ${FLEET_TELEMETRY_MS} ms, persona press every ${FLEET_PERSONA_S}s, ${FLEET_SECS}s =="
   start_companion
   rss0="$(rss_kib "$companion_pid")"
-  fleet "$work/fleet-scale.txt" "mqtts://localhost:$mqtts_port" "$FLEET_DEVICES" "$FLEET_TELEMETRY_MS" \
+  fleet "$work/fleet-scale.txt" "$fleet_url" "$FLEET_DEVICES" "$FLEET_TELEMETRY_MS" \
     "$FLEET_SECS" "$FLEET_RAMP" "$FLEET_PERSONA_S" &
   fleet_pid=$!
   # Peak connected state: just before the fleet ends.
@@ -197,4 +208,5 @@ if [ "$FLEET_DEVICES" -gt 0 ]; then
   echo "server: connected ${connected} at the end, RSS $((rss0 / 1024)) -> $((rss1 / 1024)) MiB" \
     "($(( (rss1 - rss0) / FLEET_DEVICES )) KiB per device), $fds1 descriptors"
   grep -c "router connection timed out\|router link" "$work/companion.log" | sed 's/^/server log lines about the router link: /'
+done
 fi

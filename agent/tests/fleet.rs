@@ -158,6 +158,12 @@ async fn the_fleet_counts_what_really_arrived_and_reports_percentiles() {
         report.contains("p99") && report.contains("persona switch round trip"),
         "{report}"
     );
+    let connects = stats.connect.lock().unwrap().len();
+    assert_eq!(
+        connects,
+        g(&stats.connected),
+        "one connect time per connection: {report}"
+    );
 }
 
 #[test]

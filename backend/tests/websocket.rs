@@ -11,15 +11,16 @@ use companion_schema::PersonaState;
 
 const ORIGIN: &str = "https://app.example.com";
 
-/// Connects with paho over `wss://localhost:{port}/mqtt` (with `origin`), subscribes to
-/// `topic` and prints the first message's payload in hex; exits 3 when refused.
+/// Connects with paho over `wss://localhost:{port}/mqtt` (with `origin`, MQTT `version` 311
+/// or 5), subscribes to `topic` and prints the first message's payload in hex; exits 3 when
+/// refused.
 const PAHO: &str = r#"
 import sys, ssl, threading
 import paho.mqtt.client as mqtt
-port, ca, dev, token, topic, origin = sys.argv[1:7]
+port, ca, dev, token, topic, origin, version = sys.argv[1:8]
 got = threading.Event()
 result = {}
-def on_connect(c, u, flags, rc):
+def on_connect(c, u, flags, rc, properties=None):
     result["rc"] = rc
     if rc == 0:
         c.subscribe(topic, qos=1)
@@ -29,7 +30,8 @@ def on_message(c, u, msg):
     result["payload"] = msg.payload.hex()
     result["retain"] = msg.retain
     got.set()
-c = mqtt.Client(client_id=dev, transport="websockets", protocol=mqtt.MQTTv311)
+protocol = mqtt.MQTTv5 if version == "5" else mqtt.MQTTv311
+c = mqtt.Client(client_id=dev, transport="websockets", protocol=protocol)
 c.ws_set_options(path="/mqtt", headers={"Origin": origin})
 c.tls_set(ca_certs=ca)
 c.username_pw_set(dev, token)
@@ -54,7 +56,13 @@ print("payload", result["payload"])
 /// Debian's Python, where `apt-get install python3-paho-mqtt` puts the library.
 const PYTHON: &str = "/usr/bin/python3";
 
-async fn paho(app: &TestApp, device: &str, token: &str, origin: &str) -> (i32, String) {
+async fn paho(
+    app: &TestApp,
+    device: &str,
+    token: &str,
+    origin: &str,
+    version: &str,
+) -> (i32, String) {
     let topic = format!("devices/{device}/persona");
     let out = tokio::time::timeout(
         Duration::from_secs(30),
@@ -67,6 +75,7 @@ async fn paho(app: &TestApp, device: &str, token: &str, origin: &str) -> (i32, S
             .arg(token)
             .arg(&topic)
             .arg(origin)
+            .arg(version)
             .kill_on_drop(true)
             .output(),
     )
@@ -91,20 +100,22 @@ async fn a_browser_style_websocket_client_connects_with_a_token_and_gets_its_per
     .unwrap();
     let (id, token) = app.register("browser").await;
 
-    let (code, out) = paho(&app, &id, &token, ORIGIN).await;
-    assert_eq!(code, 0, "{out}");
-    let hex = out
-        .lines()
-        .find_map(|l| l.strip_prefix("payload "))
-        .unwrap_or_else(|| panic!("no payload in {out}"));
-    let bytes = hex::decode(hex.trim()).unwrap();
-    let persona: PersonaState = companion_schema::decode(&bytes).unwrap();
-    assert_eq!(persona.persona_id.as_str(), "aria", "the default persona");
+    for version in ["311", "5"] {
+        let (code, out) = paho(&app, &id, &token, ORIGIN, version).await;
+        assert_eq!(code, 0, "MQTT {version}: {out}");
+        let hex = out
+            .lines()
+            .find_map(|l| l.strip_prefix("payload "))
+            .unwrap_or_else(|| panic!("no payload in {out}"));
+        let bytes = hex::decode(hex.trim()).unwrap();
+        let persona: PersonaState = companion_schema::decode(&bytes).unwrap();
+        assert_eq!(persona.persona_id.as_str(), "aria", "the default persona");
+    }
 
     // A page from another origin is refused at the upgrade, a wrong token at CONNECT.
-    let (code, out) = paho(&app, &id, &token, "https://evil.example").await;
+    let (code, out) = paho(&app, &id, &token, "https://evil.example", "311").await;
     assert_eq!(code, 3, "{out}");
-    let (code, out) = paho(&app, &id, "not-the-token", ORIGIN).await;
+    let (code, out) = paho(&app, &id, "not-the-token", ORIGIN, "5").await;
     assert_eq!(code, 3, "{out}");
     app.stop().await;
 }

@@ -84,7 +84,13 @@ pub(crate) async fn event_loop(
     let mut backoff = crate::backoff::Backoff::default();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_os_rng();
     let mut draining: Option<tokio::time::Instant> = None;
+    // When the current connection attempt started (TCP, TLS, WebSocket upgrade, CONNECT).
+    let mut attempt: Option<tokio::time::Instant> = None;
+    let mut up = false;
     loop {
+        if !up && attempt.is_none() {
+            attempt = Some(tokio::time::Instant::now());
+        }
         // Cases: shutdown (keep polling for up to 2 s so the last acks arrive); an event.
         let polled = tokio::select! {
             _ = shutdown.cancelled(), if draining.is_none() => {
@@ -99,6 +105,10 @@ pub(crate) async fn event_loop(
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if let Some(t0) = attempt.take() {
+                    record(&dev.stats.connect, t0.elapsed());
+                }
+                up = true;
                 dev.state().connected = true;
                 dev.ready.notify_one();
                 backoff.reset();
@@ -131,6 +141,8 @@ pub(crate) async fn event_loop(
                     return;
                 }
                 dev.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                up = false;
+                attempt = None;
                 {
                     let mut st = dev.state();
                     st.connected = false;

@@ -31,6 +31,8 @@ pub struct FleetStats {
     pub publish_errors: AtomicU64,
     /// Messages not produced because the device was disconnected at the time.
     pub skipped_offline: AtomicU64,
+    /// From the start of a connection attempt to its CONNACK.
+    pub connect: Mutex<Histogram<u64>>,
     pub telemetry_puback: Mutex<Histogram<u64>>,
     pub telemetry_ingest: Mutex<Histogram<u64>>,
     pub persona_rtt: Mutex<Histogram<u64>>,
@@ -55,6 +57,7 @@ impl Default for FleetStats {
             replies: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
             skipped_offline: AtomicU64::new(0),
+            connect: histogram(),
             telemetry_puback: histogram(),
             telemetry_ingest: histogram(),
             persona_rtt: histogram(),
@@ -160,6 +163,12 @@ pub fn report(args: &FleetArgs, s: &FleetStats, elapsed: Duration) -> String {
         out,
         "{:<28} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "latency (ms)", "p50", "p95", "p99", "max", "n"
+    );
+    let _ = writeln!(
+        out,
+        "{:<28} {}",
+        "connect (to CONNACK)",
+        percentiles(&s.connect)
     );
     let _ = writeln!(
         out,

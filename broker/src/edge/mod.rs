@@ -10,6 +10,7 @@
 
 mod connection;
 pub(crate) mod fanout;
+mod limits;
 mod pump;
 mod session;
 pub(crate) mod sessions;

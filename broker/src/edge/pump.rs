@@ -7,17 +7,16 @@
 //! is closed (kick, takeover, shutdown).
 
 use std::collections::{HashMap, HashSet};
-use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use companion_schema::{DeviceId, Topic, TopicKind};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus_client::metrics::counter::Counter;
 use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::limits::PublishLimits;
 use super::sessions::{Control, Down};
 use super::Edge;
 use crate::acl;
@@ -27,8 +26,6 @@ use crate::packet::{self, Codec, PacketError};
 
 /// A device may hold at most this many MQTT 5 topic aliases (announced in the CONNACK).
 pub(super) const MAX_TOPIC_ALIASES: u16 = 64;
-/// A gap this long without a dropped publish ends an over-limit episode.
-const OVER_LIMIT_GAP: Duration = Duration::from_secs(1);
 const BUFFER: usize = 512;
 /// QoS 1 messages sent to a device and not yet acknowledged, at most; past it the device is
 /// not reading and further QoS 1 messages are dropped (and counted as lost).
@@ -48,11 +45,7 @@ pub(super) struct Pump<'a> {
     codec: Codec,
     /// MQTT 5 topic aliases the device set: alias → (kind, topic).
     aliases: HashMap<u16, (TopicKind, Bytes)>,
-    control_limit: DefaultDirectRateLimiter,
-    audio_limit: DefaultDirectRateLimiter,
-    over_since: Option<Instant>,
-    last_drop: Option<Instant>,
-    sustained: Duration,
+    limits: PublishLimits,
     dropped: Counter,
     counters_in: HashMap<Option<TopicKind>, ClassCounters>,
     counters_out: HashMap<Option<TopicKind>, ClassCounters>,
@@ -72,25 +65,14 @@ enum Step {
     Close(DisconnectReason),
 }
 
-fn quota(per_s: u32, burst: u32) -> Quota {
-    let per_s = NonZeroU32::new(per_s.max(1)).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(burst).unwrap_or(per_s);
-    Quota::per_second(per_s).allow_burst(burst)
-}
-
 impl<'a> Pump<'a> {
     pub(super) fn new(edge: &'a Edge, device: DeviceId, codec: Codec) -> Self {
-        let rate = &edge.settings.rate;
         Self {
             edge,
             device,
             codec,
             aliases: HashMap::new(),
-            control_limit: RateLimiter::direct(quota(rate.control_per_s, rate.control_burst)),
-            audio_limit: RateLimiter::direct(quota(rate.audio_per_s, rate.audio_burst)),
-            over_since: None,
-            last_drop: None,
-            sustained: Duration::from_secs(rate.sustained_over_limit_s),
+            limits: PublishLimits::new(&edge.settings.rate),
             dropped: edge
                 .metrics
                 .dropped
@@ -367,12 +349,7 @@ impl<'a> Pump<'a> {
             kind
         };
 
-        let limiter = if kind.is_audio() {
-            &self.audio_limit
-        } else {
-            &self.control_limit
-        };
-        if limiter.check().is_err() {
+        if !self.limits.allow(kind) {
             return self.drop_publish(ids, to_device).map(|()| None);
         }
         let counters = class_counters(&mut self.counters_in, Some(kind), || {
@@ -397,18 +374,7 @@ impl<'a> Pump<'a> {
         to_device: &mut BytesMut,
     ) -> Result<(), DisconnectReason> {
         self.dropped.inc();
-        let now = Instant::now();
-        let continuing = self
-            .last_drop
-            .is_some_and(|last| now.duration_since(last) <= OVER_LIMIT_GAP);
-        if !continuing {
-            self.over_since = Some(now);
-        }
-        self.last_drop = Some(now);
-        if self
-            .over_since
-            .is_some_and(|since| now.duration_since(since) >= self.sustained)
-        {
+        if self.limits.dropped(Instant::now()) {
             tracing::warn!(device_id = %self.device, "publish rate over the limit for too long");
             return Err(DisconnectReason::RateLimited);
         }
