@@ -16,7 +16,8 @@ use crate::settings::MqttSettings;
 
 /// The subprotocol MQTT over WebSocket uses (MQTT 3.1.1 and 5 alike).
 pub const SUBPROTOCOL: &str = "mqtt";
-/// The read buffer tungstenite allocates per connection (its default is 128 KiB).
+/// The read buffer tungstenite allocates per connection (its default is 128 KiB); it grows to
+/// a frame's length when one is longer.
 const READ_BUFFER: usize = 4 * 1024;
 
 /// What an upgrade request must look like.
