@@ -15,8 +15,8 @@ use std::time::Duration;
 use companion_agent::audio::codec::Encoder;
 use companion_agent::hw::FRAME_SAMPLES;
 use companion_broker::{
-    AuthDecision, AuthRequest, Authenticator, DenyReason, EdgeListeners, LocalEvent, MqttSettings,
-    NullSink,
+    AuthDecision, AuthRequest, Authenticator, DenyReason, EdgeListeners, Hooks, LocalEvent,
+    MqttSettings, NullSink,
 };
 use companion_schema::{
     decode, encode, AudioChunk, ButtonEvent, Codec, DeviceId, PersonaId, PersonaState,
@@ -87,8 +87,7 @@ async fn main() -> anyhow::Result<()> {
             tls: Some(tls),
             ..Default::default()
         },
-        Arc::new(Auth(tokens)),
-        Arc::new(NullSink),
+        Hooks::new(Arc::new(Auth(tokens)), Arc::new(NullSink)),
         &mut registry,
         shutdown.clone(),
         &tracker,

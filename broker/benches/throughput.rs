@@ -344,8 +344,7 @@ fn serve_broker() {
                 plain: Some(plain),
                 ..Default::default()
             },
-            Arc::new(AnyDevice),
-            Arc::new(companion_broker::NullSink),
+            companion_broker::Hooks::new(Arc::new(AnyDevice), Arc::new(companion_broker::NullSink)),
             &mut registry,
             shutdown.clone(),
             &tracker,

@@ -30,6 +30,7 @@ pub mod local;
 pub mod metrics;
 pub mod packet;
 pub mod proxy;
+pub mod receipts;
 pub mod router;
 pub mod settings;
 pub mod tls;
@@ -47,6 +48,7 @@ pub use auth::{AuthDecision, AuthRequest, Authenticator, DenyReason};
 pub use events::{AclAction, BrokerEvent, DisconnectReason, EventSink, NullSink};
 pub use link::{RouterLinkError, RouterPort};
 pub use local::{LocalClient, LocalEvent};
+pub use receipts::{Receipt, Receipts};
 pub use settings::{MqttSettings, RateSettings, TlsFiles};
 
 /// Client ids starting with this belong to the platform (the backend's router clients); the
@@ -62,6 +64,33 @@ pub struct EdgeListeners {
     pub ws: Option<TcpListener>,
     /// MQTT over WebSocket over TLS.
     pub wss: Option<TcpListener>,
+}
+
+/// What the embedding application plugs into the edge.
+#[derive(Clone)]
+pub struct Hooks {
+    /// Checks device credentials.
+    pub auth: Arc<dyn Authenticator>,
+    /// Receives presence, ACL and other edge events.
+    pub sink: Arc<dyn EventSink>,
+    /// Holds QoS 1 acknowledgements until the message is stored; `None`: acknowledge once the
+    /// router has it.
+    pub receipts: Option<Arc<dyn Receipts>>,
+}
+
+impl Hooks {
+    pub fn new(auth: Arc<dyn Authenticator>, sink: Arc<dyn EventSink>) -> Self {
+        Self {
+            auth,
+            sink,
+            receipts: None,
+        }
+    }
+
+    pub fn with_receipts(mut self, receipts: Arc<dyn Receipts>) -> Self {
+        self.receipts = Some(receipts);
+        self
+    }
 }
 
 /// Why the broker did not start.
@@ -121,13 +150,11 @@ impl BrokerHandle {
 /// Starts the router and the edge. Returns once the router accepts connections and the edge
 /// listeners are being served; everything stops when `shutdown` is cancelled (connections are
 /// closed with reason `server_shutdown`) and every task is tracked by `tracker`.
-#[allow(clippy::too_many_arguments)]
 pub async fn start(
     settings: &MqttSettings,
     tls: Option<Arc<rustls::ServerConfig>>,
     listeners: EdgeListeners,
-    auth: Arc<dyn Authenticator>,
-    sink: Arc<dyn EventSink>,
+    hooks: Hooks,
     registry: &mut prometheus_client::registry::Registry,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
@@ -161,8 +188,9 @@ pub async fn start(
     .count();
     let edge = Arc::new(edge::Edge {
         settings: settings.clone(),
-        auth,
-        sink,
+        auth: hooks.auth,
+        sink: hooks.sink,
+        receipts: hooks.receipts,
         metrics,
         sessions: edge::sessions::Sessions::default(),
         router,

@@ -133,7 +133,7 @@ impl Metrics {
         );
         r.register(
             "messages_lost",
-            "Messages the embedded router dropped before a subscriber read them (commit-log rotation under a slow reader)",
+            "Messages lost: dropped by the embedded router before a subscriber read them (commit-log rotation under a slow reader), a QoS 1 message to a device that stopped acknowledging, or a device message the backend refused to store",
             m.lost.clone(),
         );
         r.register(

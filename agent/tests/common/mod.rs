@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use companion_agent::config::{BrokerUrl, Secret, Settings};
 use companion_broker::{
-    AuthDecision, AuthRequest, Authenticator, BrokerHandle, DenyReason, EdgeListeners, LocalEvent,
-    MqttSettings, NullSink,
+    AuthDecision, AuthRequest, Authenticator, BrokerHandle, DenyReason, EdgeListeners, Hooks,
+    LocalEvent, MqttSettings, NullSink,
 };
 use companion_schema::{DeviceId, Payload, Topic, TopicKind};
 use tokio::net::{TcpListener, TcpStream};
@@ -94,8 +94,7 @@ impl TestBroker {
                 ws: Some(ws),
                 wss: Some(wss),
             },
-            Arc::new(auth),
-            Arc::new(NullSink),
+            Hooks::new(Arc::new(auth), Arc::new(NullSink)),
             &mut registry,
             shutdown.clone(),
             &tracker,

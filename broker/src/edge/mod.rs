@@ -8,6 +8,7 @@
 //! - [`fanout`]: the downlink: one router link for every device's down topics, handing each
 //!   message to its device's mailbox; the retained messages per device.
 
+mod acks;
 mod connection;
 pub(crate) mod fanout;
 mod limits;
@@ -46,6 +47,8 @@ pub(crate) struct Edge {
     pub settings: MqttSettings,
     pub auth: Arc<dyn Authenticator>,
     pub sink: Arc<dyn EventSink>,
+    /// Holds QoS 1 acknowledgements until the message is stored.
+    pub receipts: Option<Arc<dyn crate::receipts::Receipts>>,
     pub metrics: Metrics,
     pub sessions: Sessions,
     /// Where links to the router are opened.

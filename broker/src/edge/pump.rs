@@ -1,7 +1,8 @@
 //! The packet pump of a device connection: device packets are framed, decoded once (rumqttd's
 //! codec) and checked (ACL on PUBLISH/SUBSCRIBE/UNSUBSCRIBE, v5 topic aliases, publish rate);
 //! publishes go to the router through the edge's shared uplink in batches and are
-//! acknowledged once the router has them. The edge is the device's MQTT session: it answers
+//! acknowledged once the router has them, or once stored where a [`Receipts`] hook asks for it
+//! (telemetry, in `companion serve`). The edge is the device's MQTT session: it answers
 //! SUBSCRIBE, UNSUBSCRIBE and PINGREQ itself, and writes what the downlink queues for the
 //! device (with its own packet ids for QoS 1). Runs until the device leaves, breaks a rule, or
 //! is closed (kick, takeover, shutdown).
@@ -16,6 +17,7 @@ use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::acks::{Acks, ReceiptLost, MAX_HELD};
 use super::limits::PublishLimits;
 use super::sessions::{Control, Down};
 use super::Edge;
@@ -23,6 +25,8 @@ use crate::acl;
 use crate::events::{AclAction, DisconnectReason};
 use crate::metrics::{ClassLabel, ReasonLabel};
 use crate::packet::{self, Codec, PacketError};
+#[cfg(doc)]
+use crate::receipts::Receipts;
 
 /// A device may hold at most this many MQTT 5 topic aliases (announced in the CONNACK).
 pub(super) const MAX_TOPIC_ALIASES: u16 = 64;
@@ -54,6 +58,8 @@ pub(super) struct Pump<'a> {
     /// Packet ids of QoS 1 messages sent to the device and not yet acknowledged.
     inflight: HashSet<u16>,
     next_packet_id: u16,
+    /// Acknowledgements of the device's QoS 1 publishes that wait for a receipt.
+    acks: Acks,
 }
 
 /// The outcome of a batch of packets.
@@ -85,6 +91,7 @@ impl<'a> Pump<'a> {
             subscriptions: HashMap::new(),
             inflight: HashSet::new(),
             next_packet_id: 0,
+            acks: Acks::default(),
         }
     }
 
@@ -116,6 +123,14 @@ impl<'a> Pump<'a> {
                 tracing::warn!(device_id = %self.device, error = %e, "router uplink lost");
                 return DisconnectReason::ProtocolError;
             }
+            match self.acks.release(&mut to_device, self.codec.v5()) {
+                Ok(0) => {}
+                Ok(refused) => self.refused(refused),
+                Err(ReceiptLost) => {
+                    tracing::warn!(device_id = %self.device, "a held message was not stored; closing so the device sends it again");
+                    return stopped_or(control, DisconnectReason::ServerShutdown);
+                }
+            }
             if !to_device.is_empty() && !write_or_stop(dw, &mut to_device, control).await {
                 return write_failed(control);
             }
@@ -124,17 +139,18 @@ impl<'a> Pump<'a> {
                 Step::Clean => return DisconnectReason::Clean,
                 Step::Close(reason) => return reason,
             }
-            // Cases: closed (kick, takeover, shutdown); bytes from the device; messages for
-            // the device; keep-alive expired.
+            // Cases: closed (kick, takeover, shutdown); bytes from the device (unless too many
+            // acknowledgements wait); a receipt; messages for the device; keep-alive expired.
             tokio::select! {
                 _ = control.stop.cancelled() => return stopped_or(control, DisconnectReason::ServerShutdown),
-                read = dr.read_buf(&mut dbuf) => {
+                read = dr.read_buf(&mut dbuf), if self.acks.len() < MAX_HELD => {
                     if !matches!(read, Ok(n) if n > 0) {
                         return DisconnectReason::NetworkError;
                     }
                     deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
                     step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
                 }
+                _ = self.acks.settle_first(), if self.acks.waiting() => {}
                 n = mailbox.recv_many(&mut downs, DOWN_BATCH) => {
                     if n == 0 {
                         return stopped_or(control, DisconnectReason::Takeover);
@@ -177,13 +193,21 @@ impl<'a> Pump<'a> {
             match decoded.packet {
                 Packet::Publish(publish, props) => {
                     match self.check_publish(publish, props, len, (qos, packet_id), to_device) {
-                        Ok(Some(p)) => {
-                            to_router.push(p);
+                        Ok(Some((kind, publish, props))) => {
                             match (qos, packet_id) {
-                                (1, Some(id)) => packet::put_ack(to_device, packet::PUBACK, id),
+                                (1, Some(id)) => {
+                                    let receipt =
+                                        self.edge.receipts.as_ref().and_then(|r| {
+                                            r.hold(&self.device, kind, &publish.payload)
+                                        });
+                                    if self.acks.ack(id, receipt) {
+                                        packet::put_ack(to_device, packet::PUBACK, id);
+                                    }
+                                }
                                 (2, Some(id)) => packet::put_ack(to_device, packet::PUBREC, id),
                                 _ => {}
                             }
+                            to_router.push(Packet::Publish(publish, props));
                         }
                         Ok(None) => {}
                         Err(reason) => return Step::Close(reason),
@@ -312,8 +336,8 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// `Ok(Some)`: the publish to route (aliases resolved); `Ok(None)`: dropped (rate limit);
-    /// `Err`: close the connection.
+    /// `Ok(Some)`: the publish to route (aliases resolved, at QoS 0) with its kind;
+    /// `Ok(None)`: dropped (rate limit); `Err`: close the connection.
     fn check_publish(
         &mut self,
         mut publish: Publish,
@@ -321,7 +345,7 @@ impl<'a> Pump<'a> {
         len: usize,
         ids: (u8, Option<u16>),
         to_device: &mut BytesMut,
-    ) -> Result<Option<Packet>, DisconnectReason> {
+    ) -> Result<Option<(TopicKind, Publish, Option<PublishProperties>)>, DisconnectReason> {
         let alias = props.as_mut().and_then(|p| p.topic_alias.take());
         let kind = if publish.topic.is_empty() {
             // MQTT 5: a topic alias set earlier (its topic passed the ACL then).
@@ -360,10 +384,24 @@ impl<'a> Pump<'a> {
         // Into the router at QoS 0: the edge acknowledges the device itself once the router
         // has the message. Properties without the alias; none when nothing else was set.
         let props = props.filter(|p| *p != PublishProperties::default());
-        Ok(Some(Packet::Publish(
+        Ok(Some((
+            kind,
             Publish::new(publish.topic, publish.payload, publish.retain),
             props,
         )))
+    }
+
+    /// Counts publishes the backend refused to store (acknowledged as dropped).
+    fn refused(&self, n: u64) {
+        tracing::warn!(device_id = %self.device, n, "publishes not stored; acknowledged as dropped");
+        self.edge.metrics.lost.inc_by(n);
+        self.edge
+            .metrics
+            .dropped
+            .get_or_create(&ReasonLabel {
+                reason: "not_stored",
+            })
+            .inc_by(n);
     }
 
     /// Drops an over-limit PUBLISH (acknowledging QoS 1); a device over the limit for the
@@ -381,7 +419,9 @@ impl<'a> Pump<'a> {
         match (qos, packet_id) {
             (0, _) => Ok(()),
             (1, Some(id)) => {
-                to_device.extend_from_slice(&packet::puback_dropped(id, self.codec.v5()));
+                if self.acks.dropped(id) {
+                    to_device.extend_from_slice(&packet::puback_dropped(id, self.codec.v5()));
+                }
                 Ok(())
             }
             _ => Err(DisconnectReason::RateLimited),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use companion_broker::{
     AuthDecision, AuthRequest, Authenticator, BrokerEvent, BrokerHandle, DenyReason, EdgeListeners,
-    EventSink, MqttSettings,
+    EventSink, Hooks, MqttSettings,
 };
 use companion_schema::DeviceId;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
@@ -150,6 +150,14 @@ impl TestApp {
     }
 
     pub async fn start_with(settings: MqttSettings) -> Self {
+        Self::start_with_receipts(settings, None).await
+    }
+
+    /// With a hook that holds QoS 1 acknowledgements (see `companion_broker::Receipts`).
+    pub async fn start_with_receipts(
+        settings: MqttSettings,
+        receipts: Option<Arc<dyn companion_broker::Receipts>>,
+    ) -> Self {
         install_crypto();
         let dir = tempfile::tempdir().unwrap();
         let material =
@@ -180,8 +188,10 @@ impl TestApp {
                 ws: Some(ws),
                 wss: Some(wss),
             },
-            Arc::new(auth),
-            events.clone(),
+            Hooks {
+                receipts,
+                ..Hooks::new(Arc::new(auth), events.clone())
+            },
             &mut registry,
             shutdown.clone(),
             &tracker,

@@ -1,0 +1,188 @@
+//! A connection's QoS 1 acknowledgements that wait for a [`Receipt`]: released in the order the
+//! publishes arrived (MQTT 3.1.1 §4.6), each as soon as everything ahead of it is settled.
+
+use std::collections::VecDeque;
+
+use bytes::BytesMut;
+
+use crate::packet;
+use crate::receipts::Receipt;
+
+/// Acknowledgements waiting at most; past it the edge stops reading from the device until
+/// some are settled (backpressure instead of memory).
+pub(super) const MAX_HELD: usize = 256;
+
+enum Entry {
+    /// Acknowledge.
+    Ack(u16),
+    /// Acknowledge as dropped (MQTT 5: "quota exceeded"); already counted by whoever dropped it.
+    Dropped(u16),
+    /// Acknowledge as dropped and count it: the backend refused to store it.
+    Refused(u16),
+    /// Waiting for the receipt.
+    Wait(u16, Receipt),
+    /// The receipt's sender is gone: nothing may be acknowledged any more.
+    Lost,
+}
+
+/// The receipt of a held message can no longer arrive (the backend went away): the
+/// connection ends without acknowledging, so the device sends it again.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ReceiptLost;
+
+#[derive(Default)]
+pub(super) struct Acks {
+    queue: VecDeque<Entry>,
+}
+
+impl Acks {
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Queues the acknowledgement of `packet_id`; true when it can be written right away
+    /// (no receipt and nothing waiting ahead of it), in which case nothing is queued.
+    pub fn ack(&mut self, packet_id: u16, receipt: Option<Receipt>) -> bool {
+        match receipt {
+            None if self.queue.is_empty() => true,
+            None => {
+                self.queue.push_back(Entry::Ack(packet_id));
+                false
+            }
+            Some(r) => {
+                self.queue.push_back(Entry::Wait(packet_id, r));
+                false
+            }
+        }
+    }
+
+    /// Like [`Acks::ack`] for a publish the edge dropped.
+    pub fn dropped(&mut self, packet_id: u16) -> bool {
+        if self.queue.is_empty() {
+            return true;
+        }
+        self.queue.push_back(Entry::Dropped(packet_id));
+        false
+    }
+
+    /// Whether the first acknowledgement waits for its receipt.
+    pub fn waiting(&self) -> bool {
+        matches!(self.queue.front(), Some(Entry::Wait(..)))
+    }
+
+    /// Waits for the first receipt. Cancel-safe: the outcome is recorded in the same poll that
+    /// takes it from the channel.
+    pub async fn settle_first(&mut self) {
+        if let Some(front) = self.queue.front_mut() {
+            if let Entry::Wait(id, receipt) = front {
+                let id = *id;
+                *front = match receipt.await {
+                    Ok(true) => Entry::Ack(id),
+                    Ok(false) => Entry::Refused(id),
+                    Err(_) => Entry::Lost,
+                };
+            }
+        }
+    }
+
+    /// Writes every settled acknowledgement at the head of the queue; the number refused.
+    pub fn release(&mut self, out: &mut BytesMut, v5: bool) -> Result<u64, ReceiptLost> {
+        let mut refused = 0;
+        while let Some(front) = self.queue.front_mut() {
+            if let Entry::Wait(id, receipt) = front {
+                let id = *id;
+                *front = match receipt.try_recv() {
+                    Ok(true) => Entry::Ack(id),
+                    Ok(false) => Entry::Refused(id),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Entry::Lost,
+                };
+            }
+            match self.queue.pop_front() {
+                Some(Entry::Ack(id)) => packet::put_ack(out, packet::PUBACK, id),
+                Some(Entry::Dropped(id)) => out.extend_from_slice(&packet::puback_dropped(id, v5)),
+                Some(Entry::Refused(id)) => {
+                    refused += 1;
+                    out.extend_from_slice(&packet::puback_dropped(id, v5));
+                }
+                Some(Entry::Lost) => return Err(ReceiptLost),
+                Some(Entry::Wait(..)) | None => break,
+            }
+        }
+        Ok(refused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    fn acked_ids(out: &BytesMut) -> Vec<(u8, u16)> {
+        // PUBACK 3.1.1: 0x40 0x02 id; MQTT 5 with a reason: 0x40 0x04 id reason 0.
+        let mut ids = Vec::new();
+        let mut i = 0;
+        while i < out.len() {
+            let len = usize::from(out[i + 1]);
+            let id = u16::from_be_bytes([out[i + 2], out[i + 3]]);
+            let reason = if len > 2 { out[i + 4] } else { 0 };
+            ids.push((reason, id));
+            i += 2 + len;
+        }
+        ids
+    }
+
+    #[test]
+    fn nothing_waiting_acknowledges_at_once() {
+        let mut acks = Acks::default();
+        assert!(acks.ack(1, None));
+        assert!(acks.dropped(2));
+        assert_eq!(acks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn acknowledgements_keep_their_order_behind_a_receipt() {
+        let mut acks = Acks::default();
+        let (first, r1) = oneshot::channel();
+        let (second, r2) = oneshot::channel();
+        assert!(!acks.ack(1, Some(r1)));
+        assert!(!acks.ack(2, None), "waits behind 1");
+        assert!(!acks.dropped(3));
+        assert!(!acks.ack(4, Some(r2)));
+        let mut out = BytesMut::new();
+        assert_eq!(acks.release(&mut out, true), Ok(0));
+        assert!(out.is_empty(), "nothing before 1 is stored");
+
+        second.send(false).unwrap();
+        assert_eq!(acks.release(&mut out, true), Ok(0));
+        assert!(out.is_empty(), "4 is settled but 1 is not");
+
+        first.send(true).unwrap();
+        assert!(acks.waiting());
+        acks.settle_first().await;
+        assert_eq!(acks.release(&mut out, true), Ok(1), "4 was refused");
+        assert_eq!(
+            acked_ids(&out),
+            vec![
+                (0, 1),
+                (0, 2),
+                (packet::reason::QUOTA_EXCEEDED, 3),
+                (packet::reason::QUOTA_EXCEEDED, 4)
+            ]
+        );
+        assert_eq!(acks.len(), 0);
+        assert!(acks.ack(5, None), "empty again");
+    }
+
+    #[test]
+    fn a_lost_receipt_acknowledges_nothing_after_it() {
+        let mut acks = Acks::default();
+        let (gone, r) = oneshot::channel::<bool>();
+        assert!(!acks.ack(1, Some(r)));
+        assert!(!acks.ack(2, None));
+        drop(gone);
+        let mut out = BytesMut::new();
+        assert_eq!(acks.release(&mut out, false), Err(ReceiptLost));
+        assert!(out.is_empty());
+    }
+}

@@ -1,0 +1,175 @@
+//! QoS 1 acknowledgements held until the message is stored (a `Receipts` hook): the device
+//! sees no PUBACK before its receipt settles, PUBACKs keep the publishes' order, a refusal is
+//! acknowledged as dropped and counted, and a lost receipt closes the connection unacknowledged.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::*;
+use companion_broker::{Receipt, Receipts};
+use companion_schema::{DeviceId, TopicKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+
+/// Holds every telemetry publish; the test settles them by hand.
+#[derive(Default)]
+struct Held {
+    waiting: Mutex<Vec<(DeviceId, Bytes, oneshot::Sender<bool>)>>,
+    notify: Notify,
+}
+
+impl Receipts for Held {
+    fn hold(&self, device: &DeviceId, kind: TopicKind, payload: &Bytes) -> Option<Receipt> {
+        if kind != TopicKind::Telemetry {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap()
+            .push((device.clone(), payload.clone(), tx));
+        self.notify.notify_one();
+        Some(rx)
+    }
+}
+
+impl Held {
+    /// Waits until `n` messages are held; their payloads.
+    async fn wait(&self, n: usize) -> Vec<Bytes> {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let notified = self.notify.notified();
+                {
+                    let w = self.waiting.lock().unwrap();
+                    if w.len() >= n {
+                        return w.iter().map(|(_, p, _)| p.clone()).collect();
+                    }
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("the edge holds the publishes")
+    }
+
+    /// Settles the held message with this payload.
+    fn settle(&self, payload: &[u8], stored: bool) {
+        let mut w = self.waiting.lock().unwrap();
+        let at = w.iter().position(|(_, p, _)| p == payload).expect("held");
+        let (_, _, tx) = w.remove(at);
+        tx.send(stored).expect("the edge waits");
+    }
+
+    fn drop_all(&self) {
+        self.waiting.lock().unwrap().clear();
+    }
+}
+
+fn publish_q1(topic: &str, id: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&id.to_be_bytes());
+    body.extend_from_slice(payload);
+    let mut out = vec![0x32];
+    encode_len(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+const PINGREQ: [u8; 2] = [0xC0, 0x00];
+const PINGRESP: [u8; 2] = [0xD0, 0x00];
+
+async fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+        .await
+        .expect("bytes from the edge in time")
+        .expect("read");
+    buf
+}
+
+async fn start() -> (TestApp, Arc<Held>, TcpStream) {
+    let held = Arc::new(Held::default());
+    let app =
+        TestApp::start_with_receipts(test_settings(), Some(held.clone() as Arc<dyn Receipts>))
+            .await;
+    let (s, connack) = raw_session(app.plain, &raw_connect("a", "a", "token-a", None)).await;
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    (app, held, s)
+}
+
+#[tokio::test]
+async fn the_puback_waits_for_the_receipt_and_keeps_the_publish_order() {
+    let (app, held, mut s) = start().await;
+    let mut out = Vec::new();
+    out.extend(publish_q1("devices/a/telemetry", 1, b"one"));
+    // Not held itself, but acknowledged after 1 (PUBACKs go out in order).
+    out.extend(publish_q1("devices/a/status", 2, b"{\"online\":true}"));
+    out.extend(publish_q1("devices/a/telemetry", 3, b"three"));
+    out.extend(PINGREQ);
+    s.write_all(&out).await.unwrap();
+    assert_eq!(
+        held.wait(2).await,
+        vec![Bytes::from("one"), Bytes::from("three")]
+    );
+    // The edge answered the PINGREQ sent after the publishes, and no PUBACK came before it.
+    assert_eq!(
+        read_n(&mut s, 2).await,
+        PINGRESP,
+        "no PUBACK before the receipt"
+    );
+
+    held.settle(b"three", true);
+    s.write_all(&PINGREQ).await.unwrap();
+    assert_eq!(read_n(&mut s, 2).await, PINGRESP, "3 waits behind 1");
+
+    held.settle(b"one", true);
+    let acks = read_n(&mut s, 12).await;
+    assert_eq!(
+        acks,
+        [0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3],
+        "PUBACK 1, 2, 3 in order"
+    );
+    assert_eq!(app.metric("broker_messages_lost_total"), 0.0);
+    app.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_refused_message_is_acknowledged_as_dropped_and_counted() {
+    let (app, held, mut s) = start().await;
+    s.write_all(&publish_q1("devices/a/telemetry", 7, b"x"))
+        .await
+        .unwrap();
+    held.wait(1).await;
+    held.settle(b"x", false);
+    // MQTT 3.1.1 has no negative acknowledgement: a PUBACK, and the loss is counted.
+    assert_eq!(read_n(&mut s, 4).await, [0x40, 2, 0, 7]);
+    assert_eq!(
+        app.metric("broker_messages_dropped_total{reason=\"not_stored\"}"),
+        1.0
+    );
+    assert_eq!(app.metric("broker_messages_lost_total"), 1.0);
+    app.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_lost_receipt_closes_the_connection_without_an_acknowledgement() {
+    let (app, held, mut s) = start().await;
+    s.write_all(&publish_q1("devices/a/telemetry", 9, b"y"))
+        .await
+        .unwrap();
+    held.wait(1).await;
+    held.drop_all();
+    // The socket closes and nothing was acknowledged: the device will send it again.
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .ok();
+    assert!(!rest.starts_with(&[0x40]), "no PUBACK: {rest:?}");
+    app.shutdown.cancel();
+}
