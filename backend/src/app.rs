@@ -194,6 +194,8 @@ impl App {
         let audit = AuditLog::new(db.clone());
         let authenticator = RegistryAuthenticator::new(devices.clone());
         let (sink, events) = ChannelSink::new(presence_metrics);
+        // Telemetry is acknowledged to a device once stored (the batcher holds the PUBACK).
+        let telemetry = Arc::new(Batcher::default());
         let upstream = crate::bus::Target::upstream(&settings.mqtt).map_err(|e| {
             crate::settings::SettingsError::Invalid {
                 key: "mqtt.upstream",
@@ -223,7 +225,8 @@ impl App {
                         ws: listeners.ws,
                         wss: listeners.wss,
                     },
-                    companion_broker::Hooks::new(authenticator.clone(), sink),
+                    companion_broker::Hooks::new(authenticator.clone(), sink)
+                        .with_receipts(telemetry.clone()),
                     &mut registry,
                     shutdown.clone(),
                     &tracker,
@@ -237,7 +240,6 @@ impl App {
 
         // The backend's own connection to the broker, and the device runtime behind it.
         let bus = Bus::new(publisher, bus_metrics);
-        let telemetry = Arc::new(Batcher::default());
         let runtime = Arc::new(Runtime {
             db: db.clone(),
             bus: bus.clone(),

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::app::{DbKind, TestApp};
+use common::app::{DbKind, TestApp, DEADLINE};
 use common::device::{eventually, metric, Device};
 use companion_schema::*;
 use reqwest::Method;
@@ -487,3 +487,67 @@ async fn a_device_sending_garbage_is_counted_and_does_not_disturb_others() {
     .await;
     app.stop().await;
 }
+
+/// With the embedded broker a PUBACK means "stored": the moment the device sees it, the row
+/// with that sequence number (or a later one) is in the database. A crash after the PUBACK
+/// cannot lose it; before the PUBACK the device still holds it.
+async fn telemetry_is_acknowledged_only_once_stored(kind: DbKind) {
+    let Some(app) = TestApp::start(kind).await else {
+        return;
+    };
+    let (id, token) = app.register("durable").await;
+    let (client, mut el) = rumqttc::AsyncClient::new(app.device_tls(&id, &token), 64);
+    let topic = Topic::new(DeviceId::parse(&id).unwrap(), TopicKind::Telemetry).to_string();
+    const N: u64 = 30;
+    for seq in 1..=N {
+        let t = Telemetry {
+            v: 1,
+            seq,
+            ts_ms: seq,
+            uptime_s: seq,
+            battery_pct: None,
+            cpu_temp_c: None,
+            rssi_dbm: None,
+            free_mem_kb: None,
+            extra: Default::default(),
+        };
+        client
+            .publish(
+                &topic,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                encode(&t).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    // rumqttc numbers the publishes 1.. in the order they were queued: packet id = seq.
+    let mut acked = 0;
+    tokio::time::timeout(DEADLINE, async {
+        while acked < N {
+            match el.poll().await.expect("connection stays up") {
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack)) => {
+                    let seq = u64::from(ack.pkid);
+                    let stored: Option<i64> =
+                        sqlx::query_scalar("SELECT seq FROM telemetry_latest WHERE device_id = $1")
+                            .bind(&id)
+                            .fetch_optional(app.app_ctx.db.pool())
+                            .await
+                            .unwrap();
+                    let stored = stored.unwrap_or(0) as u64;
+                    assert!(
+                        stored >= seq,
+                        "PUBACK for seq {seq} but the database holds {stored}"
+                    );
+                    acked += 1;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("every publish acknowledged");
+    assert_eq!(metric(&app, "broker_messages_lost_total").await, 0.0);
+    app.stop().await;
+}
+on_both_databases!(telemetry_is_acknowledged_only_once_stored);

@@ -183,8 +183,12 @@ impl Dispatcher {
         let tx = self.sender(&mut workers, device);
         match tx.try_send(Box::new(event)) {
             Ok(()) => true,
-            Err(_) => {
+            Err(e) => {
                 self.runtime.metrics.dropped(label);
+                if let DeviceEvent::Telemetry(t) = *e.into_inner() {
+                    // Its acknowledgement, if held, goes out as "dropped".
+                    self.runtime.telemetry.refused(device, t.seq);
+                }
                 false
             }
         }

@@ -1,18 +1,28 @@
 //! Telemetry: sequence tracking (gaps counted, duplicates dropped) and the batch writer that
 //! upserts the latest values per device into `telemetry_latest`, many devices per
 //! transaction.
+//!
+//! On the embedded broker a device's telemetry is acknowledged only once it is stored: the
+//! batcher is the edge's [`Receipts`] hook. Each held PUBACK waits for the commit that stores
+//! its sequence number (or a later one), so a crash before the commit loses nothing the device
+//! was told was received: it sends the message again when it reconnects. While the database is
+//! away the acknowledgements wait (the device keeps its messages) instead of being dropped.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use companion_schema::{DeviceId, Telemetry};
+use bytes::Bytes;
+use companion_broker::{Receipt, Receipts};
+use companion_schema::{DeviceId, Telemetry, TopicKind};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{now_ms, Db};
 
-/// How often pending telemetry is written.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// Pending telemetry is written as soon as it arrives, but no more often than this: what
+/// arrives meanwhile goes into the same transaction.
+pub const FLUSH_GAP: Duration = Duration::from_millis(2);
 /// A sequence number this far below the last one means the device started over.
 pub const RESET_DISTANCE: u64 = 10_000;
 
@@ -40,16 +50,127 @@ pub fn classify(last: Option<u64>, seq: u64) -> SeqVerdict {
     }
 }
 
-/// Latest telemetry per device, waiting to be written.
+/// Latest telemetry per device, waiting to be written, and the acknowledgements that wait
+/// for it.
 #[derive(Default)]
 pub struct Batcher {
     pending: Mutex<HashMap<DeviceId, (Telemetry, i64)>>,
+    receipts: Mutex<ReceiptBook>,
+    /// Rung by [`Batcher::put`]: the writer has work.
+    work: Notify,
+}
+
+/// Per device: the last stored sequence number, and the held acknowledgements by sequence.
+#[derive(Default)]
+struct ReceiptBook {
+    stored: HashMap<DeviceId, u64>,
+    waiting: HashMap<DeviceId, Vec<(u64, oneshot::Sender<bool>)>>,
+}
+
+impl ReceiptBook {
+    /// Settles `device`'s waiters that `pick` selects with `stored`.
+    fn settle(&mut self, device: &DeviceId, stored: bool, pick: impl Fn(u64) -> bool) {
+        let Some(list) = self.waiting.get_mut(device) else {
+            return;
+        };
+        let mut i = 0;
+        while i < list.len() {
+            if pick(list[i].0) {
+                let (_, tx) = list.swap_remove(i);
+                let _ = tx.send(stored);
+            } else {
+                i += 1;
+            }
+        }
+        if list.is_empty() {
+            self.waiting.remove(device);
+        }
+    }
+}
+
+impl Receipts for Batcher {
+    fn hold(&self, device: &DeviceId, kind: TopicKind, payload: &Bytes) -> Option<Receipt> {
+        if kind != TopicKind::Telemetry {
+            return None;
+        }
+        // Undecodable: the backend counts it invalid and stores nothing; nothing to wait for.
+        let seq = companion_schema::decode::<Telemetry>(payload).ok()?.seq;
+        let mut book = self.receipts.lock().ok()?;
+        if let Some(&stored) = book.stored.get(device) {
+            // A copy of what is stored already (a resend after a lost PUBACK).
+            if seq <= stored && stored - seq < RESET_DISTANCE {
+                return None;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let list = book.waiting.entry(device.clone()).or_default();
+        // Acknowledgements of connections that ended are no longer awaited.
+        list.retain(|(_, tx)| !tx.is_closed());
+        list.push((seq, tx));
+        Some(rx)
+    }
 }
 
 impl Batcher {
     pub fn put(&self, device: &DeviceId, t: Telemetry) {
         if let Ok(mut p) = self.pending.lock() {
             p.insert(device.clone(), (t, now_ms()));
+        }
+        self.work.notify_one();
+    }
+
+    /// The device's last stored sequence number, read from the database when its worker
+    /// starts: copies of it need no write.
+    pub fn known(&self, device: &DeviceId, seq: u64) {
+        if let Ok(mut book) = self.receipts.lock() {
+            let stored = book.stored.entry(device.clone()).or_insert(seq);
+            *stored = (*stored).max(seq);
+        }
+    }
+
+    /// A message with this sequence number was a duplicate of one already accepted: its
+    /// acknowledgement goes out once that one is stored (now, unless it is still pending).
+    pub fn duplicate(&self, device: &DeviceId, seq: u64) {
+        let pending = self
+            .pending
+            .lock()
+            .map(|p| p.contains_key(device))
+            .unwrap_or(false);
+        if pending {
+            return; // the flush that stores the newer one settles it
+        }
+        if let Ok(mut book) = self.receipts.lock() {
+            book.settle(device, true, |s| s <= seq);
+        }
+    }
+
+    /// A message with this sequence number was not handled (the device's queue was full): it
+    /// is acknowledged as dropped and counted by the edge.
+    pub fn refused(&self, device: &DeviceId, seq: u64) {
+        if let Ok(mut book) = self.receipts.lock() {
+            book.settle(device, false, |s| s == seq);
+        }
+    }
+
+    /// Acknowledgements waiting for a write, over all devices (for tests and metrics).
+    pub fn held(&self) -> usize {
+        self.receipts
+            .lock()
+            .map(|b| b.waiting.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+
+    /// After a commit: everything up to each stored sequence number is acknowledged.
+    fn stored(&self, batch: &HashMap<DeviceId, (Telemetry, i64)>) {
+        let Ok(mut book) = self.receipts.lock() else {
+            return;
+        };
+        for (device, (t, _)) in batch {
+            let seq = t.seq;
+            let before = book.stored.insert(device.clone(), seq);
+            // A restarted counter: what waited belonged to the old count.
+            let restarted = before.is_some_and(|b| b > seq);
+            book.settle(device, true, |s| restarted || s <= seq);
         }
     }
 
@@ -69,7 +190,10 @@ impl Batcher {
         }
         let n = batch.len();
         match write(db, &batch).await {
-            Ok(()) => Ok(n),
+            Ok(()) => {
+                self.stored(&batch);
+                Ok(n)
+            }
             Err(e) => {
                 if let Ok(mut p) = self.pending.lock() {
                     for (k, v) in batch {
@@ -130,18 +254,30 @@ pub async fn last_seq(db: &Db, device: &DeviceId) -> Option<u64> {
     row.and_then(|s| u64::try_from(s).ok())
 }
 
-/// Flushes every [`FLUSH_INTERVAL`] until `shutdown`, then once more.
+/// Writes pending telemetry as it arrives (at most every [`FLUSH_GAP`]; after a failure,
+/// retries with a growing pause up to [`RETRY_MAX`]) until `shutdown`, then once more.
 pub async fn run_writer(batcher: std::sync::Arc<Batcher>, db: Db, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry: Option<Duration> = None;
+    let mut last = tokio::time::Instant::now();
     loop {
-        // Cases: time to flush; shutdown (flush what is left, then stop).
+        // Cases: telemetry arrived (or a failed write is due again); shutdown (write what is
+        // left, then stop).
         let stop = tokio::select! {
-            _ = tick.tick() => false,
+            _ = batcher.work.notified(), if retry.is_none() => false,
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => false,
             _ = shutdown.cancelled() => true,
         };
-        if let Err(e) = batcher.flush(&db).await {
-            tracing::error!(error = %e, "writing telemetry failed; will retry");
+        if !stop {
+            tokio::time::sleep_until(last + FLUSH_GAP).await;
+        }
+        last = tokio::time::Instant::now();
+        match batcher.flush(&db).await {
+            Ok(_) => retry = None,
+            Err(e) => {
+                let next = retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX));
+                tracing::error!(error = %e, retry_ms = next.as_millis() as u64, "writing telemetry failed; will retry");
+                retry = Some(next);
+            }
         }
         if stop {
             return;
@@ -149,9 +285,94 @@ pub async fn run_writer(batcher: std::sync::Arc<Batcher>, db: Db, shutdown: Canc
     }
 }
 
+/// The first pause after a failed write, doubling up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn telemetry(seq: u64) -> Telemetry {
+        Telemetry {
+            v: 1,
+            seq,
+            ts_ms: 0,
+            uptime_s: 0,
+            battery_pct: None,
+            cpu_temp_c: None,
+            rssi_dbm: None,
+            free_mem_kb: None,
+            extra: Default::default(),
+        }
+    }
+
+    fn hold(b: &Batcher, device: &DeviceId, seq: u64) -> Option<Receipt> {
+        let payload = Bytes::from(companion_schema::encode(&telemetry(seq)).unwrap());
+        b.hold(device, TopicKind::Telemetry, &payload)
+    }
+
+    #[test]
+    fn receipts_settle_on_the_commit_that_stores_their_sequence_number() {
+        let b = Batcher::default();
+        let d = DeviceId::parse("dev-1").unwrap();
+        assert!(b
+            .hold(&d, TopicKind::Button, &Bytes::from_static(b"x"))
+            .is_none());
+        assert!(
+            b.hold(
+                &d,
+                TopicKind::Telemetry,
+                &Bytes::from_static(b"not msgpack")
+            )
+            .is_none(),
+            "undecodable: nothing will be stored, nothing to wait for"
+        );
+        let mut r1 = hold(&b, &d, 1).unwrap();
+        let mut r2 = hold(&b, &d, 2).unwrap();
+        let mut r3 = hold(&b, &d, 3).unwrap();
+        assert_eq!(b.held(), 3);
+        let batch: HashMap<_, _> = [(d.clone(), (telemetry(2), 0))].into();
+        b.stored(&batch);
+        assert_eq!(r1.try_recv(), Ok(true));
+        assert_eq!(r2.try_recv(), Ok(true));
+        assert!(r3.try_recv().is_err(), "3 is not stored yet");
+        // Copies of stored messages are acknowledged at once.
+        assert!(hold(&b, &d, 2).is_none());
+        // A message the device's queue could not take is refused.
+        b.refused(&d, 3);
+        assert_eq!(r3.try_recv(), Ok(false));
+        assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn a_duplicate_waits_for_its_original_only_while_that_is_pending() {
+        let b = Batcher::default();
+        let d = DeviceId::parse("dev-2").unwrap();
+        b.known(&d, 10); // from the database
+        assert!(hold(&b, &d, 9).is_none(), "stored before the restart");
+        b.put(&d, telemetry(11));
+        let mut copy = hold(&b, &d, 11).unwrap();
+        b.duplicate(&d, 11);
+        assert!(copy.try_recv().is_err(), "11 is still pending");
+        let batch = b.take();
+        b.stored(&batch);
+        assert_eq!(copy.try_recv(), Ok(true));
+        let far = 11 + RESET_DISTANCE + 5;
+        let mut later = hold(&b, &d, far).unwrap();
+        b.stored(&[(d.clone(), (telemetry(far), 0))].into());
+        assert_eq!(later.try_recv(), Ok(true));
+        let mut later = hold(&b, &d, far + 1).unwrap();
+        let mut restart = hold(&b, &d, 1).unwrap();
+        let batch: HashMap<_, _> = [(d.clone(), (telemetry(1), 0))].into();
+        b.stored(&batch);
+        assert_eq!(restart.try_recv(), Ok(true));
+        assert_eq!(
+            later.try_recv(),
+            Ok(true),
+            "a restarted counter settles what waited"
+        );
+    }
 
     #[test]
     fn sequence_numbers_are_classified() {

@@ -61,6 +61,9 @@ impl Worker {
         self.persona_at = at;
         self.persona_trigger = trigger;
         self.last_seq = last_seq(&self.rt.db, &self.device).await;
+        if let Some(seq) = self.last_seq {
+            self.rt.telemetry.known(&self.device, seq);
+        }
         let cfg: Option<String> =
             sqlx::query_scalar("SELECT config_json FROM device_configs WHERE device_id = $1")
                 .bind(self.device.as_str())
@@ -190,6 +193,7 @@ impl Worker {
         match classify(self.last_seq, t.seq) {
             SeqVerdict::Duplicate => {
                 self.rt.metrics.telemetry_duplicates.inc();
+                self.rt.telemetry.duplicate(&self.device, t.seq);
                 return;
             }
             SeqVerdict::Accept { gap } => {
