@@ -525,23 +525,22 @@ async fn telemetry_is_acknowledged_only_once_stored(kind: DbKind) {
     let mut acked = 0;
     tokio::time::timeout(DEADLINE, async {
         while acked < N {
-            match el.poll().await.expect("connection stays up") {
-                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack)) => {
-                    let seq = u64::from(ack.pkid);
-                    let stored: Option<i64> =
-                        sqlx::query_scalar("SELECT seq FROM telemetry_latest WHERE device_id = $1")
-                            .bind(&id)
-                            .fetch_optional(app.app_ctx.db.pool())
-                            .await
-                            .unwrap();
-                    let stored = stored.unwrap_or(0) as u64;
-                    assert!(
-                        stored >= seq,
-                        "PUBACK for seq {seq} but the database holds {stored}"
-                    );
-                    acked += 1;
-                }
-                _ => {}
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack)) =
+                el.poll().await.expect("connection stays up")
+            {
+                let seq = u64::from(ack.pkid);
+                let stored: Option<i64> =
+                    sqlx::query_scalar("SELECT seq FROM telemetry_latest WHERE device_id = $1")
+                        .bind(&id)
+                        .fetch_optional(app.app_ctx.db.pool())
+                        .await
+                        .unwrap();
+                let stored = stored.unwrap_or(0) as u64;
+                assert!(
+                    stored >= seq,
+                    "PUBACK for seq {seq} but the database holds {stored}"
+                );
+                acked += 1;
             }
         }
     })
