@@ -162,7 +162,7 @@ fn schemas(persona_ids: &[&str]) -> Value {
     for f in super::rules::FIELD_NAMES {
         event_props.insert(f.into(), json!({ "type": ["boolean", "number", "string"] }));
     }
-    json!({
+    let mut all = json!({
         "Error": object(&["error"], json!({ "error": object(&["code", "message"], json!({ "code": { "type": "string" }, "message": { "type": "string" } })) })),
         "RulesError": object(&["error"], json!({ "error": object(&["code", "message", "rule", "line"], json!({
             "code": { "const": "invalid_rules" }, "message": { "type": "string" },
@@ -238,7 +238,42 @@ fn schemas(persona_ids: &[&str]) -> Value {
             "target": opt_string, "outcome": { "type": "string" }, "remote_addr": opt_string, "detail": opt_string })) } })),
         "Health": object(&["status", "version"], json!({ "status": { "const": "ok" }, "version": { "type": "string" } })),
         "Ready": object(&["status", "checks"], json!({ "status": { "enum": ["ready", "not_ready"] }, "checks": { "type": "array", "items": object(&["name", "ok"], json!({ "name": { "type": "string" }, "ok": { "type": "boolean" } })) } }))
-    })
+    });
+    for (name, example) in examples(persona_ids) {
+        all[name]["examples"] = json!([example]);
+    }
+    all
+}
+
+/// A request body for each operation that takes one (schemathesis' examples phase sends them).
+fn examples(persona_ids: &[&str]) -> [(&'static str, Value); 7] {
+    [
+        (
+            "CreateDevice",
+            json!({ "name": "Kitchen speaker", "device_type": "raspberry_pi", "capabilities": ["audio_input", "audio_output", "buttons", "leds"] }),
+        ),
+        ("PatchDevice", json!({ "enabled": false })),
+        (
+            "SetPersona",
+            json!({ "persona_id": persona_ids.first().copied().unwrap_or_default() }),
+        ),
+        (
+            "PutRules",
+            json!({ "toml": "[[rule]]\nname = \"persona button cycles persona\"\non = \"button\"\nif = 'event.button == \"persona\" && event.action == \"press\"'\ndo = [{ persona = \"next\" }]\n" }),
+        ),
+        (
+            "TestRules",
+            json!({ "event": { "kind": "button", "button": "persona", "action": "press" } }),
+        ),
+        (
+            "CreateEnrollment",
+            json!({ "expires_in_s": 86400, "uses": 5, "name_prefix": "class-3-" }),
+        ),
+        (
+            "Enroll",
+            json!({ "code": "the code from POST /enrollments", "name": "Desk speaker", "device_type": "raspberry_pi", "capabilities": ["audio_input", "audio_output"] }),
+        ),
+    ]
 }
 
 /// The document for a server that loaded the personas `persona_ids`.
