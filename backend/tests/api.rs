@@ -232,6 +232,8 @@ async fn validation_errors_have_the_right_status_and_shape(kind: DbKind) {
             422,
             "unprocessable",
         ),
+        // A body is an object, not the struct's fields in an array.
+        (json!(["x", "simulated"]).to_string(), 422, "unprocessable"),
     ];
     for (body, status, code) in cases {
         let shown: String = body.chars().take(60).collect();
@@ -301,14 +303,54 @@ async fn validation_errors_have_the_right_status_and_shape(kind: DbKind) {
             .status(),
         404
     );
+    let resp = app
+        .admin(Method::PUT, "/api/v1/devices")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
     assert_eq!(
-        app.admin(Method::PUT, "/api/v1/devices")
+        resp.headers()["allow"],
+        "POST, GET",
+        "RFC 9110: a 405 lists the methods"
+    );
+    let resp = app
+        .admin(Method::POST, "/api/v1/devices/pi-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "GET, PATCH, DELETE");
+    // PUT /rules with no body is a mistake, not an empty rule file that drops every rule.
+    let resp = app
+        .admin(Method::PUT, "/api/v1/rules")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let rules: Value = app
+        .admin(Method::GET, "/api/v1/rules")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!rules["rules"].as_array().unwrap().is_empty(), "{rules}");
+    // An integer may be written with a zero fraction (JSON Schema's `integer`), not more.
+    for (body, status) in [
+        (json!({ "expires_in_s": 600.0 }), 201),
+        (json!({ "expires_in_s": 600.5 }), 422),
+        (json!([600]), 422),
+    ] {
+        let resp = app
+            .admin(Method::POST, "/api/v1/enrollments")
+            .json(&body)
             .send()
             .await
-            .unwrap()
-            .status(),
-        405
-    );
+            .unwrap();
+        assert_eq!(resp.status(), status, "{body}");
+    }
     assert_eq!(
         app.admin(Method::GET, "/api/v1/devices?limit=0")
             .send()

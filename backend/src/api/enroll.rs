@@ -16,7 +16,9 @@ use crate::registry::enrollments::MAX_EXPIRES_IN_S;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateCode {
+    #[serde(default, deserialize_with = "crate::http::body::opt_integer")]
     expires_in_s: Option<u64>,
+    #[serde(default, deserialize_with = "crate::http::body::opt_integer")]
     uses: Option<u32>,
     name_prefix: Option<String>,
 }

@@ -55,6 +55,12 @@ struct PutRules {
 /// (`Content-Type: application/toml` or `text/plain`).
 fn rules_text(req: &Req) -> Result<String, ApiError> {
     let body = req.body.as_ref().map_err(|e| e.clone_for_wire())?;
+    // No body is a mistake, not an empty rule file: it would drop every rule.
+    if body.is_empty() {
+        return Err(ApiError::BadRequest(
+            "a body is required: the rules as TOML, or { \"toml\": \"...\" }".into(),
+        ));
+    }
     let trimmed = body
         .iter()
         .position(|b| !b.is_ascii_whitespace())
@@ -106,7 +112,7 @@ pub async fn put(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
 #[serde(deny_unknown_fields)]
 struct TestRequest {
     event: TestEvent,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::http::body::object_or_null")]
     device: Option<TestDevice>,
     /// Rules to test instead of the active ones.
     #[serde(default)]
@@ -135,8 +141,9 @@ struct TestDevice {
     battery_pct: Option<f64>,
 }
 
-/// Field names rules can see: leaked into `&'static str` only from this fixed list.
-const FIELD_NAMES: [&str; 16] = [
+/// The event fields rules can see (`POST /rules/test` rejects others; the OpenAPI document
+/// lists them).
+pub const FIELD_NAMES: [&str; 16] = [
     "seq",
     "ts_ms",
     "uptime_s",
@@ -165,7 +172,13 @@ pub async fn test(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
         ))
     })?;
     let device = body.device.unwrap_or_default();
-    let device_id = device.id.unwrap_or_else(|| "test-device".into());
+    // The id rules see as `device.id`: a device id, whether or not the topic names one.
+    let device_id = match device.id {
+        Some(id) => companion_schema::DeviceId::parse(&id)
+            .map_err(|e| ApiError::Unprocessable(format!("device.id: {e}")))?
+            .into_string(),
+        None => "test-device".into(),
+    };
     let mut fields = Vec::new();
     for (k, v) in body.event.fields {
         let name = FIELD_NAMES.iter().find(|n| **n == k).ok_or_else(|| {

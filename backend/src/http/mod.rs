@@ -8,6 +8,7 @@
 //! ([`crate::api_error`]). The transport knows no routes: the API builds its table
 //! (`crate::api::route_table`) and hands the filter to [`server::serve`].
 
+pub mod body;
 mod rejection;
 pub mod server;
 
@@ -51,22 +52,13 @@ impl Req {
         self.params.get(i).map(String::as_str).unwrap_or("")
     }
 
-    /// Parses the body as JSON into `T` (unknown fields are rejected by `T`).
+    /// Parses the body as a JSON object into `T` (unknown fields are rejected by `T`); see
+    /// [`body`].
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        let body = match &self.body {
-            Ok(b) => b,
-            Err(e) => return Err(e.clone_for_wire()),
-        };
-        if body.is_empty() {
-            return Err(ApiError::BadRequest("a JSON body is required".into()));
+        match &self.body {
+            Ok(b) => body::parse_object(b),
+            Err(e) => Err(e.clone_for_wire()),
         }
-        serde_json::from_slice(body).map_err(|e| {
-            if e.is_data() {
-                ApiError::Unprocessable(e.to_string())
-            } else {
-                ApiError::BadRequest(format!("invalid JSON: {e}"))
-            }
-        })
     }
 
     /// Parses the query string into `T`.
@@ -158,19 +150,51 @@ impl RouteTable {
         &self.routes
     }
 
-    /// The whole router: unmatched requests and leftover rejections become JSON errors, and
-    /// every response gets the security headers.
+    /// The whole router: unmatched requests and leftover rejections become JSON errors (a
+    /// 405 with the `Allow` header RFC 9110 asks for), and every response gets the security
+    /// headers.
     pub fn into_filter(self) -> BoxedFilter<(Response,)> {
         let base = self.filter.unwrap_or_else(|| {
             warp::any()
                 .and_then(|| async { Err::<Response, Rejection>(warp::reject::not_found()) })
                 .boxed()
         });
-        base.recover(rejection::recover)
-            .unify()
+        let routes: Arc<[(Method, &'static str)]> = self.routes.into();
+        warp::path::full()
+            .and(base.recover(rejection::recover).unify())
+            .map(move |path: warp::path::FullPath, mut resp: Response| {
+                if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+                    if let Some(allow) = allowed_methods(&routes, path.as_str()) {
+                        resp.headers_mut().insert(header::ALLOW, allow);
+                    }
+                }
+                resp
+            })
             .map(security_headers)
             .boxed()
     }
+}
+
+/// The `Allow` value for `path`: the methods of the routes whose template it matches.
+fn allowed_methods(routes: &[(Method, &'static str)], path: &str) -> Option<HeaderValue> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let matches = |template: &str| {
+        let parts: Vec<&str> = template.split('/').filter(|s| !s.is_empty()).collect();
+        parts.len() == segments.len()
+            && parts
+                .iter()
+                .zip(&segments)
+                .all(|(t, s)| (t.starts_with('{') && t.ends_with('}')) || t == s)
+    };
+    let methods: Vec<&str> = routes
+        .iter()
+        .filter(|(_, template)| matches(template))
+        .map(|(m, _)| m.as_str())
+        .collect();
+    if methods.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&methods.join(", ")).ok()
 }
 
 /// The path filter for a template: literal segments must match, `{name}` segments are

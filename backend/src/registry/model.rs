@@ -15,6 +15,13 @@ pub enum DeviceType {
 }
 
 impl DeviceType {
+    pub const ALL: [DeviceType; 4] = [
+        DeviceType::RaspberryPi,
+        DeviceType::Esp32,
+        DeviceType::Simulated,
+        DeviceType::Other,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             DeviceType::RaspberryPi => "raspberry_pi",
@@ -25,14 +32,7 @@ impl DeviceType {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            DeviceType::RaspberryPi,
-            DeviceType::Esp32,
-            DeviceType::Simulated,
-            DeviceType::Other,
-        ]
-        .into_iter()
-        .find(|t| t.as_str() == s)
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
     }
 }
 

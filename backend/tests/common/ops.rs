@@ -35,9 +35,17 @@ pub struct LiveServer {
 
 impl LiveServer {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`LiveServer::start`], with `configure` adding to the command (environment
+    /// variables such as `DATABASE_URL` or `COMPANION_HTTP__RATE_LIMIT_PER_MINUTE`).
+    pub async fn start_with(configure: impl FnOnce(&mut Command)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let server = ServerProcess::start(companion_command(&data)).await;
+        let mut cmd = companion_command(&data);
+        configure(&mut cmd);
+        let server = ServerProcess::start(cmd).await;
         let admin_token = std::fs::read_to_string(data.join("admin-token"))
             .expect("the bootstrap admin token is written")
             .trim()
