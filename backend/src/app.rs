@@ -124,6 +124,8 @@ pub struct App {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     ca_pem: Option<std::path::PathBuf>,
+    /// This server's claim on the data directory, released when it stops.
+    _lock: crate::datadir::DataDirLock,
 }
 
 impl App {
@@ -143,6 +145,7 @@ impl App {
             ws: addr(&listeners.ws)?,
             wss: addr(&listeners.wss)?,
         };
+        let lock = crate::datadir::lock(&settings.data_dir)?;
         let db = Db::connect(&settings).await?;
         db.migrate().await?;
         let (admin_token, source) = secrets::bootstrap_admin_token(&settings)?;
@@ -314,6 +317,7 @@ impl App {
         });
         Ok(Self {
             ca_pem: tls.map(|t| t.ca_pem_path),
+            _lock: lock,
             settings,
             db,
             admin_token,

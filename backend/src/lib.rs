@@ -32,6 +32,7 @@ pub(crate) mod audit;
 pub mod bus;
 pub mod cli;
 pub mod context;
+pub mod datadir;
 pub mod db;
 pub(crate) mod devices;
 pub mod http;

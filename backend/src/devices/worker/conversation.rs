@@ -53,9 +53,24 @@ impl Worker {
     pub(super) async fn control(&mut self, c: SessionControl) {
         match c.action {
             SessionAction::Start => self.start(Some(c.session_id)).await,
+            SessionAction::Stop | SessionAction::Cancel
+                if self.session.is_idle() && !self.session.is_recent(&c.session_id) =>
+            {
+                self.unknown_session(&c.session_id).await
+            }
             SessionAction::Stop => self.stop(Some(&c.session_id)),
             SessionAction::Cancel => self.cancel(Some(&c.session_id)).await,
         }
+    }
+
+    /// A `stop` or `cancel` for a session this server never opened (it restarted while the
+    /// device was talking, say): the device is told it ended, instead of waiting for a reply
+    /// that cannot come.
+    async fn unknown_session(&mut self, id: &SessionId) {
+        tracing::info!(device_id = %self.device, session_id = %id, "stop for an unknown session; telling the device it ended");
+        let mut ev = event(id, SessionState::Idle);
+        ev.error = Some("unknown session (the server restarted?)".into());
+        self.announce(ev).await;
     }
 
     /// A `session` rule action. Safe to run twice: starting while listening, or stopping
