@@ -186,6 +186,71 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// Longest `if` accepted, in bytes (the shipped conditions are under 80). The CEL parser and
+/// evaluator recurse: found by the rule_parse fuzz target, a 4 KiB chain like `1+1+…+1`
+/// overflowed the stack when evaluated, and an error past column 65,535 panicked while
+/// formatting its caret line.
+pub const MAX_CONDITION_LEN: usize = 1024;
+/// Deepest expression tree accepted in an `if` (the shipped conditions are 4 deep).
+pub const MAX_CONDITION_DEPTH: usize = 32;
+
+/// How deep `expr`'s tree is, walked without recursion (a deep tree is what is refused).
+fn expr_depth(expr: &cel::IdedExpr) -> usize {
+    use cel::common::ast::{EntryExpr, Expr};
+    let mut deepest = 0;
+    let mut stack = vec![(expr, 1usize)];
+    while let Some((e, depth)) = stack.pop() {
+        deepest = deepest.max(depth);
+        let d = depth + 1;
+        match &e.expr {
+            Expr::Call(c) => {
+                stack.extend(c.target.iter().map(|t| (&**t, d)));
+                stack.extend(c.args.iter().map(|a| (a, d)));
+            }
+            Expr::Comprehension(c) => stack.extend(
+                [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ]
+                .map(|x| (x, d)),
+            ),
+            Expr::List(l) => stack.extend(l.elements.iter().map(|x| (x, d))),
+            Expr::Map(m) => stack.extend(m.entries.iter().flat_map(|x| match &x.expr {
+                EntryExpr::MapEntry(e) => vec![(&e.key, d), (&e.value, d)],
+                EntryExpr::StructField(f) => vec![(&f.value, d)],
+            })),
+            Expr::Struct(st) => stack.extend(st.entries.iter().flat_map(|x| match &x.expr {
+                EntryExpr::MapEntry(e) => vec![(&e.key, d), (&e.value, d)],
+                EntryExpr::StructField(f) => vec![(&f.value, d)],
+            })),
+            Expr::Select(sel) => stack.push((&sel.operand, d)),
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+    deepest
+}
+
+/// Compiles an `if`, refusing what is too long or too deep to evaluate safely.
+fn compile_condition(env: &Env, src: &str) -> Result<Program, String> {
+    if src.len() > MAX_CONDITION_LEN {
+        return Err(format!(
+            "if: {} bytes; the maximum is {MAX_CONDITION_LEN}",
+            src.len()
+        ));
+    }
+    let program = env.compile(src).map_err(|e| format!("if: {e}"))?;
+    let depth = expr_depth(program.expression());
+    if depth > MAX_CONDITION_DEPTH {
+        return Err(format!(
+            "if: the expression nests {depth} deep; the maximum is {MAX_CONDITION_DEPTH}"
+        ));
+    }
+    Ok(program)
+}
+
 /// Compiled `matches` patterns kept; the map is emptied when it is full (patterns built from
 /// event data could otherwise grow it without bound).
 const REGEX_CACHE_MAX: usize = 256;
@@ -284,9 +349,8 @@ impl RuleSet {
                 None => None,
                 Some(src) => {
                     let cline = line_of(text, src.span().start);
-                    let program = env
-                        .compile(src.get_ref())
-                        .map_err(|e| err(cline, format!("if: {e}")))?;
+                    let program =
+                        compile_condition(&env, src.get_ref()).map_err(|m| err(cline, m))?;
                     Some((src.get_ref().clone(), program))
                 }
             };
@@ -577,6 +641,53 @@ mod tests {
             ..ev
         };
         assert_eq!(set.evaluate(&ev, &DeviceView::default(), 0)[0].1, Ok(true));
+    }
+
+    fn condition(expr: &str) -> String {
+        format!("[[rule]]\nname = \"c\"\non = \"button\"\nif = '{expr}'\ndo = [{{ log = \"x\" }}]\n")
+    }
+
+    #[test]
+    fn conditions_too_long_or_too_deep_are_refused_not_a_stack_overflow() {
+        // Found by the rule_parse fuzz target: evaluating `1+1+…` overflowed the stack, and a
+        // compile error past column 65,535 panicked while being formatted. All of it on a
+        // thread with half the stack of tokio's workers (2 MiB), in a debug build.
+        std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(deep_conditions)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn deep_conditions() {
+        for (expr, msg) in [
+            (format!("{}1 == 1", "1+".repeat(2048)), "the maximum is 1024"),
+            (format!("{}1 == 1", "1+".repeat(500)), "nests 502 deep"),
+            (format!("{}1 == 1", "1+".repeat(40)), "nests"),
+            (format!("event{} == 1", ".a".repeat(40)), "nests"),
+            (format!("{}1{} == 1", "[".repeat(40), "]".repeat(40)), "nests"),
+            (format!("{}true{}", "(".repeat(70_000), ")".repeat(70_000)), "maximum"),
+        ] {
+            let err = RuleSet::parse(&condition(&expr), &personas()).unwrap_err();
+            assert!(err.message.contains(msg), "{}: {err}", &expr[..20]);
+            assert_eq!(err.line, 4);
+        }
+        // The deepest accepted conditions compile and evaluate.
+        let depth = MAX_CONDITION_DEPTH - 2; // the chain under `==`, and a leaf
+        let d = DeviceView::default();
+        for expr in [
+            format!("{}1 == 1", "1+".repeat(depth)),
+            format!("{}1 == 1", "-".repeat(depth)),
+            format!("event{} == 1", ".a".repeat(depth)),
+            format!("{}true", "!".repeat(depth + 1)),
+            format!("{}1{} == 1", "[".repeat(depth), "]".repeat(depth)),
+            format!("event.button == \"{}\"", "x".repeat(MAX_CONDITION_LEN - 19)),
+        ] {
+            let set = RuleSet::parse(&condition(&expr), &personas())
+                .unwrap_or_else(|e| panic!("{}: {e}", &expr[..20]));
+            let _ = set.evaluate(&button("a", "press"), &d, 0);
+        }
     }
 
     #[test]
