@@ -193,19 +193,31 @@ fn line_of(text: &str, offset: usize) -> usize {
 pub const MAX_CONDITION_LEN: usize = 1024;
 /// Deepest expression tree accepted in an `if` (the shipped conditions are 4 deep).
 pub const MAX_CONDITION_DEPTH: usize = 32;
+/// Comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) nested in one another, at
+/// most: each level multiplies the work, and three levels over 60-element lists (a
+/// 400-byte condition) took seconds per event.
+pub const MAX_COMPREHENSION_NESTING: usize = 2;
 
-/// How deep `expr`'s tree is, walked without recursion (a deep tree is what is refused).
-fn expr_depth(expr: &cel::IdedExpr) -> usize {
-    use cel::common::ast::{EntryExpr, Expr};
-    let mut deepest = 0;
-    let mut stack = vec![(expr, 1usize)];
-    while let Some((e, depth)) = stack.pop() {
+/// How deep `expr`'s tree is, and how deeply its comprehensions nest; walked without
+/// recursion (a deep tree is what is refused).
+fn expr_shape(expr: &cel::IdedExpr) -> (usize, usize) {
+    use cel::common::ast::{EntryExpr, Expr, IdedEntryExpr};
+    fn entry(x: &IdedEntryExpr) -> [Option<&cel::IdedExpr>; 2] {
+        match &x.expr {
+            EntryExpr::MapEntry(e) => [Some(&e.key), Some(&e.value)],
+            EntryExpr::StructField(f) => [Some(&f.value), None],
+        }
+    }
+    let (mut deepest, mut nesting) = (0, 0);
+    let mut stack = vec![(expr, 1usize, 0usize)];
+    while let Some((e, depth, comprehensions)) = stack.pop() {
         deepest = deepest.max(depth);
+        nesting = nesting.max(comprehensions);
         let d = depth + 1;
         match &e.expr {
             Expr::Call(c) => {
-                stack.extend(c.target.iter().map(|t| (&**t, d)));
-                stack.extend(c.args.iter().map(|a| (a, d)));
+                stack.extend(c.target.iter().map(|t| (&**t, d, comprehensions)));
+                stack.extend(c.args.iter().map(|a| (a, d, comprehensions)));
             }
             Expr::Comprehension(c) => stack.extend(
                 [
@@ -215,25 +227,31 @@ fn expr_depth(expr: &cel::IdedExpr) -> usize {
                     &c.loop_step,
                     &c.result,
                 ]
-                .map(|x| (x, d)),
+                .map(|x| (x, d, comprehensions + 1)),
             ),
-            Expr::List(l) => stack.extend(l.elements.iter().map(|x| (x, d))),
-            Expr::Map(m) => stack.extend(m.entries.iter().flat_map(|x| match &x.expr {
-                EntryExpr::MapEntry(e) => vec![(&e.key, d), (&e.value, d)],
-                EntryExpr::StructField(f) => vec![(&f.value, d)],
-            })),
-            Expr::Struct(st) => stack.extend(st.entries.iter().flat_map(|x| match &x.expr {
-                EntryExpr::MapEntry(e) => vec![(&e.key, d), (&e.value, d)],
-                EntryExpr::StructField(f) => vec![(&f.value, d)],
-            })),
-            Expr::Select(sel) => stack.push((&sel.operand, d)),
+            Expr::List(l) => stack.extend(l.elements.iter().map(|x| (x, d, comprehensions))),
+            Expr::Map(m) => stack.extend(
+                m.entries
+                    .iter()
+                    .flat_map(entry)
+                    .flatten()
+                    .map(|x| (x, d, comprehensions)),
+            ),
+            Expr::Struct(st) => stack.extend(
+                st.entries
+                    .iter()
+                    .flat_map(entry)
+                    .flatten()
+                    .map(|x| (x, d, comprehensions)),
+            ),
+            Expr::Select(sel) => stack.push((&sel.operand, d, comprehensions)),
             Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
         }
     }
-    deepest
+    (deepest, nesting)
 }
 
-/// Compiles an `if`, refusing what is too long or too deep to evaluate safely.
+/// Compiles an `if`, refusing what is too long, too deep or too nested to evaluate safely.
 fn compile_condition(env: &Env, src: &str) -> Result<Program, String> {
     if src.len() > MAX_CONDITION_LEN {
         return Err(format!(
@@ -242,10 +260,16 @@ fn compile_condition(env: &Env, src: &str) -> Result<Program, String> {
         ));
     }
     let program = env.compile(src).map_err(|e| format!("if: {e}"))?;
-    let depth = expr_depth(program.expression());
+    let (depth, nesting) = expr_shape(program.expression());
     if depth > MAX_CONDITION_DEPTH {
         return Err(format!(
             "if: the expression nests {depth} deep; the maximum is {MAX_CONDITION_DEPTH}"
+        ));
+    }
+    if nesting > MAX_COMPREHENSION_NESTING {
+        return Err(format!(
+            "if: comprehensions (all, exists, exists_one, map, filter) nest {nesting} deep; \
+             the maximum is {MAX_COMPREHENSION_NESTING}"
         ));
     }
     Ok(program)
@@ -644,7 +668,9 @@ mod tests {
     }
 
     fn condition(expr: &str) -> String {
-        format!("[[rule]]\nname = \"c\"\non = \"button\"\nif = '{expr}'\ndo = [{{ log = \"x\" }}]\n")
+        format!(
+            "[[rule]]\nname = \"c\"\non = \"button\"\nif = '{expr}'\ndo = [{{ log = \"x\" }}]\n"
+        )
     }
 
     #[test]
@@ -662,12 +688,25 @@ mod tests {
 
     fn deep_conditions() {
         for (expr, msg) in [
-            (format!("{}1 == 1", "1+".repeat(2048)), "the maximum is 1024"),
+            (
+                format!("{}1 == 1", "1+".repeat(2048)),
+                "the maximum is 1024",
+            ),
             (format!("{}1 == 1", "1+".repeat(500)), "nests 502 deep"),
             (format!("{}1 == 1", "1+".repeat(40)), "nests"),
             (format!("event{} == 1", ".a".repeat(40)), "nests"),
-            (format!("{}1{} == 1", "[".repeat(40), "]".repeat(40)), "nests"),
-            (format!("{}true{}", "(".repeat(70_000), ")".repeat(70_000)), "maximum"),
+            (
+                format!("{}1{} == 1", "[".repeat(40), "]".repeat(40)),
+                "nests",
+            ),
+            (
+                format!("{}true{}", "(".repeat(70_000), ")".repeat(70_000)),
+                "maximum",
+            ),
+            (
+                "[1, 2].all(a, [3].exists(b, [4].all(c, a + b + c > 0)))".into(),
+                "comprehensions (all, exists, exists_one, map, filter) nest 3 deep",
+            ),
         ] {
             let err = RuleSet::parse(&condition(&expr), &personas()).unwrap_err();
             assert!(err.message.contains(msg), "{}: {err}", &expr[..20]);
@@ -683,6 +722,7 @@ mod tests {
             format!("{}true", "!".repeat(depth + 1)),
             format!("{}1{} == 1", "[".repeat(depth), "]".repeat(depth)),
             format!("event.button == \"{}\"", "x".repeat(MAX_CONDITION_LEN - 19)),
+            "[1, 2].all(a, [3].exists(b, a + b > 0)) && [5].map(x, x * 2) == [10]".into(),
         ] {
             let set = RuleSet::parse(&condition(&expr), &personas())
                 .unwrap_or_else(|e| panic!("{}: {e}", &expr[..20]));
