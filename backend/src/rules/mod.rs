@@ -259,6 +259,20 @@ fn compile_condition(env: &Env, src: &str) -> Result<Program, String> {
             src.len()
         ));
     }
+    // The parser recurses for each bracket, before the tree can be measured.
+    let mut open = 0usize;
+    for b in src.bytes() {
+        match b {
+            b'(' | b'[' | b'{' => open += 1,
+            b')' | b']' | b'}' => open = open.saturating_sub(1),
+            _ => {}
+        }
+        if open > MAX_CONDITION_DEPTH {
+            return Err(format!(
+                "if: brackets nest more than {MAX_CONDITION_DEPTH} deep"
+            ));
+        }
+    }
     let program = env.compile(src).map_err(|e| format!("if: {e}"))?;
     let (depth, nesting) = expr_shape(program.expression());
     if depth > MAX_CONDITION_DEPTH {
@@ -697,7 +711,13 @@ mod tests {
             (format!("event{} == 1", ".a".repeat(40)), "nests"),
             (
                 format!("{}1{} == 1", "[".repeat(40), "]".repeat(40)),
-                "nests",
+                "brackets nest",
+            ),
+            // Found by the rule_parse target built without optimisation: unbalanced brackets
+            // overflowed the stack inside the parser.
+            (
+                format!("[1, 2{}, 3].exists(x, x)", "[S".repeat(40)),
+                "brackets nest",
             ),
             (
                 format!("{}true{}", "(".repeat(70_000), ")".repeat(70_000)),
