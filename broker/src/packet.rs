@@ -18,6 +18,7 @@ pub const SUBSCRIBE: u8 = 8;
 pub const SUBACK: u8 = 9;
 pub const UNSUBSCRIBE: u8 = 10;
 pub const UNSUBACK: u8 = 11;
+pub const PINGREQ: u8 = 12;
 pub const DISCONNECT: u8 = 14;
 
 /// MQTT 5 reason codes the edge sends.
@@ -314,6 +315,12 @@ impl Codec {
             buf.reserve(len - buf.len());
             return Ok(None);
         }
+        if !from_client(header.kind()) {
+            return Err(PacketError::Malformed(format!(
+                "packet type {} is not one a client sends",
+                header.kind()
+            )));
+        }
         // rumqttd keeps a decoded PUBLISH's packet id private; the edge needs it to answer a
         // publish it drops.
         let packet_id = if header.kind() == PUBLISH {
@@ -359,10 +366,33 @@ impl Codec {
     }
 }
 
+/// Whether a client may send packets of this type (MQTT 3.1.1 and 5 without AUTH, which the
+/// edge does not support). The others are refused before rumqttd's codec sees them: its v5
+/// decoder panics on a CONNACK or UNSUBACK with a body (`unreachable!`, rumqttd 0.20), and
+/// they would be protocol errors from a client anyway.
+fn from_client(kind: u8) -> bool {
+    matches!(
+        kind,
+        CONNECT
+            | PUBLISH
+            | PUBACK
+            | PUBREC
+            | PUBREL
+            | PUBCOMP
+            | SUBSCRIBE
+            | UNSUBSCRIBE
+            | PINGREQ
+            | DISCONNECT
+    )
+}
+
 /// Decodes a CONNECT frame (levels 4 and 5).
 pub fn connect(frame: &Bytes, max_len: usize) -> Result<ConnectInfo, PacketError> {
     // Fixed header, then protocol name (2 + 4 bytes), then the level.
     let header = parse_header(frame)?.ok_or(PacketError::Truncated)?;
+    if header.kind() != CONNECT {
+        return Err(PacketError::Connect("not a CONNECT".into()));
+    }
     let level = *frame
         .get(header.header_len + 6)
         .ok_or(PacketError::Truncated)?;
@@ -537,6 +567,37 @@ mod tests {
         let (h, f) = frame(&[0x30, 0x06, 0x00, 0x00, 0x03, 0x23, 0x00, 0x03]);
         let info = publish_info(&h, &f, true).unwrap();
         assert_eq!((info.topic, info.topic_alias), ("", Some(3)));
+    }
+
+    #[test]
+    fn packets_only_a_server_sends_are_refused_before_rumqttd_decodes_them() {
+        // Found by the packet_framing fuzz target: rumqttd's v5 decoder hit `unreachable!` on
+        // a CONNACK or UNSUBACK with a body, killing the connection's task.
+        for bytes in [
+            &[0x20, 0x03, 0x00, 0x00, 0x00][..],
+            &[0xB0, 0x03, 0x00, 0x01, 0x00],
+            &[0x22, 0x22, 0x22],
+            &[0x90, 0x03, 0x00, 0x01, 0x00],
+            &[0xD0, 0x00],
+        ] {
+            for codec in [Codec::V4, Codec::V5] {
+                let mut buf = BytesMut::from(bytes);
+                let res = codec.next_packet(&mut buf, 1024);
+                if bytes.len() >= 2 + usize::from(bytes[1]) {
+                    assert!(
+                        matches!(res, Err(PacketError::Malformed(_))),
+                        "{codec:?} {bytes:02x?}: {res:?}"
+                    );
+                } else {
+                    assert!(matches!(res, Ok(None)), "{codec:?} {bytes:02x?}: {res:?}");
+                }
+            }
+        }
+        let (_, not_connect) = frame(&[0x20, 0x07, 0, 4, b'M', b'Q', b'T', b'T', 5]);
+        assert!(matches!(
+            connect(&not_connect, 1024),
+            Err(PacketError::Connect(_))
+        ));
     }
 
     #[test]

@@ -183,44 +183,59 @@ async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(
         .map_err(|_| ProxyError::Closed)
 }
 
-/// `PROXY TCP4 <src> <dst> <sport> <dport>` (without CRLF), or `PROXY UNKNOWN ...`.
+/// `PROXY TCP4 <src> <dst> <sport> <dport>` (without CRLF), or `PROXY UNKNOWN ...` (whose rest
+/// the specification says to ignore). Every TCP field is checked, the destination's too (what
+/// the edge ignores could otherwise hide a line break or another header's bytes), and a TCP
+/// line is printable ASCII.
 fn parse_v1(line: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
+    const UNKNOWN: &[u8] = b"PROXY UNKNOWN";
+    if line
+        .strip_prefix(UNKNOWN)
+        .is_some_and(|rest| rest.is_empty() || rest[0] == b' ')
+    {
+        return Ok(None);
+    }
+    if !line.iter().all(|b| (0x20..0x7f).contains(b)) {
+        return Err(ProxyError::Malformed("v1 is not printable ASCII"));
+    }
     let line = std::str::from_utf8(line).map_err(|_| ProxyError::Malformed("v1 is not ASCII"))?;
     let mut parts = line.split(' ');
     parts.next(); // "PROXY"
     let proto = parts.next().unwrap_or("");
-    if proto == "UNKNOWN" {
-        return Ok(None);
-    }
     let fields: Vec<&str> = parts.collect();
-    let [src, _dst, sport, _dport] = fields[..] else {
+    let [src, dst, sport, dport] = fields[..] else {
         return Err(ProxyError::Malformed(
             "v1 needs four fields after the protocol",
         ));
     };
-    let ip: IpAddr = match proto {
-        "TCP4" => src
-            .parse::<Ipv4Addr>()
-            .map(IpAddr::V4)
-            .map_err(|_| ProxyError::Malformed("v1 TCP4 source is not an IPv4 address"))?,
-        "TCP6" => src
-            .parse::<Ipv6Addr>()
-            .map(IpAddr::V6)
-            .map_err(|_| ProxyError::Malformed("v1 TCP6 source is not an IPv6 address"))?,
+    let (ip, _) = match proto {
+        "TCP4" => (v1_addr::<Ipv4Addr>(src)?, v1_addr::<Ipv4Addr>(dst)?),
+        "TCP6" => (v1_addr::<Ipv6Addr>(src)?, v1_addr::<Ipv6Addr>(dst)?),
         _ => {
             return Err(ProxyError::Malformed(
                 "v1 protocol is not TCP4, TCP6 or UNKNOWN",
             ))
         }
     };
-    // Digits only, no leading zero: the specification's port format.
-    let canonical = sport.bytes().all(|b| b.is_ascii_digit()) && !sport.starts_with('0');
-    let port: u16 = sport
-        .parse()
-        .ok()
-        .filter(|_| canonical || sport == "0")
-        .ok_or(ProxyError::Malformed("v1 source port is not a port number"))?;
+    let port = v1_port(sport)?;
+    v1_port(dport)?;
     Ok(Some(SocketAddr::new(ip, port)))
+}
+
+/// A v1 address of the protocol's family.
+fn v1_addr<A: FromStr + Into<IpAddr>>(s: &str) -> Result<IpAddr, ProxyError> {
+    s.parse::<A>()
+        .map(Into::into)
+        .map_err(|_| ProxyError::Malformed("v1 address is not one of the protocol's family"))
+}
+
+/// Digits only, no leading zero: the specification's port format.
+fn v1_port(s: &str) -> Result<u16, ProxyError> {
+    let canonical = s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0');
+    s.parse()
+        .ok()
+        .filter(|_| canonical || s == "0")
+        .ok_or(ProxyError::Malformed("v1 port is not a port number"))
 }
 
 async fn read_v2<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<SocketAddr>, ProxyError> {
@@ -301,6 +316,10 @@ mod tests {
         let (res, rest) = read(b"PROXY UNKNOWN\r\nX").await;
         assert_eq!(res, Ok(None));
         assert_eq!(rest, b"X");
+        // The rest of an UNKNOWN line is ignored, as the specification says.
+        let (res, rest) = read(b"PROXY UNKNOWN ffff::1\n\xff 1 2\r\nX").await;
+        assert_eq!(res, Ok(None));
+        assert_eq!(rest, b"X");
     }
 
     #[tokio::test]
@@ -313,6 +332,14 @@ mod tests {
             b"PROXY TCP4 1.2.3.4 5.6.7.8 0080 2\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 +80 2\r\n",
             b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            // Found by the proxy_header fuzz target: a destination that is no address,
+            // hiding a line break, was accepted along with the bytes after it.
+            b"PROXY TCP6 2001:db8::5 2001:-\n8::1 4000 8883\r\n",
+            b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\t\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \x01\r\n",
         ] {
             assert!(
                 matches!(read(bad).await.0, Err(ProxyError::Malformed(_))),

@@ -186,6 +186,109 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// Longest `if` accepted, in bytes (the shipped conditions are under 80). The CEL parser and
+/// evaluator recurse: found by the rule_parse fuzz target, a 4 KiB chain like `1+1+…+1`
+/// overflowed the stack when evaluated, and an error past column 65,535 panicked while
+/// formatting its caret line.
+pub const MAX_CONDITION_LEN: usize = 1024;
+/// Deepest expression tree accepted in an `if` (the shipped conditions are 4 deep).
+pub const MAX_CONDITION_DEPTH: usize = 32;
+/// Comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) nested in one another, at
+/// most: each level multiplies the work, and three levels over 60-element lists (a
+/// 400-byte condition) took seconds per event.
+pub const MAX_COMPREHENSION_NESTING: usize = 2;
+
+/// How deep `expr`'s tree is, and how deeply its comprehensions nest; walked without
+/// recursion (a deep tree is what is refused).
+fn expr_shape(expr: &cel::IdedExpr) -> (usize, usize) {
+    use cel::common::ast::{EntryExpr, Expr, IdedEntryExpr};
+    fn entry(x: &IdedEntryExpr) -> [Option<&cel::IdedExpr>; 2] {
+        match &x.expr {
+            EntryExpr::MapEntry(e) => [Some(&e.key), Some(&e.value)],
+            EntryExpr::StructField(f) => [Some(&f.value), None],
+        }
+    }
+    let (mut deepest, mut nesting) = (0, 0);
+    let mut stack = vec![(expr, 1usize, 0usize)];
+    while let Some((e, depth, comprehensions)) = stack.pop() {
+        deepest = deepest.max(depth);
+        nesting = nesting.max(comprehensions);
+        let d = depth + 1;
+        match &e.expr {
+            Expr::Call(c) => {
+                stack.extend(c.target.iter().map(|t| (&**t, d, comprehensions)));
+                stack.extend(c.args.iter().map(|a| (a, d, comprehensions)));
+            }
+            Expr::Comprehension(c) => stack.extend(
+                [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ]
+                .map(|x| (x, d, comprehensions + 1)),
+            ),
+            Expr::List(l) => stack.extend(l.elements.iter().map(|x| (x, d, comprehensions))),
+            Expr::Map(m) => stack.extend(
+                m.entries
+                    .iter()
+                    .flat_map(entry)
+                    .flatten()
+                    .map(|x| (x, d, comprehensions)),
+            ),
+            Expr::Struct(st) => stack.extend(
+                st.entries
+                    .iter()
+                    .flat_map(entry)
+                    .flatten()
+                    .map(|x| (x, d, comprehensions)),
+            ),
+            Expr::Select(sel) => stack.push((&sel.operand, d, comprehensions)),
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+    (deepest, nesting)
+}
+
+/// Compiles an `if`, refusing what is too long, too deep or too nested to evaluate safely.
+fn compile_condition(env: &Env, src: &str) -> Result<Program, String> {
+    if src.len() > MAX_CONDITION_LEN {
+        return Err(format!(
+            "if: {} bytes; the maximum is {MAX_CONDITION_LEN}",
+            src.len()
+        ));
+    }
+    // The parser recurses for each bracket, before the tree can be measured.
+    let mut open = 0usize;
+    for b in src.bytes() {
+        match b {
+            b'(' | b'[' | b'{' => open += 1,
+            b')' | b']' | b'}' => open = open.saturating_sub(1),
+            _ => {}
+        }
+        if open > MAX_CONDITION_DEPTH {
+            return Err(format!(
+                "if: brackets nest more than {MAX_CONDITION_DEPTH} deep"
+            ));
+        }
+    }
+    let program = env.compile(src).map_err(|e| format!("if: {e}"))?;
+    let (depth, nesting) = expr_shape(program.expression());
+    if depth > MAX_CONDITION_DEPTH {
+        return Err(format!(
+            "if: the expression nests {depth} deep; the maximum is {MAX_CONDITION_DEPTH}"
+        ));
+    }
+    if nesting > MAX_COMPREHENSION_NESTING {
+        return Err(format!(
+            "if: comprehensions (all, exists, exists_one, map, filter) nest {nesting} deep; \
+             the maximum is {MAX_COMPREHENSION_NESTING}"
+        ));
+    }
+    Ok(program)
+}
+
 /// Compiled `matches` patterns kept; the map is emptied when it is full (patterns built from
 /// event data could otherwise grow it without bound).
 const REGEX_CACHE_MAX: usize = 256;
@@ -284,9 +387,8 @@ impl RuleSet {
                 None => None,
                 Some(src) => {
                     let cline = line_of(text, src.span().start);
-                    let program = env
-                        .compile(src.get_ref())
-                        .map_err(|e| err(cline, format!("if: {e}")))?;
+                    let program =
+                        compile_condition(&env, src.get_ref()).map_err(|m| err(cline, m))?;
                     Some((src.get_ref().clone(), program))
                 }
             };
@@ -577,6 +679,75 @@ mod tests {
             ..ev
         };
         assert_eq!(set.evaluate(&ev, &DeviceView::default(), 0)[0].1, Ok(true));
+    }
+
+    fn condition(expr: &str) -> String {
+        format!(
+            "[[rule]]\nname = \"c\"\non = \"button\"\nif = '{expr}'\ndo = [{{ log = \"x\" }}]\n"
+        )
+    }
+
+    #[test]
+    fn conditions_too_long_or_too_deep_are_refused_not_a_stack_overflow() {
+        // Found by the rule_parse fuzz target: evaluating `1+1+…` overflowed the stack, and a
+        // compile error past column 65,535 panicked while being formatted. All of it on a
+        // thread with half the stack of tokio's workers (2 MiB), in a debug build.
+        std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(deep_conditions)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn deep_conditions() {
+        for (expr, msg) in [
+            (
+                format!("{}1 == 1", "1+".repeat(2048)),
+                "the maximum is 1024",
+            ),
+            (format!("{}1 == 1", "1+".repeat(500)), "nests 502 deep"),
+            (format!("{}1 == 1", "1+".repeat(40)), "nests"),
+            (format!("event{} == 1", ".a".repeat(40)), "nests"),
+            (
+                format!("{}1{} == 1", "[".repeat(40), "]".repeat(40)),
+                "brackets nest",
+            ),
+            // Found by the rule_parse target built without optimisation: unbalanced brackets
+            // overflowed the stack inside the parser.
+            (
+                format!("[1, 2{}, 3].exists(x, x)", "[S".repeat(40)),
+                "brackets nest",
+            ),
+            (
+                format!("{}true{}", "(".repeat(70_000), ")".repeat(70_000)),
+                "maximum",
+            ),
+            (
+                "[1, 2].all(a, [3].exists(b, [4].all(c, a + b + c > 0)))".into(),
+                "comprehensions (all, exists, exists_one, map, filter) nest 3 deep",
+            ),
+        ] {
+            let err = RuleSet::parse(&condition(&expr), &personas()).unwrap_err();
+            assert!(err.message.contains(msg), "{}: {err}", &expr[..20]);
+            assert_eq!(err.line, 4);
+        }
+        // The deepest accepted conditions compile and evaluate.
+        let depth = MAX_CONDITION_DEPTH - 2; // the chain under `==`, and a leaf
+        let d = DeviceView::default();
+        for expr in [
+            format!("{}1 == 1", "1+".repeat(depth)),
+            format!("{}1 == 1", "-".repeat(depth)),
+            format!("event{} == 1", ".a".repeat(depth)),
+            format!("{}true", "!".repeat(depth + 1)),
+            format!("{}1{} == 1", "[".repeat(depth), "]".repeat(depth)),
+            format!("event.button == \"{}\"", "x".repeat(MAX_CONDITION_LEN - 19)),
+            "[1, 2].all(a, [3].exists(b, a + b > 0)) && [5].map(x, x * 2) == [10]".into(),
+        ] {
+            let set = RuleSet::parse(&condition(&expr), &personas())
+                .unwrap_or_else(|e| panic!("{}: {e}", &expr[..20]));
+            let _ = set.evaluate(&button("a", "press"), &d, 0);
+        }
     }
 
     #[test]
