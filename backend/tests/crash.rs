@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{companion_command, fresh_pg_database, run_to_exit, ServerProcess};
 use companion_schema::{encode, DeviceId, Telemetry, Topic, TopicKind};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
@@ -87,24 +87,6 @@ async fn register(
         body["device_id"].as_str().unwrap().to_owned(),
         body["auth_token"].as_str().unwrap().to_owned(),
     )
-}
-
-fn tls_options(ca: &Path, port: u16, id: &str, token: &str) -> MqttOptions {
-    let pem = std::fs::read(ca).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut o = MqttOptions::new(id, "localhost", port);
-    o.set_credentials(id, token);
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_transport(Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
-    ));
-    o
 }
 
 fn telemetry(seq: u64) -> Vec<u8> {
@@ -368,7 +350,7 @@ async fn kill_9_loses_nothing_acknowledged(db: Db) {
     for i in 0..DEVICES {
         let (id, tok) = register(&http, &server, &token, &format!("pub-{i}")).await;
         devices.push(tokio::spawn(publisher(
-            tls_options(&ca, mqtts, &id, &tok),
+            common::device_tls_options(&ca, mqtts, &id, &tok),
             id,
             acked.clone(),
             progress.clone(),

@@ -3,30 +3,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::app::Client;
 use common::{companion_command, ServerProcess};
-use rumqttc::{MqttOptions, Transport};
 use serde_json::{json, Value};
-
-fn tls_options(ca_pem: &std::path::Path, port: u16, id: &str, token: &str) -> MqttOptions {
-    let pem = std::fs::read(ca_pem).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut o = MqttOptions::new(id, "localhost", port);
-    o.set_credentials(id, token);
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_transport(Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config)),
-    ));
-    o
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_lifecycle_never_logs_a_secret() {
@@ -58,14 +37,17 @@ async fn a_full_lifecycle_never_logs_a_secret() {
     secrets.push(token.clone());
     let mqtts = server.mqtts.unwrap().port();
     let ca = data.join("tls/ca.pem");
-    let _live = Client::connect(tls_options(&ca, mqtts, &id, &token))
+    let _live = Client::connect(common::device_tls_options(&ca, mqtts, &id, &token))
         .await
         .expect("connects");
-    assert!(
-        Client::connect(tls_options(&ca, mqtts, &id, "wrong-token-value-123"))
-            .await
-            .is_err()
-    );
+    assert!(Client::connect(common::device_tls_options(
+        &ca,
+        mqtts,
+        &id,
+        "wrong-token-value-123"
+    ))
+    .await
+    .is_err());
 
     let rotated: Value = http
         .post(server.url(&format!("/api/v1/devices/{id}/token")))

@@ -152,8 +152,9 @@ impl Batcher {
         }
     }
 
-    /// Acknowledgements waiting for a write, over all devices (for tests and metrics).
-    pub fn held(&self) -> usize {
+    /// Acknowledgements waiting for a write, over all devices.
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.receipts
             .lock()
             .map(|b| b.waiting.values().map(Vec::len).sum())

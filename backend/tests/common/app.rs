@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use companion_backend::app::{App, Listeners};
 use companion_backend::settings::{Secret, Settings};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -195,27 +195,12 @@ impl TestApp {
     }
 
     pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
-        let pem = std::fs::read(&self.ca_pem).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        Arc::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
+        super::client_tls_config(&self.ca_pem)
     }
 
     /// rumqttc 3.1.1 options for a device over TLS, verifying the generated CA.
     pub fn device_tls(&self, id: &str, token: &str) -> MqttOptions {
-        let mut o = MqttOptions::new(id, "localhost", self.mqtts.port());
-        o.set_credentials(id, token);
-        o.set_keep_alive(Duration::from_secs(30));
-        o.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(self.client_tls()),
-        ));
-        o
+        super::device_tls_options(&self.ca_pem, self.mqtts.port(), id, token)
     }
 }
 

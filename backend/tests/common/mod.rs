@@ -49,6 +49,31 @@ pub async fn fresh_pg_database() -> Option<String> {
     Some(format!("{base}/{name}"))
 }
 
+/// A TLS client configuration that trusts only the CA in `ca_pem` (the server's generated one).
+pub fn client_tls_config(ca_pem: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    let pem = std::fs::read(ca_pem).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// rumqttc 3.1.1 options for a device over MQTT+TLS to `localhost:port`, verifying `ca_pem`.
+pub fn device_tls_options(ca_pem: &Path, port: u16, id: &str, token: &str) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(id, "localhost", port);
+    o.set_credentials(id, token);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(client_tls_config(ca_pem)),
+    ));
+    o
+}
+
 /// A `companion` process started by a test, with its stderr collected.
 pub struct ServerProcess {
     pub child: Child,

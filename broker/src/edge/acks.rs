@@ -76,11 +76,7 @@ impl Acks {
         if let Some(front) = self.queue.front_mut() {
             if let Entry::Wait(id, receipt) = front {
                 let id = *id;
-                *front = match receipt.await {
-                    Ok(true) => Entry::Ack(id),
-                    Ok(false) => Entry::Refused(id),
-                    Err(_) => Entry::Lost,
-                };
+                *front = settled(id, receipt.await.ok());
             }
         }
     }
@@ -92,10 +88,8 @@ impl Acks {
             if let Entry::Wait(id, receipt) = front {
                 let id = *id;
                 *front = match receipt.try_recv() {
-                    Ok(true) => Entry::Ack(id),
-                    Ok(false) => Entry::Refused(id),
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Entry::Lost,
+                    r => settled(id, r.ok()),
                 };
             }
             match self.queue.pop_front() {
@@ -110,6 +104,15 @@ impl Acks {
             }
         }
         Ok(refused)
+    }
+}
+
+/// What a receipt's outcome (`None`: its sender is gone) makes of the acknowledgement.
+fn settled(id: u16, stored: Option<bool>) -> Entry {
+    match stored {
+        Some(true) => Entry::Ack(id),
+        Some(false) => Entry::Refused(id),
+        None => Entry::Lost,
     }
 }
 
