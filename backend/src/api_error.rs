@@ -80,6 +80,18 @@ impl ApiError {
 
     pub fn into_response(self) -> Response {
         if let ApiError::Internal(e) = &self {
+            // A database outage reached here wrapped in another error: still a 503.
+            let db_down = e.chain().any(|c| {
+                c.downcast_ref::<sqlx::Error>()
+                    .is_some_and(crate::db::unavailable)
+            });
+            if db_down {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "request refused: the database is unavailable"
+                );
+                return ApiError::Unavailable(DB_UNAVAILABLE.into()).into_response();
+            }
             tracing::error!(error = format!("{e:#}"), "request failed");
         }
         let status = self.status();
@@ -98,6 +110,9 @@ impl ApiError {
                     HeaderValue::from_static("Bearer realm=\"companion\""),
                 );
             }
+            ApiError::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(UNAVAILABLE_RETRY_S));
+            }
             ApiError::TooManyRequests { retry_after_s } => {
                 if let Ok(v) = HeaderValue::from_str(&retry_after_s.max(&1).to_string()) {
                     headers.insert(header::RETRY_AFTER, v);
@@ -109,8 +124,17 @@ impl ApiError {
     }
 }
 
+/// What a request gets while the database cannot be reached.
+const DB_UNAVAILABLE: &str = "the database is unavailable; try again shortly";
+/// Retry-After on 503 answers.
+const UNAVAILABLE_RETRY_S: u64 = 5;
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if crate::db::unavailable(&e) {
+            tracing::warn!(error = %e, "request refused: the database is unavailable");
+            return ApiError::Unavailable(DB_UNAVAILABLE.into());
+        }
         ApiError::Internal(e.into())
     }
 }

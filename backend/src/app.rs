@@ -196,9 +196,10 @@ impl App {
         let devices = DeviceStore::new(db.clone());
         let audit = AuditLog::new(db.clone());
         let authenticator = RegistryAuthenticator::new(devices.clone());
-        let (sink, events) = ChannelSink::new(presence_metrics);
+        let (sink, events) = ChannelSink::new(presence_metrics.clone());
         // Telemetry is acknowledged to a device once stored (the batcher holds the PUBACK).
         let telemetry = Arc::new(Batcher::default());
+        telemetry.register(&mut registry);
         let upstream = crate::bus::Target::upstream(&settings.mqtt).map_err(|e| {
             crate::settings::SettingsError::Invalid {
                 key: "mqtt.upstream",
@@ -277,6 +278,7 @@ impl App {
             db.clone(),
             audit.clone(),
             Some(dispatcher.clone()),
+            presence_metrics,
             shutdown.clone(),
         ));
 

@@ -110,10 +110,46 @@ impl Db {
     }
 }
 
+/// Whether `e` means the database cannot be reached right now (stopped, restarting, network
+/// gone, every pooled connection busy) rather than a bad query or a broken constraint: the
+/// caller may answer "try again" instead of "internal error".
+pub fn unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // A connection closed during the startup exchange (a proxy or load balancer in front
+        // of a stopped server accepts, then hangs up) surfaces as a protocol error.
+        sqlx::Error::Protocol(_) => true,
+        // PostgreSQL: connection exceptions (08…), operator intervention (57P…: shutting
+        // down, cannot connect now), too many connections (53300).
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+        _ => false,
+    }
+}
+
 /// Milliseconds since the Unix epoch, as stored in the database.
 pub fn now_ms() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unavailable;
+
+    #[test]
+    fn connection_failures_are_unavailable_query_errors_are_not() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(unavailable(&sqlx::Error::Io(io)));
+        assert!(unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(!unavailable(&sqlx::Error::RowNotFound));
+        assert!(!unavailable(&sqlx::Error::ColumnNotFound("x".into())));
+    }
 }

@@ -165,18 +165,114 @@ impl EventSink for ChannelSink {
     }
 }
 
-/// Writes presence rows and audit records for edge events until `shutdown`.
+/// Presence writes that failed (the database was away), newest per device, retried until
+/// they succeed: a device that came or went during an outage is shown right afterwards.
+#[derive(Default)]
+struct Unwritten {
+    latest: HashMap<DeviceId, Presence>,
+    retry: Option<Duration>,
+}
+
+/// Most unwritten presence changes kept; beyond it they are dropped and counted.
+const UNWRITTEN_CAPACITY: usize = 100_000;
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+impl Unwritten {
+    fn keep(&mut self, p: Presence, metrics: &PresenceMetrics) {
+        if self.latest.len() >= UNWRITTEN_CAPACITY && !self.latest.contains_key(&p.device) {
+            metrics.events_dropped.inc();
+            return;
+        }
+        self.latest.insert(p.device.clone(), p);
+        self.retry.get_or_insert(RETRY_MIN);
+    }
+
+    /// Writes what waits; stops at the first failure and backs off.
+    async fn flush(&mut self, db: &Db) {
+        let devices: Vec<DeviceId> = self.latest.keys().cloned().collect();
+        for device in devices {
+            let Some(p) = self.latest.get(&device) else {
+                continue;
+            };
+            if let Err(e) = p.write(db).await {
+                let next = self.retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX));
+                tracing::debug!(error = %e, waiting = self.latest.len(), retry_ms = next.as_millis() as u64, "presence still not written");
+                self.retry = Some(next);
+                return;
+            }
+            self.latest.remove(&device);
+        }
+        tracing::info!("presence written again after a database failure");
+        self.retry = None;
+    }
+}
+
+/// A presence change, with the time it happened.
+struct Presence {
+    device: DeviceId,
+    at_ms: i64,
+    change: PresenceChange,
+}
+
+enum PresenceChange {
+    Online { peer: String },
+    Offline { reason: &'static str },
+}
+
+impl Presence {
+    async fn write(&self, db: &Db) -> Result<(), sqlx::Error> {
+        match &self.change {
+            PresenceChange::Online { peer } => sqlx::query(
+                "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms, peer)
+                 VALUES ($1, 1, $2, $2, $3)
+                 ON CONFLICT (device_id) DO UPDATE SET
+                    online = 1, last_seen_ms = $2, connected_since_ms = $2, peer = $3",
+            )
+            .bind(self.device.as_str())
+            .bind(self.at_ms)
+            .bind(peer.as_str())
+            .execute(db.pool())
+            .await
+            .map(drop),
+            PresenceChange::Offline { reason } => sqlx::query(
+                "INSERT INTO presence (device_id, online, last_seen_ms, last_disconnect_ms, last_disconnect_reason)
+                 VALUES ($1, 0, $2, $2, $3)
+                 ON CONFLICT (device_id) DO UPDATE SET
+                    online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
+                    last_disconnect_reason = $3, connected_since_ms = NULL",
+            )
+            .bind(self.device.as_str())
+            .bind(self.at_ms)
+            .bind(*reason)
+            .execute(db.pool())
+            .await
+            .map(drop),
+        }
+    }
+}
+
+/// Writes presence rows and audit records for edge events until `shutdown`. Presence that
+/// cannot be written (the database is away) is retried, newest per device, until it is.
 pub async fn write_events(
     mut rx: mpsc::Receiver<BrokerEvent>,
     db: Db,
     audit: AuditLog,
     devices: Option<Arc<crate::devices::Dispatcher>>,
+    metrics: PresenceMetrics,
     shutdown: CancellationToken,
 ) {
+    let mut unwritten = Unwritten::default();
     loop {
-        // Cases: an event to write; shutdown (then drain what is queued).
+        let retry = unwritten.retry;
+        // Cases: an event to write; unwritten presence is due again; shutdown (then drain
+        // what is queued).
         let event = tokio::select! {
             ev = rx.recv() => ev,
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {
+                unwritten.flush(&db).await;
+                continue;
+            }
             _ = shutdown.cancelled() => {
                 rx.close();
                 rx.recv().await
@@ -200,46 +296,43 @@ pub async fn write_events(
                 _ => {}
             }
         }
-        handle_event(&db, &audit, event).await;
+        handle_event(&db, &audit, event, &mut unwritten, &metrics).await;
+    }
+    if !unwritten.latest.is_empty() {
+        unwritten.flush(&db).await;
     }
 }
 
-async fn handle_event(db: &Db, audit: &AuditLog, event: BrokerEvent) {
+async fn handle_event(
+    db: &Db,
+    audit: &AuditLog,
+    event: BrokerEvent,
+    unwritten: &mut Unwritten,
+    metrics: &PresenceMetrics,
+) {
+    let presence = |device: DeviceId, change| Presence {
+        device,
+        at_ms: now_ms(),
+        change,
+    };
     match event {
         BrokerEvent::Connected { device, peer, .. } => {
-            let now = now_ms();
-            let r = sqlx::query(
-                "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms, peer)
-                 VALUES ($1, 1, $2, $2, $3)
-                 ON CONFLICT (device_id) DO UPDATE SET
-                    online = 1, last_seen_ms = $2, connected_since_ms = $2, peer = $3",
-            )
-            .bind(device.as_str())
-            .bind(now)
-            .bind(peer.ip().to_string())
-            .execute(db.pool())
-            .await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, device_id = %device, "presence update failed");
-            }
+            let p = presence(
+                device,
+                PresenceChange::Online {
+                    peer: peer.ip().to_string(),
+                },
+            );
+            write_presence(db, p, unwritten, metrics).await;
         }
         BrokerEvent::Disconnected { device, reason } => {
-            let now = now_ms();
-            let r = sqlx::query(
-                "INSERT INTO presence (device_id, online, last_seen_ms, last_disconnect_ms, last_disconnect_reason)
-                 VALUES ($1, 0, $2, $2, $3)
-                 ON CONFLICT (device_id) DO UPDATE SET
-                    online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
-                    last_disconnect_reason = $3, connected_since_ms = NULL",
-            )
-            .bind(device.as_str())
-            .bind(now)
-            .bind(reason.as_str())
-            .execute(db.pool())
-            .await;
-            if let Err(e) = r {
-                tracing::debug!(error = %e, device_id = %device, "presence update failed");
-            }
+            let p = presence(
+                device,
+                PresenceChange::Offline {
+                    reason: reason.as_str(),
+                },
+            );
+            write_presence(db, p, unwritten, metrics).await;
         }
         BrokerEvent::AuthFailed {
             client_id,
@@ -268,5 +361,24 @@ async fn handle_event(db: &Db, audit: &AuditLog, event: BrokerEvent) {
                 )
                 .await;
         }
+    }
+}
+
+/// Writes a presence change now, unless others wait for the database (then it joins them,
+/// the newest per device winning, instead of waiting out a timeout of its own), or the write
+/// fails (then it waits).
+async fn write_presence(
+    db: &Db,
+    p: Presence,
+    unwritten: &mut Unwritten,
+    metrics: &PresenceMetrics,
+) {
+    if !unwritten.latest.is_empty() {
+        unwritten.keep(p, metrics);
+        return;
+    }
+    if let Err(e) = p.write(db).await {
+        tracing::warn!(error = %e, device_id = %p.device, "presence update failed; will retry");
+        unwritten.keep(p, metrics);
     }
 }

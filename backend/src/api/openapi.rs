@@ -47,7 +47,7 @@ fn body(schema: &str) -> Value {
 fn insert(mut responses: Value, extra: &[(&str, Value)]) -> Value {
     let map = responses.as_object_mut().expect("responses are an object");
     for (code, resp) in extra {
-        map.insert((*code).into(), resp.clone());
+        map.entry(*code).or_insert_with(|| resp.clone());
     }
     responses
 }
@@ -62,6 +62,10 @@ fn admin_errors(responses: Value) -> Value {
                 err("missing, invalid, expired or revoked admin credentials"),
             ),
             ("429", err("rate limited; see Retry-After")),
+            (
+                "503",
+                err("the database is unavailable or the server is shutting down; see Retry-After"),
+            ),
         ],
     )
 }
@@ -323,7 +327,7 @@ pub fn document(persona_ids: &[&str]) -> Value {
             "/api/v1/devices/{id}/persona": {
                 "put": { "summary": "Switch the device's persona (published retained on devices/{id}/persona, LED in its colour)", "parameters": id_param(),
                     "requestBody": body("SetPersona"),
-                    "responses": admin_errors(body_errors(json!({ "200": ok("the new persona state", "PersonaState"), "404": err("no such device"), "422": err("no such persona"), "503": err("the server is shutting down") }))) }
+                    "responses": admin_errors(body_errors(json!({ "200": ok("the new persona state", "PersonaState"), "404": err("no such device"), "422": err("no such persona"), "503": err("the database is unavailable or the server is shutting down; see Retry-After") }))) }
             },
             "/api/v1/personas": {
                 "get": { "summary": "The loaded personas", "responses": admin_errors(json!({ "200": ok("personas", "Personas") })) }
@@ -348,7 +352,7 @@ pub fn document(persona_ids: &[&str]) -> Value {
             },
             "/api/v1/enroll": {
                 "post": { "summary": "Exchange an enrolment code for device credentials", "security": [], "requestBody": body("Enroll"),
-                    "responses": body_errors(json!({ "201": ok("registered", "Registered"), "403": err("unknown, expired or used code"), "422": err("invalid field"), "429": err("too many attempts; see Retry-After") })) }
+                    "responses": body_errors(json!({ "201": ok("registered", "Registered"), "403": err("unknown, expired or used code"), "422": err("invalid field"), "429": err("too many attempts; see Retry-After"), "503": err("the database is unavailable; see Retry-After") })) }
             },
             "/api/v1/audit": {
                 "get": { "summary": "Read the audit log, newest first", "parameters": [

@@ -25,16 +25,21 @@ pub enum SwitchError {
     Publish(#[from] crate::bus::BusError),
 }
 
-/// The stored persona of a device (with when and why it was set), or the default.
-pub async fn load(rt: &Runtime, device: &DeviceId) -> (Arc<Persona>, u64, String) {
+/// The stored persona of a device (with when and why it was set), or the default when none
+/// is stored. An error when the database cannot say: the caller must not mistake that for
+/// "the default".
+pub async fn load(
+    rt: &Runtime,
+    device: &DeviceId,
+) -> Result<(Arc<Persona>, u64, String), sqlx::Error> {
     let row = sqlx::query(
         "SELECT persona_id, switched_at_ms, switch_trigger FROM device_personas WHERE device_id = $1",
     )
     .bind(device.as_str())
     .fetch_optional(rt.db.pool())
-    .await;
-    match row {
-        Ok(Some(r)) => {
+    .await?;
+    Ok(match row {
+        Some(r) => {
             let id: String = r.try_get("persona_id").unwrap_or_default();
             let at: i64 = r.try_get("switched_at_ms").unwrap_or(0);
             let trigger: String = r.try_get("switch_trigger").unwrap_or_default();
@@ -44,12 +49,8 @@ pub async fn load(rt: &Runtime, device: &DeviceId) -> (Arc<Persona>, u64, String
                 .unwrap_or_else(|| rt.personas.default_persona().clone());
             (persona, u64::try_from(at).unwrap_or(0), trigger)
         }
-        Ok(None) => (rt.personas.default_persona().clone(), 0, "default".into()),
-        Err(e) => {
-            tracing::error!(error = %e, device_id = %device, "loading the persona failed; using the default");
-            (rt.personas.default_persona().clone(), 0, "default".into())
-        }
-    }
+        None => (rt.personas.default_persona().clone(), 0, "default".into()),
+    })
 }
 
 pub fn state(persona: &Persona, switched_at_ms: u64, trigger: &str) -> PersonaState {

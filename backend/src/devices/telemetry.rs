@@ -15,6 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use companion_broker::{Receipt, Receipts};
 use companion_schema::{DeviceId, Telemetry, TopicKind};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +61,15 @@ pub struct Batcher {
     receipts: Mutex<ReceiptBook>,
     /// Rung by [`Batcher::put`]: the writer has work.
     work: Notify,
+    metrics: StoreMetrics,
+}
+
+/// What the telemetry store shows on `/metrics`.
+#[derive(Clone, Default)]
+struct StoreMetrics {
+    /// Received, acknowledgement waiting for the write (grows while the database is away).
+    unstored: Gauge,
+    write_failures: Counter,
 }
 
 /// Per device: the last stored sequence number, and the held acknowledgements by sequence.
@@ -65,6 +77,8 @@ pub struct Batcher {
 struct ReceiptBook {
     stored: HashMap<DeviceId, u64>,
     waiting: HashMap<DeviceId, Vec<(u64, oneshot::Sender<bool>)>>,
+    /// Entries in `waiting`.
+    held: usize,
 }
 
 impl ReceiptBook {
@@ -77,6 +91,7 @@ impl ReceiptBook {
         while i < list.len() {
             if pick(list[i].0) {
                 let (_, tx) = list.swap_remove(i);
+                self.held -= 1;
                 let _ = tx.send(stored);
             } else {
                 i += 1;
@@ -105,13 +120,35 @@ impl Receipts for Batcher {
         let (tx, rx) = oneshot::channel();
         let list = book.waiting.entry(device.clone()).or_default();
         // Acknowledgements of connections that ended are no longer awaited.
+        let before = list.len();
         list.retain(|(_, tx)| !tx.is_closed());
         list.push((seq, tx));
+        let after = list.len();
+        book.held = book.held + after - before;
+        self.metrics.unstored.set(gauge_value(book.held));
         Some(rx)
     }
 }
 
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 impl Batcher {
+    /// Registers the store's metrics.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "backend_telemetry_unstored",
+            "Telemetry messages received but not yet stored; their QoS 1 acknowledgements wait (grows while the database is unreachable)",
+            self.metrics.unstored.clone(),
+        );
+        registry.register(
+            "backend_telemetry_write_failures",
+            "Failed telemetry writes (each is retried; nothing is dropped)",
+            self.metrics.write_failures.clone(),
+        );
+    }
+
     pub fn put(&self, device: &DeviceId, t: Telemetry) {
         if let Ok(mut p) = self.pending.lock() {
             p.insert(device.clone(), (t, now_ms()));
@@ -141,6 +178,7 @@ impl Batcher {
         }
         if let Ok(mut book) = self.receipts.lock() {
             book.settle(device, true, |s| s <= seq);
+            self.metrics.unstored.set(gauge_value(book.held));
         }
     }
 
@@ -149,16 +187,20 @@ impl Batcher {
     pub fn refused(&self, device: &DeviceId, seq: u64) {
         if let Ok(mut book) = self.receipts.lock() {
             book.settle(device, false, |s| s == seq);
+            self.metrics.unstored.set(gauge_value(book.held));
         }
     }
 
     /// Acknowledgements waiting for a write, over all devices.
     #[cfg(test)]
     fn held(&self) -> usize {
-        self.receipts
+        let held = self
+            .receipts
             .lock()
             .map(|b| b.waiting.values().map(Vec::len).sum())
-            .unwrap_or(0)
+            .unwrap_or(0);
+        assert_eq!(self.metrics.unstored.get(), gauge_value(held));
+        held
     }
 
     /// After a commit: everything up to each stored sequence number is acknowledged.
@@ -173,6 +215,7 @@ impl Batcher {
             let restarted = before.is_some_and(|b| b > seq);
             book.settle(device, true, |s| restarted || s <= seq);
         }
+        self.metrics.unstored.set(gauge_value(book.held));
     }
 
     fn take(&self) -> HashMap<DeviceId, (Telemetry, i64)> {
@@ -196,6 +239,7 @@ impl Batcher {
                 Ok(n)
             }
             Err(e) => {
+                self.metrics.write_failures.inc();
                 if let Ok(mut p) = self.pending.lock() {
                     for (k, v) in batch {
                         p.entry(k).or_insert(v);

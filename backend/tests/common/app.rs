@@ -207,8 +207,13 @@ impl TestApp {
 /// What a client's event loop saw.
 #[derive(Debug)]
 pub enum Seen {
-    Publish { topic: String, payload: Vec<u8> },
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+    },
     SubAck,
+    /// A QoS 1 publish of ours was acknowledged (its packet id).
+    PubAck(u16),
     Closed(String),
 }
 
@@ -276,6 +281,11 @@ async fn drive(mut el: EventLoop, tx: mpsc::Sender<Seen>) {
                 payload: p.payload.to_vec(),
             },
             Ok(Event::Incoming(Packet::SubAck(_))) => Seen::SubAck,
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                // Never stalls the event loop of a test that does not read them.
+                let _ = tx.try_send(Seen::PubAck(ack.pkid));
+                continue;
+            }
             Ok(_) => continue,
             Err(e) => {
                 let _ = tx.send(Seen::Closed(e.to_string())).await;

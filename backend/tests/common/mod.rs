@@ -201,3 +201,4 @@ impl ServerProcess {
 pub mod app;
 pub mod device;
 pub mod ops;
+pub mod proxy;

@@ -30,6 +30,9 @@ pub struct Worker {
     last_seq: Option<u64>,
     battery: Option<f64>,
     config: DeviceConfig,
+    /// Persona and config were read from the database (not defaults standing in for a
+    /// database that did not answer).
+    loaded: bool,
     session: Session,
     internal_tx: mpsc::Sender<Box<Internal>>,
     internal_rx: mpsc::Receiver<Box<Internal>>,
@@ -49,30 +52,40 @@ impl Worker {
             last_seq: None,
             battery: None,
             config: DeviceConfig::default(),
+            loaded: false,
             session: Session::default(),
             internal_tx,
             internal_rx,
         }
     }
 
+    /// Reads the device's persona, config and last telemetry sequence number. When the
+    /// database does not answer, the worker runs on defaults without announcing them and
+    /// tries again on the next event that needs them.
     async fn load(&mut self) {
-        let (p, at, trigger) = persona::load(&self.rt, &self.device).await;
-        self.persona = p;
-        self.persona_at = at;
-        self.persona_trigger = trigger;
-        self.last_seq = last_seq(&self.rt.db, &self.device).await;
-        if let Some(seq) = self.last_seq {
-            self.rt.telemetry.known(&self.device, seq);
-        }
-        let cfg: Option<String> =
+        let persona = persona::load(&self.rt, &self.device).await;
+        let cfg: Result<Option<String>, sqlx::Error> =
             sqlx::query_scalar("SELECT config_json FROM device_configs WHERE device_id = $1")
                 .bind(self.device.as_str())
                 .fetch_optional(self.rt.db.pool())
-                .await
-                .ok()
-                .flatten();
-        if let Some(cfg) = cfg.and_then(|c| serde_json::from_str(&c).ok()) {
-            self.config = cfg;
+                .await;
+        if let Some(seq) = last_seq(&self.rt.db, &self.device).await {
+            self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
+            self.rt.telemetry.known(&self.device, seq);
+        }
+        match (persona, cfg) {
+            (Ok((p, at, trigger)), Ok(cfg)) => {
+                self.persona = p;
+                self.persona_at = at;
+                self.persona_trigger = trigger;
+                if let Some(cfg) = cfg.and_then(|c| serde_json::from_str(&c).ok()) {
+                    self.config = cfg;
+                }
+                self.loaded = true;
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(device_id = %self.device, error = %e, "loading the device's persona and config failed; will retry");
+            }
         }
     }
 
@@ -109,6 +122,10 @@ impl Worker {
     }
 
     async fn handle(&mut self, ev: DeviceEvent) {
+        // Telemetry needs neither persona nor config: it is not held up by a retry.
+        if !self.loaded && !matches!(ev, DeviceEvent::Telemetry(_)) {
+            self.load().await;
+        }
         match ev {
             DeviceEvent::Telemetry(t) => self.telemetry(t).await,
             DeviceEvent::Button(b, arrived) => {
@@ -170,6 +187,11 @@ impl Worker {
     /// Rumqttd keeps retained messages in memory only: after a restart, or for a device that
     /// connects, the backend announces its state again.
     async fn republish_retained(&mut self) {
+        if !self.loaded {
+            // Defaults stand in for a database that did not answer: announcing them would
+            // replace the device's real persona. The edge still holds the last announcement.
+            return;
+        }
         let state = persona::state(&self.persona, self.persona_at, &self.persona_trigger);
         if let Err(e) = self
             .rt
