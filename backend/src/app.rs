@@ -200,6 +200,8 @@ impl App {
         // Telemetry is acknowledged to a device once stored (the batcher holds the PUBACK).
         let telemetry = Arc::new(Batcher::default());
         telemetry.register(&mut registry);
+        let hook = Arc::new(crate::mqtt_hook::Hook::new(devices.clone(), audit.clone()));
+        hook.register(&mut registry);
         let upstream = crate::bus::Target::upstream(&settings.mqtt).map_err(|e| {
             crate::settings::SettingsError::Invalid {
                 key: "mqtt.upstream",
@@ -316,6 +318,9 @@ impl App {
             personas,
             rules,
             dispatcher,
+            hook,
+            hook_settings: settings.mqtt_hook.clone(),
+            hook_limiter: KeyedLimiter::per_minute(settings.mqtt_hook.requests_per_minute),
         });
         Ok(Self {
             ca_pem: tls.map(|t| t.ca_pem_path),

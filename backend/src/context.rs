@@ -52,6 +52,11 @@ pub struct ApiContext {
     pub personas: Arc<crate::personas::PersonaSet>,
     pub rules: Arc<crate::rules::store::RuleStore>,
     pub dispatcher: Arc<crate::devices::Dispatcher>,
+    /// Decisions for devices on an external broker (`/api/v1/mqtt/...`).
+    pub hook: Arc<crate::mqtt_hook::Hook>,
+    pub hook_settings: crate::settings::MqttHookSettings,
+    /// Hook requests per calling address.
+    pub hook_limiter: KeyedLimiter,
 }
 
 pub type Ctx = Arc<ApiContext>;
@@ -118,6 +123,7 @@ impl ApiContext {
     /// Ends a device's live connection and forgets its cached credential.
     pub fn kick(&self, device: &DeviceId) -> bool {
         self.authenticator.invalidate(device);
+        self.hook.invalidate(device);
         self.broker.as_ref().is_some_and(|b| b.kick(device))
     }
 }

@@ -39,6 +39,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub(crate) mod mqtt_auth;
+pub(crate) mod mqtt_hook;
 pub mod personas;
 pub(crate) mod ratelimit;
 pub mod registry;

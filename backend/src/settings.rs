@@ -27,6 +27,7 @@ pub struct Settings {
     pub rules: RulesSettings,
     pub sessions: SessionSettings,
     pub voice: crate::voice::VoiceSettings,
+    pub mqtt_hook: MqttHookSettings,
 }
 
 impl Default for Settings {
@@ -42,7 +43,47 @@ impl Default for Settings {
             rules: RulesSettings::default(),
             sessions: SessionSettings::default(),
             voice: crate::voice::VoiceSettings::default(),
+            mqtt_hook: MqttHookSettings::default(),
         }
+    }
+}
+
+/// The HTTP authentication/authorization hooks for an external MQTT broker
+/// (`/api/v1/mqtt/...`). Off unless `allow_from` or `secret` is set: a request is answered
+/// when it comes from one of `allow_from` (the broker nodes) or carries
+/// `Authorization: Bearer <secret>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttHookSettings {
+    /// Networks or addresses of the broker nodes (after `http.trusted_proxies`).
+    pub allow_from: companion_broker::proxy::Networks,
+    /// A shared secret the broker sends as `Authorization: Bearer ...` (EMQX can set
+    /// headers; RabbitMQ and mosquitto-go-auth cannot, use `allow_from` for them).
+    pub secret: Option<Secret>,
+    /// Hook requests per minute per calling address (a broker node asks on every connect,
+    /// and RabbitMQ on every publish to a new topic).
+    pub requests_per_minute: u32,
+    /// The RabbitMQ virtual host devices use.
+    pub rabbitmq_vhost: String,
+    /// The exchange RabbitMQ's MQTT plugin publishes to (`mqtt.exchange`).
+    pub rabbitmq_exchange: String,
+}
+
+impl Default for MqttHookSettings {
+    fn default() -> Self {
+        Self {
+            allow_from: companion_broker::proxy::Networks::default(),
+            secret: None,
+            requests_per_minute: 600_000,
+            rabbitmq_vhost: "/".into(),
+            rabbitmq_exchange: "amq.topic".into(),
+        }
+    }
+}
+
+impl MqttHookSettings {
+    pub fn enabled(&self) -> bool {
+        !self.allow_from.is_empty() || self.secret.is_some()
     }
 }
 

@@ -26,6 +26,9 @@ const MAX_EXAMPLES: u32 = 100;
 /// Fixed, so that a failure here fails the same way on the next run;
 /// `COMPANION_SCHEMATHESIS_SEED` picks another.
 const SEED: u64 = 20_240_614;
+/// `mqtt_hook.secret` of the server under test.
+const HOOK_SECRET: &str = "schemathesis-hook-secret-0123456789";
+
 /// The devices registered before the run; `schemathesis.toml` puts their ids into `{id}`.
 const SEEDED_DEVICES: [&str; 3] = ["seed-speaker", "seed-panel", "seed-sensor"];
 /// Longest a run may take before the test gives up on it.
@@ -150,6 +153,7 @@ async fn run_schemathesis(bin: &Path, live: &LiveServer) -> Run {
         // Nothing (reports, caches) lands in the repository.
         .current_dir(live.dir.path())
         .env("COMPANION_ADMIN_TOKEN", &live.admin_token)
+        .env("COMPANION_HOOK_SECRET", HOOK_SECRET)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -177,6 +181,9 @@ async fn fuzz(bin: &Path, what: &str, configure: impl FnOnce(&mut Command)) {
         // (100 a minute per principal, tested in api.rs) would turn nearly all of them into
         // 429. The limit on failed enrolments stays as it is.
         cmd.env("COMPANION_HTTP__RATE_LIMIT_PER_MINUTE", "1000000");
+        // The external-broker hooks answer callers with this secret (schemathesis sends it as
+        // the document's `hookSecret` scheme; `ignored_auth` checks the 401 without it).
+        cmd.env("COMPANION_MQTT_HOOK__SECRET", HOOK_SECRET);
         configure(cmd);
     })
     .await;

@@ -271,6 +271,8 @@ pub async fn patch(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     let mut detail = String::new();
     if let Some(enabled) = body.enabled {
         detail.push_str(if enabled { "enabled" } else { "disabled" });
+        // The external-broker hook's cache may hold the old state.
+        ctx.hook.invalidate(&id);
     }
     if body.name.is_some() {
         detail.push_str(if detail.is_empty() {

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod auth;
 pub mod devices;
 pub mod enroll;
+pub mod mqtt_hook;
 pub mod openapi;
 pub mod ops;
 pub mod personas;
@@ -67,6 +68,61 @@ fn add_routes(t: &mut RouteTable, ctx: &Ctx) {
     t.add(ctx, Method::GET, "/api/v1/audit", audit::list);
     t.add(ctx, Method::POST, "/api/v1/auth/token", auth::exchange);
     t.add(ctx, Method::GET, "/api/v1/openapi.json", openapi::serve);
+    use mqtt_hook as hook;
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/emqx/authn",
+        hook::emqx_authn,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/emqx/authz",
+        hook::emqx_authz,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/rabbitmq/user",
+        hook::rabbitmq_user,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/rabbitmq/vhost",
+        hook::rabbitmq_vhost,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/rabbitmq/resource",
+        hook::rabbitmq_resource,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/rabbitmq/topic",
+        hook::rabbitmq_topic,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/go-auth/user",
+        hook::go_auth_user,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/go-auth/superuser",
+        hook::go_auth_superuser,
+    );
+    t.add(
+        ctx,
+        Method::POST,
+        "/api/v1/mqtt/go-auth/acl",
+        hook::go_auth_acl,
+    );
 }
 
 /// Parses a path's device id (an invalid one cannot exist: 404).

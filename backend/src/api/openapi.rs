@@ -282,6 +282,14 @@ fn examples(persona_ids: &[&str]) -> [(&'static str, Value); 7] {
 
 /// The document for a server that loaded the personas `persona_ids`.
 pub fn document(persona_ids: &[&str]) -> Value {
+    let mut doc = base_document(persona_ids);
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        paths.extend(hook_paths());
+    }
+    doc
+}
+
+fn base_document(persona_ids: &[&str]) -> Value {
     let since = json!({ "anyOf": [
         { "type": "string", "pattern": MILLIS_PATTERN },
         { "type": "string", "format": "date-time" } ] });
@@ -294,7 +302,9 @@ pub fn document(persona_ids: &[&str]) -> Value {
             "description": "Device registry, enrolment and administration. Admin routes take `Authorization: Bearer <admin token or JWT>`. Errors are `{ \"error\": { \"code\", \"message\" } }`; a method a path does not have answers 405 with `Allow`."
         },
         "components": {
-            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "securitySchemes": {
+                "bearer": { "type": "http", "scheme": "bearer" },
+                "hookSecret": { "type": "http", "scheme": "bearer", "description": "mqtt_hook.secret (or a caller in mqtt_hook.allow_from, without it)" } },
             "schemas": schemas(persona_ids)
         },
         "security": [ { "bearer": [] } ],
@@ -367,6 +377,172 @@ pub fn document(persona_ids: &[&str]) -> Value {
             }
         }
     })
+}
+
+/// The external-broker hooks (`api::mqtt_hook`): one operation per path, all POST.
+fn hook_paths() -> Map<String, Value> {
+    let text = |desc: &str| json!({ "description": desc, "content": { "text/plain": { "schema": { "enum": ["allow", "deny"] } } } });
+    let strings_object = |fields: &[&str], extra: Option<(&str, Value)>| {
+        let mut props = Map::new();
+        for f in fields {
+            props.insert((*f).into(), json!({ "type": "string" }));
+        }
+        if let Some((name, schema)) = extra {
+            props.insert(name.into(), schema);
+        }
+        json!({ "type": "object", "required": ["username"], "properties": props })
+    };
+    let json_body = |schema: Value| json!({ "required": true, "content": { "application/json": { "schema": schema } } });
+    let form_body = |schema: Value| json!({ "required": true, "content": { "application/x-www-form-urlencoded": { "schema": schema } } });
+    let both_bodies = |json_schema: Value, form_schema: Value| {
+        json!({ "required": true, "content": {
+        "application/json": { "schema": json_schema },
+        "application/x-www-form-urlencoded": { "schema": form_schema } } })
+    };
+    let errors = |responses: Value| {
+        insert(
+            body_errors(responses),
+            &[
+                (
+                    "401",
+                    err("not from mqtt_hook.allow_from and no or a wrong mqtt_hook.secret"),
+                ),
+                (
+                    "403",
+                    err(
+                        "the hooks are off (neither mqtt_hook.allow_from nor mqtt_hook.secret set)",
+                    ),
+                ),
+                ("422", err("no username, or a field of the wrong type")),
+                (
+                    "429",
+                    err("rate limited per calling address; see Retry-After"),
+                ),
+            ],
+        )
+    };
+    let emqx_result = |login: bool| {
+        let mut props = json!({ "result": { "enum": ["allow", "deny", "ignore"] } });
+        if login {
+            props["is_superuser"] = json!({ "const": false });
+        }
+        json!({ "description": "the decision (ignore: the username cannot be a device's)", "content": { "application/json": { "schema": {
+            "type": "object", "required": ["result"], "properties": props, "additionalProperties": false } } } })
+    };
+    let go_result = json!({ "type": "object", "required": ["ok", "error"], "additionalProperties": false,
+        "properties": { "ok": { "type": "boolean" }, "error": { "type": "string" } } });
+    let go_responses = || {
+        errors(json!({
+        "200": { "description": "allowed", "content": { "application/json": { "schema": go_result } } },
+        "403": { "description": "denied (or the hooks are off)", "content": { "application/json": { "schema": { "anyOf": [go_result, schema_ref("Error")] } } } } }))
+    };
+    let op = |summary: &str, request: Value, responses: Value| {
+        json!({ "post": {
+        "summary": summary, "security": [ { "hookSecret": [] } ], "requestBody": request, "responses": responses } })
+    };
+    let login = ["clientid", "username", "password", "peerhost"];
+    let acl = ["clientid", "username", "topic", "action"];
+    let rabbit_user = ["username", "password", "vhost", "client_id"];
+    let rabbit_vhost = ["username", "vhost", "ip", "client_id"];
+    let rabbit_resource = [
+        "username",
+        "vhost",
+        "resource",
+        "name",
+        "permission",
+        "client_id",
+    ];
+    let rabbit_topic = [
+        "username",
+        "vhost",
+        "resource",
+        "name",
+        "permission",
+        "routing_key",
+        "variable_map.client_id",
+        "variable_map.username",
+        "variable_map.vhost",
+    ];
+    let go_user = ["username", "password", "clientid"];
+    let go_acl = ["username", "clientid", "topic"];
+    let acc = json!({ "type": "integer" });
+    let mut paths = Map::new();
+    paths.insert(
+        "/api/v1/mqtt/emqx/authn".into(),
+        op(
+            "EMQX 5 HTTP authentication of a device",
+            json_body(strings_object(&login, None)),
+            errors(json!({ "200": emqx_result(true) })),
+        ),
+    );
+    paths.insert(
+        "/api/v1/mqtt/emqx/authz".into(),
+        op(
+            "EMQX 5 HTTP authorization (action publish or subscribe)",
+            json_body(strings_object(&acl, None)),
+            errors(json!({ "200": emqx_result(false) })),
+        ),
+    );
+    paths.insert(
+        "/api/v1/mqtt/rabbitmq/user".into(),
+        op(
+            "RabbitMQ auth_backend_http user_path (the login)",
+            form_body(strings_object(&rabbit_user, None)),
+            errors(json!({ "200": text("allow or deny") })),
+        ),
+    );
+    paths.insert(
+        "/api/v1/mqtt/rabbitmq/vhost".into(),
+        op(
+            "RabbitMQ auth_backend_http vhost_path",
+            form_body(strings_object(&rabbit_vhost, None)),
+            errors(json!({ "200": text("allow or deny") })),
+        ),
+    );
+    paths.insert("/api/v1/mqtt/rabbitmq/resource".into(), op("RabbitMQ auth_backend_http resource_path (the MQTT exchange and the device's own queues)",
+        form_body(strings_object(&rabbit_resource, None)), errors(json!({ "200": text("allow or deny") }))));
+    paths.insert(
+        "/api/v1/mqtt/rabbitmq/topic".into(),
+        op(
+            "RabbitMQ auth_backend_http topic_path (the device ACL on the routing key)",
+            form_body(strings_object(&rabbit_topic, None)),
+            errors(json!({ "200": text("allow or deny") })),
+        ),
+    );
+    paths.insert(
+        "/api/v1/mqtt/go-auth/user".into(),
+        op(
+            "mosquitto-go-auth HTTP backend: the login",
+            both_bodies(
+                strings_object(&go_user, None),
+                strings_object(&go_user, None),
+            ),
+            go_responses(),
+        ),
+    );
+    paths.insert(
+        "/api/v1/mqtt/go-auth/superuser".into(),
+        op(
+            "mosquitto-go-auth HTTP backend: devices are never superusers (always 403)",
+            both_bodies(
+                strings_object(&go_user, None),
+                strings_object(&go_user, None),
+            ),
+            go_responses(),
+        ),
+    );
+    paths.insert(
+        "/api/v1/mqtt/go-auth/acl".into(),
+        op(
+            "mosquitto-go-auth HTTP backend: acc 1 read, 2 write, 4 subscribe (3 is never granted)",
+            both_bodies(
+                strings_object(&go_acl, Some(("acc", acc))),
+                strings_object(&go_acl, Some(("acc", json!({ "type": "string" })))),
+            ),
+            go_responses(),
+        ),
+    );
+    paths
 }
 
 pub async fn serve(ctx: Ctx, _req: Req) -> Result<Response, ApiError> {

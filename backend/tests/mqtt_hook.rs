@@ -1,0 +1,451 @@
+//! The external-broker hooks under `/api/v1/mqtt/`, driven with the request bodies the brokers'
+//! documentation gives (EMQX 5 HTTP authn/authz, RabbitMQ `rabbitmq_auth_backend_http` with
+//! POST, mosquitto-go-auth's HTTP backend in JSON and form mode), on SQLite and PostgreSQL.
+//! `rabbitmq_cluster.rs` drives the same hooks from a real RabbitMQ.
+
+mod common;
+
+use common::app::{DbKind, TestApp};
+use companion_backend::settings::Secret;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const SECRET: &str = "hook-secret-for-tests-0123456789";
+
+async fn start(kind: DbKind) -> Option<TestApp> {
+    TestApp::start_with(kind, |s| {
+        s.mqtt_hook.secret = Some(Secret::new(SECRET));
+    })
+    .await
+}
+
+async fn post_json(app: &TestApp, path: &str, body: Value) -> (u16, String) {
+    let resp = app
+        .client
+        .post(app.url(path))
+        .bearer_auth(SECRET)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+async fn post_form(app: &TestApp, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let resp = app
+        .client
+        .post(app.url(path))
+        .bearer_auth(SECRET)
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+async fn emqx(app: &TestApp, path: &str, body: Value) -> String {
+    let (status, text) = post_json(app, path, body).await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["result"].as_str().unwrap().to_owned()
+}
+
+async fn rabbit(app: &TestApp, path: &str, form: &[(&str, &str)]) -> String {
+    let (status, text) = post_form(app, path, form).await;
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
+async fn emqx_shapes(kind: DbKind) {
+    let Some(app) = start(kind).await else {
+        return;
+    };
+    let (id, token) = app.register("Hook EMQX").await;
+    let (other, _) = app.register("Hook Other").await;
+    let authn = "/api/v1/mqtt/emqx/authn";
+    let authz = "/api/v1/mqtt/emqx/authz";
+
+    // The body EMQX's documentation templates: clientid, username, password, peerhost.
+    let login = |password: &str, clientid: &str| json!({ "clientid": clientid, "username": id, "password": password, "peerhost": "198.51.100.7" });
+    let (status, text) = post_json(&app, authn, login(&token, &id)).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v, json!({ "result": "allow", "is_superuser": false }));
+    assert_eq!(emqx(&app, authn, login("wrong-token", &id)).await, "deny");
+    assert_eq!(emqx(&app, authn, login(&token, &other)).await, "deny");
+    assert_eq!(
+        emqx(&app, authn, json!({ "clientid": "companion-internal-x", "username": "companion-internal-x", "password": "p" })).await,
+        "deny"
+    );
+    // A username that cannot be a device's is another authenticator's to decide.
+    assert_eq!(
+        emqx(
+            &app,
+            authn,
+            json!({ "clientid": "Ops_User", "username": "Ops_User", "password": "p" })
+        )
+        .await,
+        "ignore"
+    );
+    // Extra template fields are tolerated; a declared field of the wrong type is not.
+    assert_eq!(
+        emqx(
+            &app,
+            authn,
+            json!({ "clientid": id, "username": id, "password": token, "proto_ver": 5 })
+        )
+        .await,
+        "allow"
+    );
+    let (status, _) = post_json(&app, authn, json!({ "username": 5 })).await;
+    assert_eq!(status, 422);
+    let (status, _) = post_json(&app, authn, json!({ "username": null })).await;
+    assert_eq!(status, 422);
+
+    // The failures are in the audit log as the edge's are, with the device's address.
+    let denied = app
+        .wait_audit("mqtt.connect", |r| {
+            r["detail"] == "bad_token (external broker)" && r["target"] == id.as_str()
+        })
+        .await;
+    assert_eq!(denied["remote_addr"], "198.51.100.7");
+
+    // Authorization: the device ACL.
+    let acl = |topic: &str, action: &str| json!({ "clientid": id, "username": id, "topic": topic, "action": action });
+    for (topic, action, want) in [
+        (format!("devices/{id}/telemetry"), "publish", "allow"),
+        (format!("devices/{id}/audio/up"), "publish", "allow"),
+        (format!("devices/{id}/led"), "subscribe", "allow"),
+        (format!("devices/{id}/led"), "publish", "deny"),
+        (format!("devices/{other}/telemetry"), "publish", "deny"),
+        (format!("devices/{other}/led"), "subscribe", "deny"),
+        ("devices/#".to_owned(), "subscribe", "deny"),
+        (format!("devices/{id}/+"), "subscribe", "deny"),
+        (format!("$share/g/devices/{id}/led"), "subscribe", "deny"),
+        (format!("devices/{id}/telemetry"), "all", "deny"),
+    ] {
+        assert_eq!(
+            emqx(&app, authz, acl(&topic, action)).await,
+            want,
+            "{action} {topic}"
+        );
+    }
+    let spoof = json!({ "clientid": other, "username": id, "topic": format!("devices/{id}/telemetry"), "action": "publish" });
+    assert_eq!(emqx(&app, authz, spoof).await, "deny");
+    app.wait_audit("mqtt.acl", |r| {
+        r["detail"] == format!("publish devices/{other}/telemetry (external broker)").as_str()
+    })
+    .await;
+
+    // Revocation is honoured at once on this replica: disable, rotate.
+    let resp = app
+        .admin(Method::PATCH, &format!("/api/v1/devices/{id}"))
+        .json(&json!({ "enabled": false }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(emqx(&app, authn, login(&token, &id)).await, "deny");
+    assert_eq!(
+        emqx(
+            &app,
+            authz,
+            acl(&format!("devices/{id}/telemetry"), "publish")
+        )
+        .await,
+        "deny"
+    );
+    let resp = app
+        .admin(Method::PATCH, &format!("/api/v1/devices/{id}"))
+        .json(&json!({ "enabled": true }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(emqx(&app, authn, login(&token, &id)).await, "allow");
+    let resp = app
+        .admin(Method::POST, &format!("/api/v1/devices/{id}/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rotated: Value = resp.json().await.unwrap();
+    let new_token = rotated["auth_token"].as_str().unwrap();
+    assert_eq!(emqx(&app, authn, login(&token, &id)).await, "deny");
+    assert_eq!(emqx(&app, authn, login(new_token, &id)).await, "allow");
+    app.stop().await;
+}
+on_both_databases!(emqx_shapes);
+
+async fn rabbitmq_shapes(kind: DbKind) {
+    let Some(app) = start(kind).await else {
+        return;
+    };
+    let (id, token) = app.register("Hook Rabbit").await;
+    let (other, _) = app.register("Hook Rabbit Other").await;
+    let q0 = format!("mqtt-subscription-{id}qos0");
+    let q1 = format!("mqtt-subscription-{id}qos1");
+    let other_q = format!("mqtt-subscription-{other}qos1");
+    let user = "/api/v1/mqtt/rabbitmq/user";
+
+    // What RabbitMQ 3.10 sends for `mosquitto_sub -i <id> -u <id> -P <token>` (observed).
+    let login = [
+        ("username", id.as_str()),
+        ("password", token.as_str()),
+        ("vhost", "/"),
+        ("client_id", id.as_str()),
+    ];
+    assert_eq!(rabbit(&app, user, &login).await, "allow");
+    let wrong = [
+        ("username", id.as_str()),
+        ("password", "nope"),
+        ("vhost", "/"),
+        ("client_id", id.as_str()),
+    ];
+    assert_eq!(rabbit(&app, user, &wrong).await, "deny");
+    let mismatch = [
+        ("username", id.as_str()),
+        ("password", token.as_str()),
+        ("client_id", other.as_str()),
+    ];
+    assert_eq!(rabbit(&app, user, &mismatch).await, "deny");
+
+    let vhost = "/api/v1/mqtt/rabbitmq/vhost";
+    assert_eq!(
+        rabbit(
+            &app,
+            vhost,
+            &[("username", &id), ("vhost", "/"), ("ip", "127.0.0.1")]
+        )
+        .await,
+        "allow"
+    );
+    assert_eq!(
+        rabbit(
+            &app,
+            vhost,
+            &[("username", &id), ("vhost", "other"), ("ip", "127.0.0.1")]
+        )
+        .await,
+        "deny"
+    );
+
+    let resource = "/api/v1/mqtt/rabbitmq/resource";
+    for (kind_, name, permission, want) in [
+        ("exchange", "amq.topic", "write", "allow"),
+        ("exchange", "amq.topic", "read", "allow"),
+        ("exchange", "amq.topic", "configure", "deny"),
+        ("exchange", "amq.direct", "write", "deny"),
+        ("queue", q0.as_str(), "configure", "allow"),
+        ("queue", q1.as_str(), "read", "allow"),
+        ("queue", other_q.as_str(), "read", "deny"),
+        ("queue", "some-queue", "write", "deny"),
+    ] {
+        let form = [
+            ("username", id.as_str()),
+            ("vhost", "/"),
+            ("resource", kind_),
+            ("name", name),
+            ("permission", permission),
+        ];
+        assert_eq!(
+            rabbit(&app, resource, &form).await,
+            want,
+            "{kind_} {name} {permission}"
+        );
+    }
+
+    let topic = "/api/v1/mqtt/rabbitmq/topic";
+    for (routing_key, permission, want) in [
+        (format!("devices.{id}.telemetry"), "write", "allow"),
+        (format!("devices.{id}.led"), "read", "allow"),
+        (format!("devices.{id}.led"), "write", "deny"),
+        (format!("devices.{other}.telemetry"), "write", "deny"),
+        ("devices.*.led".to_owned(), "read", "deny"),
+        ("devices.#".to_owned(), "read", "deny"),
+    ] {
+        let form = [
+            ("username", id.as_str()),
+            ("vhost", "/"),
+            ("resource", "topic"),
+            ("name", "amq.topic"),
+            ("permission", permission),
+            ("routing_key", routing_key.as_str()),
+            ("variable_map.client_id", id.as_str()),
+            ("variable_map.username", id.as_str()),
+            ("variable_map.vhost", "/"),
+        ];
+        assert_eq!(
+            rabbit(&app, topic, &form).await,
+            want,
+            "{permission} {routing_key}"
+        );
+    }
+    // The client id in the variable map must be the device's.
+    let spoof = [
+        ("username", id.as_str()),
+        ("vhost", "/"),
+        ("resource", "topic"),
+        ("name", "amq.topic"),
+        ("permission", "write"),
+        ("routing_key", &format!("devices.{id}.telemetry")),
+        ("variable_map.client_id", other.as_str()),
+    ];
+    assert_eq!(rabbit(&app, topic, &spoof).await, "deny");
+
+    // A deleted device loses everything at once.
+    let resp = app
+        .admin(Method::DELETE, &format!("/api/v1/devices/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(rabbit(&app, user, &login).await, "deny");
+    assert_eq!(
+        rabbit(&app, vhost, &[("username", &id), ("vhost", "/")]).await,
+        "deny"
+    );
+    app.stop().await;
+}
+on_both_databases!(rabbitmq_shapes);
+
+async fn go_auth_shapes(kind: DbKind) {
+    let Some(app) = start(kind).await else {
+        return;
+    };
+    let (id, token) = app.register("Hook Go").await;
+    // JSON mode (`auth_opt_http_params_mode json`).
+    let (status, body) = post_json(
+        &app,
+        "/api/v1/mqtt/go-auth/user",
+        json!({ "username": id, "password": token, "clientid": id }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({ "ok": true, "error": "" })
+    );
+    let (status, _) = post_json(
+        &app,
+        "/api/v1/mqtt/go-auth/user",
+        json!({ "username": id, "password": "x", "clientid": id }),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = post_json(
+        &app,
+        "/api/v1/mqtt/go-auth/superuser",
+        json!({ "username": id }),
+    )
+    .await;
+    assert_eq!(status, 403);
+    for (topic, acc, want) in [
+        (format!("devices/{id}/telemetry"), 2, 200),
+        (format!("devices/{id}/led"), 4, 200),
+        (format!("devices/{id}/led"), 1, 200),
+        (format!("devices/{id}/telemetry"), 1, 403),
+        (format!("devices/{id}/led"), 3, 403),
+        ("devices/other/telemetry".to_owned(), 2, 403),
+    ] {
+        let (status, body) = post_json(
+            &app,
+            "/api/v1/mqtt/go-auth/acl",
+            json!({ "username": id, "clientid": id, "topic": topic, "acc": acc }),
+        )
+        .await;
+        assert_eq!(status, want, "acc {acc} {topic}: {body}");
+    }
+    // Form mode (`auth_opt_http_params_mode form`).
+    let (status, _) = post_form(
+        &app,
+        "/api/v1/mqtt/go-auth/user",
+        &[("username", &id), ("password", &token), ("clientid", &id)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let telemetry = format!("devices/{id}/telemetry");
+    let (status, _) = post_form(
+        &app,
+        "/api/v1/mqtt/go-auth/acl",
+        &[
+            ("username", &id),
+            ("clientid", &id),
+            ("topic", &telemetry),
+            ("acc", "2"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+on_both_databases!(go_auth_shapes);
+
+/// Off unless configured; with a secret, nobody else gets an answer, and a wrong secret is
+/// audited; with `allow_from`, the broker nodes need no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_broker_may_ask() {
+    let app = TestApp::start(DbKind::Sqlite).await.unwrap();
+    let resp = app
+        .client
+        .post(app.url("/api/v1/mqtt/emqx/authn"))
+        .json(&json!({ "username": "a", "password": "b" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403, "off by default");
+    app.stop().await;
+
+    let app = start(DbKind::Sqlite).await.unwrap();
+    let (id, token) = app.register("Hook Guarded").await;
+    let body = json!({ "clientid": id, "username": id, "password": token });
+    let resp = app
+        .client
+        .post(app.url("/api/v1/mqtt/emqx/authn"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = app
+        .client
+        .post(app.url("/api/v1/mqtt/emqx/authn"))
+        .bearer_auth("not-the-secret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // The admin token is not the hook secret either.
+    let resp = app
+        .client
+        .post(app.url("/api/v1/mqtt/emqx/authn"))
+        .bearer_auth(&app.admin_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    app.wait_audit("mqtt_hook.call", |r| r["detail"] == "wrong secret")
+        .await;
+    app.stop().await;
+
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        s.mqtt_hook.allow_from =
+            companion_broker::proxy::Networks::parse(&["127.0.0.1/32"]).unwrap();
+    })
+    .await
+    .unwrap();
+    let (id, token) = app.register("Hook Allowed").await;
+    let resp = app
+        .client
+        .post(app.url("/api/v1/mqtt/emqx/authn"))
+        .json(&json!({ "clientid": id, "username": id, "password": token }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["result"], "allow");
+    app.stop().await;
+}
