@@ -264,6 +264,9 @@ impl Settings {
                 .with_list_parse_key("mqtt.hosts")
                 .with_list_parse_key("mqtt.proxy_protocol_from")
                 .with_list_parse_key("http.trusted_proxies")
+                .with_list_parse_key("mqtt.ws_trusted_proxies")
+                .with_list_parse_key("mqtt.ws_allowed_origins")
+                .with_list_parse_key("mqtt_hook.allow_from")
                 .try_parsing(true)
                 .source(Some(companion_env)),
         );
@@ -475,10 +478,33 @@ mod tests {
                     "127.0.0.1,10.0.0.0/8",
                 ),
                 ("COMPANION_HTTP__TRUSTED_PROXIES", "::1"),
+                ("COMPANION_MQTT__WS_TRUSTED_PROXIES", "10.1.0.0/16,10.2.0.1"),
+                (
+                    "COMPANION_MQTT__WS_ALLOWED_ORIGINS",
+                    "https://a.example,https://b.example",
+                ),
+                ("COMPANION_MQTT_HOOK__ALLOW_FROM", "10.3.0.0/16,10.4.0.1"),
+                ("COMPANION_MQTT_HOOK__SECRET", "s3cret"),
                 ("DATABASE_URL", "postgres://u:p@h/db"),
             ]),
         )
         .unwrap();
+        // Every list key takes a comma-separated value from the environment.
+        assert!(s
+            .mqtt
+            .ws_trusted_proxies
+            .contains("10.2.0.1".parse().unwrap()));
+        assert!(s
+            .mqtt
+            .ws_trusted_proxies
+            .contains("10.1.9.9".parse().unwrap()));
+        assert_eq!(
+            s.mqtt.ws_allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
+        assert!(s.mqtt_hook.allow_from.contains("10.3.4.5".parse().unwrap()));
+        assert!(s.mqtt_hook.allow_from.contains("10.4.0.1".parse().unwrap()));
+        assert!(s.mqtt_hook.enabled());
         assert!(s
             .mqtt
             .proxy_protocol_from

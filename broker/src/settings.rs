@@ -62,6 +62,10 @@ pub struct MqttSettings {
     pub upstream_password: Option<Redacted>,
     /// CA certificate (PEM) that signs an `mqtts://` upstream's certificate.
     pub upstream_ca: Option<PathBuf>,
+    /// Subscribe to the upstream through shared subscriptions (`$share/companion-<kind>/...`,
+    /// MQTT 5 and most brokers); off for a broker without them (RabbitMQ 3.x), where every
+    /// backend connected to it receives every device message.
+    pub upstream_shared: bool,
 }
 
 /// A string whose `Debug` prints `[redacted]`.
@@ -103,6 +107,7 @@ impl Default for MqttSettings {
             upstream_username: String::new(),
             upstream_password: None,
             upstream_ca: None,
+            upstream_shared: true,
         }
     }
 }

@@ -10,6 +10,8 @@ pub struct Target {
     pub username: String,
     pub password: String,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Subscribe through shared subscriptions (`mqtt.upstream_shared`).
+    pub shared: bool,
 }
 
 impl std::fmt::Debug for Target {
@@ -81,6 +83,7 @@ impl Target {
                 .map(|p| p.0.clone())
                 .unwrap_or_default(),
             tls,
+            shared: s.upstream_shared,
         }))
     }
 }

@@ -82,6 +82,7 @@ impl Publisher for ClientPublisher {
 
 /// The owning half: rumqttc's event loop.
 pub struct ClientConnection {
+    shared: bool,
     client: AsyncClient,
     eventloop: EventLoop,
 }
@@ -93,7 +94,11 @@ pub fn connect(target: &Target) -> (ClientPublisher, ClientConnection) {
     eventloop.set_network_options(network_options());
     (
         ClientPublisher(client.clone()),
-        ClientConnection { client, eventloop },
+        ClientConnection {
+            shared: target.shared,
+            client,
+            eventloop,
+        },
     )
 }
 
@@ -105,9 +110,14 @@ impl Connection for ClientConnection {
         mut on_publish: Box<OnPublish>,
         shutdown: CancellationToken,
     ) {
-        drive(self.client, self.eventloop, &metrics, shutdown, |p| {
-            on_publish(&p.topic, &p.payload)
-        })
+        drive(
+            self.client,
+            self.eventloop,
+            self.shared,
+            &metrics,
+            shutdown,
+            |p| on_publish(&p.topic, &p.payload),
+        )
         .await;
     }
 }
@@ -116,6 +126,7 @@ impl Connection for ClientConnection {
 async fn drive(
     client: AsyncClient,
     mut eventloop: EventLoop,
+    shared: bool,
     metrics: &BusMetrics,
     shutdown: CancellationToken,
     mut on_publish: impl FnMut(&rumqttc::Publish),
@@ -139,7 +150,7 @@ async fn drive(
                 // Straight into the event loop's own queue, ahead of everything else: going
                 // through the client could wait forever on a request channel that only this
                 // task drains.
-                eventloop.pending.extend(subscriptions());
+                eventloop.pending.extend(subscriptions(shared));
                 eventloop.pending.extend(carried.drain(..));
                 tracing::info!("backend connected to the broker");
             }
@@ -174,13 +185,18 @@ fn carry_over(eventloop: &mut EventLoop, carried: &mut VecDeque<Request>, metric
 }
 
 /// The backend's subscriptions: every device up topic, one share group per filter (rumqttd keys
-/// shared groups by name alone).
-fn subscriptions() -> impl Iterator<Item = Request> {
+/// shared groups by name alone), or the plain filters for a broker without shared
+/// subscriptions.
+fn subscriptions(shared: bool) -> impl Iterator<Item = Request> {
     TopicKind::ALL
         .into_iter()
         .filter(|kind| kind.direction() == companion_schema::Direction::Up)
-        .map(|kind| {
-            let filter = kind.shared_filter(&format!("companion-{}", kind.label()));
+        .map(move |kind| {
+            let filter = if shared {
+                kind.shared_filter(&format!("companion-{}", kind.label()))
+            } else {
+                kind.all_devices_filter()
+            };
             Request::Subscribe(rumqttc::Subscribe::new(filter, qos(kind.qos())))
         })
 }
@@ -266,6 +282,7 @@ mod tests {
             username: String::new(),
             password: String::new(),
             tls: None,
+            shared: true,
         };
         let (_, connection) = connect(&target);
         (connection.client, connection.eventloop)
@@ -290,7 +307,7 @@ mod tests {
         let m = metrics.clone();
         let c = client.clone();
         let stop = shutdown.clone();
-        let task = tokio::spawn(async move { drive(c, eventloop, &m, stop, |_| {}).await });
+        let task = tokio::spawn(async move { drive(c, eventloop, true, &m, stop, |_| {}).await });
 
         // 1: the connection fails between CONNECT and CONNACK.
         let mut first = Peer::accept(&listener).await;
@@ -347,7 +364,15 @@ mod tests {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            drive(client, eventloop, &BusMetrics::default(), stop, |_| {}).await
+            drive(
+                client,
+                eventloop,
+                true,
+                &BusMetrics::default(),
+                stop,
+                |_| {},
+            )
+            .await
         });
         let mut peer = Peer::accept(&listener).await;
         peer.connect().await;

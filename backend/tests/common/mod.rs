@@ -202,3 +202,4 @@ pub mod app;
 pub mod device;
 pub mod ops;
 pub mod proxy;
+pub mod rabbitmq;

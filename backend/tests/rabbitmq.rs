@@ -1,0 +1,195 @@
+//! Devices on a real RabbitMQ (Debian's 3.10, `rabbitmq_mqtt` + `rabbitmq_auth_backend_http`)
+//! authenticated and confined by companion's hooks, with the backend behind the same broker
+//! (`mqtt.upstream`, plain subscriptions: RabbitMQ 3.x has no `$share`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::app::{Client, DbKind, Seen, TestApp};
+use common::rabbitmq::{self, RabbitMq};
+use companion_broker::settings::Redacted;
+use companion_schema::*;
+use reqwest::Method;
+use rumqttc::{MqttOptions, QoS};
+use serde_json::Value;
+
+/// `mosquitto_pub` once (MQTT 3.1.1, QoS 1); its exit status and what it printed.
+async fn mosquitto_pub(port: u16, id: &str, token: &str, topic: &str) -> (i32, String) {
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
+        .args(["-i", id, "-u", id, "-P", token, "-t", topic, "-q", "1"])
+        .args(["-m", "x"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .expect("mosquitto_pub ends")
+        .expect("mosquitto_pub is installed (Debian package mosquitto-clients)");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Presses the persona button until the backend answers on the persona topic (its
+/// subscriptions on RabbitMQ may still be on their way).
+async fn persona_round_trip(dev: &mut Client, device: &DeviceId) -> PersonaState {
+    let persona_topic = Topic::new(device.clone(), TopicKind::Persona).to_string();
+    let mut seq = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            seq += 1;
+            let press = ButtonEvent {
+                v: 1,
+                seq,
+                ts_ms: 0,
+                button: "persona".into(),
+                action: ButtonAction::Press,
+            };
+            dev.client
+                .publish(
+                    Topic::new(device.clone(), TopicKind::Button).to_string(),
+                    QoS::AtLeastOnce,
+                    false,
+                    encode(&press).unwrap(),
+                )
+                .await
+                .unwrap();
+            let answer = tokio::time::timeout(Duration::from_millis(500), async {
+                loop {
+                    match dev.rx.recv().await {
+                        Some(Seen::Publish { topic, payload }) if topic == persona_topic => {
+                            return decode::<PersonaState>(&payload).unwrap()
+                        }
+                        Some(Seen::Closed(e)) => panic!("closed: {e}"),
+                        None => panic!("ended"),
+                        _ => {}
+                    }
+                }
+            })
+            .await;
+            if let Ok(state) = answer {
+                return state;
+            }
+        }
+    })
+    .await
+    .expect("the backend answers through RabbitMQ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
+    if !rabbitmq::available() {
+        return;
+    }
+    // Each needs the other's port: RabbitMQ's MQTT port is chosen first, the backend keeps
+    // retrying it until the node is up.
+    let mqtt_port = RabbitMq::free_port();
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        s.mqtt_hook.allow_from =
+            companion_broker::proxy::Networks::parse(&["127.0.0.1/32"]).unwrap();
+        s.mqtt.upstream = format!("mqtt://127.0.0.1:{mqtt_port}");
+        s.mqtt.upstream_username = rabbitmq::BACKEND_USER.into();
+        s.mqtt.upstream_password = Some(Redacted(rabbitmq::BACKEND_PASS.into()));
+        s.mqtt.upstream_shared = false;
+    })
+    .await
+    .unwrap();
+    assert!(app.app_ctx.broker.is_none(), "the embedded broker is off");
+    let booting = Instant::now();
+    let broker = RabbitMq::start(&format!("http://{}", app.http), mqtt_port).await;
+    eprintln!("RabbitMQ up in {:.1?}", booting.elapsed());
+    let (id, token) = app.register("rabbit").await;
+    let (other, other_token) = app.register("rabbit-other").await;
+    let device = DeviceId::parse(&id).unwrap();
+
+    // A real device (rumqttc, MQTT 3.1.1) with its token: the persona button works end to end
+    // through RabbitMQ and the backend.
+    let mut opts = MqttOptions::new(id.clone(), "127.0.0.1", mqtt_port);
+    opts.set_credentials(id.clone(), token.clone());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let mut dev = Client::connect(opts)
+        .await
+        .unwrap_or_else(|e| panic!("the device connects: {e}\n{}", broker.output()));
+    dev.client
+        .subscribe(
+            Topic::new(device.clone(), TopicKind::Persona).to_string(),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let state = persona_round_trip(&mut dev, &device).await;
+    eprintln!(
+        "first persona answer through RabbitMQ after {:.1?}",
+        started.elapsed()
+    );
+    assert_ne!(
+        state.persona_id.as_str(),
+        "aria",
+        "switched away from the default"
+    );
+
+    // The other device's topics are out of reach: RabbitMQ closes the publisher.
+    let foreign = format!("devices/{other}/telemetry");
+    let (code, out) = mosquitto_pub(mqtt_port, &id, &token, &foreign).await;
+    assert_ne!(code, 0, "publishing to {foreign} must fail: {out}");
+    app.wait_audit("mqtt.acl", |r| {
+        r["detail"] == format!("publish {foreign} (external broker)").as_str()
+    })
+    .await;
+    // Its own topic is fine (the payload is not telemetry; the backend drops it, that is not
+    // the broker's business).
+    let own = format!("devices/{id}/telemetry");
+    let (code, out) = mosquitto_pub(mqtt_port, &id, &token, &own).await;
+    assert_eq!(code, 0, "{out}");
+    // Someone else's client id with this device's credentials, and a wrong token: refused.
+    let (code, out) = mosquitto_pub(mqtt_port, &other, &token, &own).await;
+    assert_ne!(code, 0, "{out}");
+    let (code, out) = mosquitto_pub(mqtt_port, &id, &other_token, &own).await;
+    assert_ne!(code, 0, "{out}");
+    app.wait_audit("mqtt.connect", |r| {
+        r["target"] == id.as_str() && r["detail"] == "bad_token (external broker)"
+    })
+    .await;
+
+    // Rotation: the old token stops at once, the new one works.
+    let resp = app
+        .admin(Method::POST, &format!("/api/v1/devices/{id}/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rotated: Value = resp.json().await.unwrap();
+    let new_token = rotated["auth_token"].as_str().unwrap().to_owned();
+    let (code, out) = mosquitto_pub(mqtt_port, &id, &token, &own).await;
+    assert_ne!(code, 0, "the old token must be refused: {out}");
+    let (code, out) = mosquitto_pub(mqtt_port, &id, &new_token, &own).await;
+    assert_eq!(code, 0, "{out}");
+
+    // The hooks answered all of it.
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "backend_mqtt_hook_decisions_total{check=\"login\",result=\"allow\"}",
+        "backend_mqtt_hook_decisions_total{check=\"login\",result=\"deny\"}",
+        "backend_mqtt_hook_decisions_total{check=\"acl\",result=\"deny\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    drop(dev);
+    app.stop().await;
+    drop(broker);
+}
