@@ -208,7 +208,9 @@ impl App {
                 message: e.to_string(),
             }
         })?;
-        // With an external broker the embedded one does not run; its listeners are closed.
+        // With an external broker the embedded one does not run; its listeners are closed, and
+        // presence follows the devices' status messages instead of the edge's events.
+        let status_sink = upstream.is_some().then(|| sink.clone());
         let (broker, publisher, connection): (
             Option<BrokerHandle>,
             Box<dyn crate::bus::Publisher>,
@@ -263,12 +265,14 @@ impl App {
             },
         });
         let dispatcher = Dispatcher::new(runtime, tracker.clone(), shutdown.clone());
-        tracker.spawn(crate::bus::run(
-            bus,
-            connection,
-            Box::new(dispatcher.clone()),
-            shutdown.clone(),
-        ));
+        let inbox: Box<dyn crate::bus::Inbox> = match &status_sink {
+            Some(sink) => Box::new(mqtt_auth::StatusPresence::new(
+                dispatcher.clone(),
+                sink.clone(),
+            )),
+            None => Box::new(dispatcher.clone()),
+        };
+        tracker.spawn(crate::bus::run(bus, connection, inbox, shutdown.clone()));
         tracker.spawn(telemetry::run_writer(
             telemetry,
             db.clone(),

@@ -216,8 +216,13 @@ struct Presence {
 }
 
 enum PresenceChange {
-    Online { peer: String },
-    Offline { reason: &'static str },
+    /// `peer`: the device's address, unknown on an external broker.
+    Online {
+        peer: Option<String>,
+    },
+    Offline {
+        reason: &'static str,
+    },
 }
 
 impl Presence {
@@ -231,7 +236,7 @@ impl Presence {
             )
             .bind(self.device.as_str())
             .bind(self.at_ms)
-            .bind(peer.as_str())
+            .bind(peer.as_deref())
             .execute(db.pool())
             .await
             .map(drop),
@@ -320,7 +325,7 @@ async fn handle_event(
             let p = presence(
                 device,
                 PresenceChange::Online {
-                    peer: peer.ip().to_string(),
+                    peer: (!peer.ip().is_unspecified()).then(|| peer.ip().to_string()),
                 },
             );
             write_presence(db, p, unwritten, metrics).await;
@@ -380,5 +385,60 @@ async fn write_presence(
     if let Err(e) = p.write(db).await {
         tracing::warn!(error = %e, device_id = %p.device, "presence update failed; will retry");
         unwritten.keep(p, metrics);
+    }
+}
+
+/// With an external broker there are no edge events: presence follows each device's status
+/// (`devices/{id}/status`, retained, and its Last Will with `online: false`), reported once
+/// per change into the same writer as the edge's events.
+pub struct StatusPresence<I> {
+    inner: I,
+    sink: Arc<ChannelSink>,
+    online: Mutex<std::collections::HashSet<DeviceId>>,
+}
+
+impl<I> StatusPresence<I> {
+    pub fn new(inner: I, sink: Arc<ChannelSink>) -> Self {
+        Self {
+            inner,
+            sink,
+            online: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+}
+
+impl<I: crate::bus::Inbox> crate::bus::Inbox for StatusPresence<I> {
+    fn deliver(
+        &self,
+        device: &DeviceId,
+        payload: companion_schema::Payload,
+        arrived: std::time::Instant,
+    ) {
+        if let companion_schema::Payload::Status(s) = &payload {
+            // A retained status comes again after every reconnect of the backend: only
+            // changes count.
+            let changed = self.online.lock().is_ok_and(|mut set| {
+                if s.online {
+                    set.insert(device.clone())
+                } else {
+                    set.remove(device)
+                }
+            });
+            if changed {
+                self.sink.send(if s.online {
+                    BrokerEvent::Connected {
+                        device: device.clone(),
+                        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                        protocol: 4,
+                    }
+                } else {
+                    BrokerEvent::Disconnected {
+                        device: device.clone(),
+                        reason: companion_broker::DisconnectReason::ReportedOffline,
+                    }
+                });
+            }
+        }
+        self.inner.deliver(device, payload, arrived);
     }
 }

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::app::{Client, DbKind, Seen, TestApp};
+use common::proxy::TcpProxy;
 use common::rabbitmq::{self, RabbitMq};
 use companion_broker::settings::Redacted;
 use companion_schema::*;
@@ -134,6 +135,58 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
         "aria",
         "switched away from the default"
     );
+
+    // Presence follows the device's status (retained) and its Last Will: the device connects
+    // through a proxy the test cuts, so RabbitMQ sees the connection die and publishes the
+    // Will.
+    let proxy = TcpProxy::start(([127, 0, 0, 1], mqtt_port).into()).await;
+    let (watched, watched_token) = app.register("rabbit-presence").await;
+    let watched_dev = DeviceId::parse(&watched).unwrap();
+    let status_topic = Topic::new(watched_dev.clone(), TopicKind::Status).to_string();
+    let status = |online: bool| Status {
+        v: 1,
+        online,
+        agent_version: "test".into(),
+        boot_id: "boot-1".into(),
+        ts_ms: 0,
+    };
+    let mut opts = MqttOptions::new(watched.clone(), "127.0.0.1", proxy.addr.port());
+    opts.set_credentials(watched.clone(), watched_token.clone());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_last_will(rumqttc::LastWill::new(
+        status_topic.clone(),
+        encode(&status(false)).unwrap(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let watcher = Client::connect(opts)
+        .await
+        .expect("connects through the proxy");
+    watcher
+        .client
+        .publish(
+            status_topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            encode(&status(true)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let online = app
+        .wait_device(&watched, |d| d["presence"]["online"] == true)
+        .await;
+    assert_eq!(online["presence"]["peer"], Value::Null, "{online}");
+    let cut = Instant::now();
+    proxy.cut();
+    let offline = app
+        .wait_device(&watched, |d| d["presence"]["online"] == false)
+        .await;
+    eprintln!("offline {:.1?} after the cut (Last Will)", cut.elapsed());
+    assert_eq!(
+        offline["presence"]["last_disconnect_reason"], "reported_offline",
+        "{offline}"
+    );
+    drop(watcher);
 
     // The other device's topics are out of reach: RabbitMQ closes the publisher.
     let foreign = format!("devices/{other}/telemetry");

@@ -20,6 +20,9 @@ pub enum DisconnectReason {
     ServerShutdown,
     NetworkError,
     ProtocolError,
+    /// On an external broker: the device's status said offline (its Last Will, or its own
+    /// goodbye). Never produced by the edge.
+    ReportedOffline,
 }
 
 impl DisconnectReason {
@@ -35,6 +38,7 @@ impl DisconnectReason {
             DisconnectReason::ServerShutdown => "server_shutdown",
             DisconnectReason::NetworkError => "network_error",
             DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::ReportedOffline => "reported_offline",
         }
     }
 }

@@ -114,6 +114,7 @@ fn v5_code(reason: DisconnectReason) -> u8 {
         DisconnectReason::KeepaliveTimeout => reason::KEEP_ALIVE_TIMEOUT,
         DisconnectReason::ProtocolError
         | DisconnectReason::NetworkError
-        | DisconnectReason::Clean => reason::PROTOCOL_ERROR,
+        | DisconnectReason::Clean
+        | DisconnectReason::ReportedOffline => reason::PROTOCOL_ERROR,
     }
 }
