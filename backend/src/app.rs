@@ -304,6 +304,12 @@ impl App {
         } else {
             None
         };
+        let broker_api = crate::broker_api::BrokerApi::new(&settings.mqtt_hook)
+            .map_err(|e| crate::settings::SettingsError::Invalid {
+                key: "mqtt_hook.broker_api",
+                message: e.to_string(),
+            })?
+            .map(Arc::new);
         let ctx = Arc::new(ApiContext {
             db: db.clone(),
             devices,
@@ -325,6 +331,7 @@ impl App {
             hook,
             hook_settings: settings.mqtt_hook.clone(),
             hook_limiter: KeyedLimiter::per_minute(settings.mqtt_hook.requests_per_minute),
+            broker_api,
         });
         Ok(Self {
             ca_pem: tls.map(|t| t.ca_pem_path),

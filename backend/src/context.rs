@@ -57,9 +57,30 @@ pub struct ApiContext {
     pub hook_settings: crate::settings::MqttHookSettings,
     /// Hook requests per calling address.
     pub hook_limiter: KeyedLimiter,
+    /// The external broker's management API (`mqtt_hook.broker_api`), for kicks.
+    pub broker_api: Option<Arc<crate::broker_api::BrokerApi>>,
 }
 
 pub type Ctx = Arc<ApiContext>;
+
+/// What a kick did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    Kicked,
+    NotConnected,
+    /// The external broker's management API failed (logged); new logins are refused anyway.
+    Failed,
+}
+
+impl Kick {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kick::Kicked => "kicked",
+            Kick::NotConnected => "not connected",
+            Kick::Failed => "kick failed",
+        }
+    }
+}
 
 fn addr_key(remote: Option<std::net::SocketAddr>) -> String {
     remote.map_or_else(|| "addr:unknown".into(), |r| format!("addr:{}", r.ip()))
@@ -120,10 +141,28 @@ impl ApiContext {
             .map_err(|retry_after_s| ApiError::TooManyRequests { retry_after_s })
     }
 
-    /// Ends a device's live connection and forgets its cached credential.
-    pub fn kick(&self, device: &DeviceId) -> bool {
+    /// Ends a device's live connection (the embedded edge's, or through the external broker's
+    /// management API) and forgets its cached credentials.
+    pub async fn kick(&self, device: &DeviceId) -> Kick {
         self.authenticator.invalidate(device);
         self.hook.invalidate(device);
-        self.broker.as_ref().is_some_and(|b| b.kick(device))
+        if let Some(broker) = &self.broker {
+            return if broker.kick(device) {
+                Kick::Kicked
+            } else {
+                Kick::NotConnected
+            };
+        }
+        let Some(api) = &self.broker_api else {
+            return Kick::NotConnected;
+        };
+        match api.disconnect(device).await {
+            Ok(0) => Kick::NotConnected,
+            Ok(_) => Kick::Kicked,
+            Err(e) => {
+                tracing::error!(error = %e, device_id = %device, "closing the device's connection on the external broker failed");
+                Kick::Failed
+            }
+        }
     }
 }

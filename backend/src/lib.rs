@@ -29,6 +29,7 @@ pub mod api;
 pub mod api_error;
 pub mod app;
 pub(crate) mod audit;
+pub mod broker_api;
 pub mod bus;
 pub mod cli;
 pub mod context;

@@ -67,6 +67,23 @@ pub struct MqttHookSettings {
     pub rabbitmq_vhost: String,
     /// The exchange RabbitMQ's MQTT plugin publishes to (`mqtt.exchange`).
     pub rabbitmq_exchange: String,
+    /// The external broker's management API, to close a revoked device's live connection:
+    /// `none`, `rabbitmq` (rabbitmq_management, e.g. `http://rabbit:15672`) or `emqx`
+    /// (e.g. `http://emqx:18083`, with an API key and secret as username and password).
+    pub broker_api: BrokerApiKind,
+    pub broker_api_url: String,
+    pub broker_api_username: String,
+    pub broker_api_password: Option<Secret>,
+}
+
+/// Which management API `mqtt_hook.broker_api` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerApiKind {
+    #[default]
+    None,
+    Rabbitmq,
+    Emqx,
 }
 
 impl Default for MqttHookSettings {
@@ -77,6 +94,10 @@ impl Default for MqttHookSettings {
             requests_per_minute: 600_000,
             rabbitmq_vhost: "/".into(),
             rabbitmq_exchange: "amq.topic".into(),
+            broker_api: BrokerApiKind::None,
+            broker_api_url: String::new(),
+            broker_api_username: String::new(),
+            broker_api_password: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `rabbitmq_cluster.rs` drives the same hooks from a real RabbitMQ.
 
 mod common;
+mod voice_fake;
 
 use common::app::{DbKind, TestApp};
 use companion_backend::settings::Secret;
@@ -447,5 +448,103 @@ async fn only_the_broker_may_ask() {
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["result"], "allow");
+    app.stop().await;
+}
+
+/// With an external broker, a kick (rotation, disabling, deletion) goes to the broker's
+/// management API; here EMQX 5's `DELETE /api/v5/clients/{clientid}` on a local fake
+/// speaking its documented answers (204 closed, 404 not connected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kicks_go_to_the_emqx_management_api() {
+    use base64::Engine as _;
+    use companion_backend::settings::BrokerApiKind;
+    use voice_fake::{Canned, FakeServer};
+
+    let emqx = FakeServer::start(|r| {
+        if r.method != "DELETE" {
+            Canned::json(405, "{}")
+        } else if r.uri.ends_with("-gone") {
+            Canned::json(
+                404,
+                r#"{"code":"CLIENTID_NOT_FOUND","message":"Client ID not found"}"#,
+            )
+        } else if r.uri.contains("broken") {
+            Canned::json(500, r#"{"code":"INTERNAL_ERROR","message":"boom"}"#)
+        } else {
+            Canned::new(204, "application/json", vec![])
+        }
+    })
+    .await;
+    // An upstream nobody listens on: the backend keeps retrying, the API works meanwhile.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = emqx.url();
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        s.mqtt.upstream = format!("mqtt://{nowhere}");
+        s.mqtt_hook.broker_api = BrokerApiKind::Emqx;
+        s.mqtt_hook.broker_api_url = url;
+        s.mqtt_hook.broker_api_username = "api-key".into();
+        s.mqtt_hook.broker_api_password = Some(Secret::new("api-secret"));
+    })
+    .await
+    .unwrap();
+    assert!(app.app_ctx.broker.is_none());
+
+    let (id, _) = app.register("Kicked").await;
+    let resp = app
+        .admin(Method::POST, &format!("/api/v1/devices/{id}/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let calls = emqx.requests();
+    assert_eq!(calls.len(), 1, "one management call");
+    assert_eq!(calls[0].uri, format!("/api/v5/clients/{id}"));
+    let basic = base64::engine::general_purpose::STANDARD.encode("api-key:api-secret");
+    assert_eq!(
+        calls[0].headers["authorization"],
+        format!("Basic {basic}").as_str()
+    );
+    let row = app
+        .wait_audit("device.token.rotate", |r| r["target"] == id.as_str())
+        .await;
+    assert_eq!(row["detail"], "kicked");
+
+    // Not connected (404): said so; the management API failing: said so, and the device is
+    // refused by the hooks all the same.
+    for device_id in ["kick-gone", "kick-broken"] {
+        let resp = app
+            .admin(Method::POST, "/api/v1/devices")
+            .json(&json!({ "device_id": device_id, "name": device_id, "device_type": "simulated", "capabilities": [] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+    }
+    let gone = "kick-gone";
+    let resp = app
+        .admin(Method::DELETE, &format!("/api/v1/devices/{gone}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let row = app
+        .wait_audit("device.delete", |r| r["target"] == gone)
+        .await;
+    assert_eq!(row["detail"], "not connected");
+    let broken = "kick-broken";
+    let resp = app
+        .admin(Method::PATCH, &format!("/api/v1/devices/{broken}"))
+        .json(&json!({ "enabled": false }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let row = app
+        .wait_audit("device.update", |r| r["target"] == broken)
+        .await;
+    assert_eq!(row["detail"], "disabled, kick failed");
     app.stop().await;
 }

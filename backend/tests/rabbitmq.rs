@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::app::{Client, DbKind, Seen, TestApp};
 use common::proxy::TcpProxy;
 use common::rabbitmq::{self, RabbitMq};
+use companion_backend::settings::{BrokerApiKind, Secret};
 use companion_broker::settings::Redacted;
 use companion_schema::*;
 use reqwest::Method;
@@ -91,7 +92,14 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     // Each needs the other's port: RabbitMQ's MQTT port is chosen first, the backend keeps
     // retrying it until the node is up.
     let mqtt_port = RabbitMq::free_port();
+    let management_port = RabbitMq::free_port();
     let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        // The test polls the admin API (presence, audit) more than 100 times a minute.
+        s.http.rate_limit_per_minute = 100_000;
+        s.mqtt_hook.broker_api = BrokerApiKind::Rabbitmq;
+        s.mqtt_hook.broker_api_url = format!("http://127.0.0.1:{management_port}");
+        s.mqtt_hook.broker_api_username = rabbitmq::BACKEND_USER.into();
+        s.mqtt_hook.broker_api_password = Some(Secret::new(rabbitmq::BACKEND_PASS));
         s.mqtt_hook.allow_from =
             companion_broker::proxy::Networks::parse(&["127.0.0.1/32"]).unwrap();
         s.mqtt.upstream = format!("mqtt://127.0.0.1:{mqtt_port}");
@@ -103,7 +111,12 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     .unwrap();
     assert!(app.app_ctx.broker.is_none(), "the embedded broker is off");
     let booting = Instant::now();
-    let broker = RabbitMq::start(&format!("http://{}", app.http), mqtt_port).await;
+    let broker = RabbitMq::start(
+        &format!("http://{}", app.http),
+        mqtt_port,
+        Some(management_port),
+    )
+    .await;
     eprintln!("RabbitMQ up in {:.1?}", booting.elapsed());
     let (id, token) = app.register("rabbit").await;
     let (other, other_token) = app.register("rabbit-other").await;
@@ -211,7 +224,14 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     })
     .await;
 
-    // Rotation: the old token stops at once, the new one works.
+    // Rotation: the live connection is closed through the management API, the old token stops
+    // at once, the new one works.
+    drop(dev);
+    let mut opts = MqttOptions::new(id.clone(), "127.0.0.1", mqtt_port);
+    opts.set_credentials(id.clone(), token.clone());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let mut dev = Client::connect(opts).await.expect("the device reconnects");
+    let rotating = Instant::now();
     let resp = app
         .admin(Method::POST, &format!("/api/v1/devices/{id}/token"))
         .send()
@@ -220,6 +240,25 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     assert_eq!(resp.status(), 200);
     let rotated: Value = resp.json().await.unwrap();
     let new_token = rotated["auth_token"].as_str().unwrap().to_owned();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match dev.rx.recv().await {
+                Some(Seen::Closed(e)) => return e,
+                None => panic!("the client task ended without an error"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the rotated device's live connection is closed");
+    eprintln!(
+        "live connection closed {:.1?} after the rotation request ({closed})",
+        rotating.elapsed()
+    );
+    app.wait_audit("device.token.rotate", |r| {
+        r["target"] == id.as_str() && r["detail"] == "kicked"
+    })
+    .await;
     let (code, out) = mosquitto_pub(mqtt_port, &id, &token, &own).await;
     assert_ne!(code, 0, "the old token must be refused: {out}");
     let (code, out) = mosquitto_pub(mqtt_port, &id, &new_token, &own).await;
@@ -242,7 +281,6 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
-    drop(dev);
     app.stop().await;
     drop(broker);
 }

@@ -9,7 +9,7 @@ use warp::Reply;
 use super::{device_id_param, validate_new_device};
 use crate::api_error::ApiError;
 use crate::audit::{AuditEntry, Outcome};
-use crate::context::{Ctx, MqttInfo};
+use crate::context::{Ctx, Kick, MqttInfo};
 use crate::http::{json, json_no_store, Req};
 use crate::registry::model::DeviceName;
 use crate::registry::{Device, StoreError};
@@ -282,9 +282,12 @@ pub async fn patch(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
         });
     }
     if body.enabled == Some(false) {
-        let kicked = ctx.kick(&id);
-        if kicked {
-            detail.push_str(", kicked");
+        match ctx.kick(&id).await {
+            Kick::NotConnected => {}
+            kick => {
+                detail.push_str(", ");
+                detail.push_str(kick.as_str());
+            }
         }
     }
     ctx.audit
@@ -304,13 +307,13 @@ pub async fn delete(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     if !ctx.devices.delete(&id).await.map_err(store_error)? {
         return Err(ApiError::NotFound(format!("no device {id}")));
     }
-    let kicked = ctx.kick(&id);
+    let kick = ctx.kick(&id).await;
     ctx.audit
         .record(
             AuditEntry::new(&who.name, "device.delete", Outcome::Success)
                 .target(id.to_string())
                 .remote(req.remote)
-                .detail(if kicked { "kicked" } else { "not connected" }),
+                .detail(kick.as_str()),
         )
         .await;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -331,13 +334,13 @@ pub async fn rotate(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
         .await
         .map_err(store_error)?
         .ok_or_else(|| ApiError::NotFound(format!("no device {id}")))?;
-    let kicked = ctx.kick(&id);
+    let kick = ctx.kick(&id).await;
     ctx.audit
         .record(
             AuditEntry::new(&who.name, "device.token.rotate", Outcome::Success)
                 .target(id.to_string())
                 .remote(req.remote)
-                .detail(if kicked { "kicked" } else { "not connected" }),
+                .detail(kick.as_str()),
         )
         .await;
     Ok(json_no_store(

@@ -54,9 +54,13 @@ impl RabbitMq {
     /// Starts a node with its MQTT listener on `mqtt` and companion at `hook_base`
     /// (`http://127.0.0.1:<port>`) as its HTTP auth backend, and waits until the listener
     /// accepts connections.
-    pub async fn start(hook_base: &str, mqtt: u16) -> Self {
+    /// With `management`, the management plugin listens there (kicks go through it).
+    pub async fn start(hook_base: &str, mqtt: u16, management: Option<u16>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (amqp, dist) = (free_port(), free_port());
+        let management_conf = management.map_or_else(String::new, |port| {
+            format!("management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {port}\n")
+        });
         let node = format!("companion-test-{}-{mqtt}@localhost", std::process::id());
         let hook = format!("{hook_base}/api/v1/mqtt/rabbitmq");
         std::fs::write(
@@ -74,15 +78,17 @@ impl RabbitMq {
                  auth_http.topic_path = {hook}/topic\n\
                  default_user = {BACKEND_USER}\n\
                  default_pass = {BACKEND_PASS}\n\
-                 loopback_users = none\n"
+                 loopback_users = none\n\
+                 {management_conf}"
             ),
         )
         .unwrap();
-        std::fs::write(
-            dir.path().join("enabled_plugins"),
-            "[rabbitmq_mqtt,rabbitmq_auth_backend_http].\n",
-        )
-        .unwrap();
+        let plugins = if management.is_some() {
+            "[rabbitmq_mqtt,rabbitmq_auth_backend_http,rabbitmq_management].\n"
+        } else {
+            "[rabbitmq_mqtt,rabbitmq_auth_backend_http].\n"
+        };
+        std::fs::write(dir.path().join("enabled_plugins"), plugins).unwrap();
         let mut cmd = tokio::process::Command::new(Path::new(SBIN).join("rabbitmq-server"));
         env(&mut cmd, dir.path(), &node, amqp, dist);
         let log = std::fs::File::create(dir.path().join("server.out")).unwrap();
