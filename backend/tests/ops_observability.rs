@@ -205,6 +205,59 @@ fn nginx_accepts_the_reverse_proxy_config() {
     );
 }
 
+/// The cluster deployment's load balancer passes `nginx -t` (Debian's nginx loads the stream
+/// module dynamically; the image has it built in), and the cluster compose file mounts the
+/// RabbitMQ configuration the RabbitMQ tests boot, with the hooks it names enabled.
+#[test]
+fn the_cluster_deployment_files_hold_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = std::fs::read_to_string(repo_root().join("ops/nginx/mqtt-cluster.conf")).unwrap();
+    let conf = format!(
+        "include /etc/nginx/modules-enabled/*.conf;\n{}",
+        conf.replace("rabbitmq-1:", "127.0.0.1:")
+            .replace("rabbitmq-2:", "127.0.0.2:")
+            .replace(
+                "pid /run/nginx.pid;",
+                &format!("pid {};", dir.path().join("pid").display())
+            )
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let out = nginx(dir.path(), &path, &["-t"]);
+    assert!(
+        out.status.success(),
+        "nginx -t (mqtt-cluster.conf):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let compose =
+        std::fs::read_to_string(repo_root().join("ops/docker-compose.cluster.yml")).unwrap();
+    for needed in [
+        "./rabbitmq/rabbitmq.conf:/etc/rabbitmq/rabbitmq.conf:ro",
+        "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro",
+        "./nginx/mqtt-cluster.conf:/etc/nginx/nginx.conf:ro",
+        "COMPANION_MQTT__UPSTREAM_SHARED: \"false\"",
+        "COMPANION_MQTT_HOOK__BROKER_API: rabbitmq",
+    ] {
+        assert!(
+            compose.contains(needed),
+            "docker-compose.cluster.yml: {needed}"
+        );
+    }
+    let rabbit = std::fs::read_to_string(repo_root().join("ops/rabbitmq/rabbitmq.conf")).unwrap();
+    for path in ["user", "vhost", "resource", "topic"] {
+        assert!(
+            rabbit.contains(&format!(
+                "auth_http.{path}_path = http://companion:8000/api/v1/mqtt/rabbitmq/{path}"
+            )),
+            "rabbitmq.conf asks companion's {path} hook"
+        );
+    }
+    // The hook network in the compose file is the compose network's subnet.
+    assert!(compose.contains("COMPANION_MQTT_HOOK__ALLOW_FROM: \"172.30.0.0/24\""));
+    assert!(compose.contains("- subnet: 172.30.0.0/24"));
+}
+
 /// The shipped nginx.conf, run for real in front of a server started with
 /// `http.trusted_proxies` and `mqtt.proxy_protocol_from` set to the proxy's address.
 struct Nginx {

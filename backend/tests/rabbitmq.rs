@@ -111,10 +111,14 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     .unwrap();
     assert!(app.app_ctx.broker.is_none(), "the embedded broker is off");
     let booting = Instant::now();
+    // Devices dial RabbitMQ over TLS with companion's certificate, as in ops/.
+    let tls_port = RabbitMq::free_port();
+    let tls_dir = app.ca_pem.parent().unwrap().to_owned();
     let broker = RabbitMq::start(
         &format!("http://{}", app.http),
         mqtt_port,
-        Some(management_port),
+        management_port,
+        Some((tls_port, &tls_dir)),
     )
     .await;
     eprintln!("RabbitMQ up in {:.1?}", booting.elapsed());
@@ -122,14 +126,16 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     let (other, other_token) = app.register("rabbit-other").await;
     let device = DeviceId::parse(&id).unwrap();
 
-    // A real device (rumqttc, MQTT 3.1.1) with its token: the persona button works end to end
-    // through RabbitMQ and the backend.
-    let mut opts = MqttOptions::new(id.clone(), "127.0.0.1", mqtt_port);
-    opts.set_credentials(id.clone(), token.clone());
-    opts.set_keep_alive(Duration::from_secs(30));
-    let mut dev = Client::connect(opts)
-        .await
-        .unwrap_or_else(|e| panic!("the device connects: {e}\n{}", broker.output()));
+    // A real device (rumqttc, MQTT 3.1.1 over TLS) with its token: the persona button works
+    // end to end through RabbitMQ and the backend.
+    let mut dev = Client::connect(common::device_tls_options(
+        &app.ca_pem,
+        tls_port,
+        &id,
+        &token,
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("the device connects: {e}\n{}", broker.output()));
     dev.client
         .subscribe(
             Topic::new(device.clone(), TopicKind::Persona).to_string(),
@@ -283,4 +289,73 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     }
     app.stop().await;
     drop(broker);
+}
+
+/// Two RabbitMQ nodes in one cluster, both authenticating through companion: a device on the
+/// second node is served by the backend connected to the first (messages cross the cluster),
+/// and the second node enforces the same ACL through the hooks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_node_rabbitmq_cluster_serves_devices_on_either_node() {
+    if !rabbitmq::available() {
+        return;
+    }
+    let (port1, port2) = (RabbitMq::free_port(), RabbitMq::free_port());
+    let Some(app) = TestApp::start_with(DbKind::Postgres, |s| {
+        s.http.rate_limit_per_minute = 100_000;
+        s.mqtt_hook.allow_from =
+            companion_broker::proxy::Networks::parse(&["127.0.0.1/32"]).unwrap();
+        s.mqtt.upstream = format!("mqtt://127.0.0.1:{port1}");
+        s.mqtt.upstream_username = rabbitmq::BACKEND_USER.into();
+        s.mqtt.upstream_password = Some(Redacted(rabbitmq::BACKEND_PASS.into()));
+        s.mqtt.upstream_shared = false;
+    })
+    .await
+    else {
+        return;
+    };
+    let hook = format!("http://{}", app.http);
+    let booting = Instant::now();
+    let node1 = RabbitMq::start(&hook, port1, RabbitMq::free_port(), None).await;
+    let node2 = RabbitMq::join(&node1, &hook, port2).await;
+    eprintln!("two-node cluster up in {:.1?}", booting.elapsed());
+
+    let mut served = Vec::new();
+    for (name, port) in [("on-node-1", port1), ("on-node-2", port2)] {
+        let (id, token) = app.register(name).await;
+        let device = DeviceId::parse(&id).unwrap();
+        let mut opts = MqttOptions::new(id.clone(), "127.0.0.1", port);
+        opts.set_credentials(id.clone(), token.clone());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let mut dev = Client::connect(opts)
+            .await
+            .unwrap_or_else(|e| panic!("{name} connects: {e}\n{}", node2.output()));
+        dev.client
+            .subscribe(
+                Topic::new(device.clone(), TopicKind::Persona).to_string(),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let state = persona_round_trip(&mut dev, &device).await;
+        eprintln!("{name}: persona answer after {:.1?}", started.elapsed());
+        assert_ne!(state.persona_id.as_str(), "aria");
+        served.push((id, token, dev));
+    }
+    // The device on node 2 cannot reach the one on node 1.
+    let (id2, token2, _) = &served[1];
+    let foreign = format!("devices/{}/telemetry", served[0].0);
+    let (code, out) = mosquitto_pub(port2, id2, token2, &foreign).await;
+    assert_ne!(
+        code, 0,
+        "publishing to {foreign} through node 2 must fail: {out}"
+    );
+    app.wait_audit("mqtt.acl", |r| {
+        r["detail"] == format!("publish {foreign} (external broker)").as_str()
+    })
+    .await;
+    drop(served);
+    app.stop().await;
+    drop(node2);
+    drop(node1);
 }

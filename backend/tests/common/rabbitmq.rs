@@ -51,44 +51,56 @@ impl RabbitMq {
         free_port()
     }
 
-    /// Starts a node with its MQTT listener on `mqtt` and companion at `hook_base`
-    /// (`http://127.0.0.1:<port>`) as its HTTP auth backend, and waits until the listener
-    /// accepts connections.
-    /// With `management`, the management plugin listens there (kicks go through it).
-    pub async fn start(hook_base: &str, mqtt: u16, management: Option<u16>) -> Self {
+    /// Starts a node from the shipped `ops/rabbitmq/rabbitmq.conf`, with its MQTT listener on
+    /// `mqtt`, companion at `hook_base` (`http://127.0.0.1:<port>`) as its HTTP auth backend,
+    /// and the management API on `management`; waits until the listener accepts connections.
+    /// With `tls` (a port and companion's TLS directory: `ca.pem`, `server.pem`,
+    /// `server.key`), devices can also connect over TLS there.
+    pub async fn start(
+        hook_base: &str,
+        mqtt: u16,
+        management: u16,
+        tls: Option<(u16, &Path)>,
+    ) -> Self {
+        Self::start_node(hook_base, mqtt, Some(management), tls, None).await
+    }
+
+    /// Starts a second node that joins `first`'s cluster as it boots (peer discovery from
+    /// the classic config: the first node is already up).
+    pub async fn join(first: &RabbitMq, hook_base: &str, mqtt: u16) -> Self {
+        let management = Some(free_port());
+        Self::start_node(hook_base, mqtt, management, None, Some(first.node.clone())).await
+    }
+
+    async fn start_node(
+        hook_base: &str,
+        mqtt: u16,
+        management: Option<u16>,
+        tls: Option<(u16, &Path)>,
+        join: Option<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (amqp, dist) = (free_port(), free_port());
-        let management_conf = management.map_or_else(String::new, |port| {
-            format!("management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {port}\n")
-        });
         let node = format!("companion-test-{}-{mqtt}@localhost", std::process::id());
-        let hook = format!("{hook_base}/api/v1/mqtt/rabbitmq");
-        std::fs::write(
-            dir.path().join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.default = 127.0.0.1:{amqp}\n\
-                 mqtt.listeners.tcp.default = 127.0.0.1:{mqtt}\n\
-                 mqtt.allow_anonymous = false\n\
-                 auth_backends.1 = internal\n\
-                 auth_backends.2 = http\n\
-                 auth_http.http_method = post\n\
-                 auth_http.user_path = {hook}/user\n\
-                 auth_http.vhost_path = {hook}/vhost\n\
-                 auth_http.resource_path = {hook}/resource\n\
-                 auth_http.topic_path = {hook}/topic\n\
-                 default_user = {BACKEND_USER}\n\
-                 default_pass = {BACKEND_PASS}\n\
-                 loopback_users = none\n\
-                 {management_conf}"
-            ),
+        let mut conf = shipped_config(hook_base, mqtt, management, tls);
+        conf.push_str(&format!(
+            "listeners.tcp.default = 127.0.0.1:{amqp}\n\
+             default_user = {BACKEND_USER}\n\
+             default_pass = {BACKEND_PASS}\n\
+             loopback_users = none\n"
+        ));
+        if let Some(first) = &join {
+            conf.push_str(&format!(
+                "cluster_formation.peer_discovery_backend = classic_config\n\
+                 cluster_formation.classic_config.nodes.1 = {first}\n"
+            ));
+        }
+        std::fs::write(dir.path().join("rabbitmq.conf"), conf).unwrap();
+        std::fs::copy(
+            ops_dir().join("enabled_plugins"),
+            dir.path().join("enabled_plugins"),
         )
         .unwrap();
-        let plugins = if management.is_some() {
-            "[rabbitmq_mqtt,rabbitmq_auth_backend_http,rabbitmq_management].\n"
-        } else {
-            "[rabbitmq_mqtt,rabbitmq_auth_backend_http].\n"
-        };
-        std::fs::write(dir.path().join("enabled_plugins"), plugins).unwrap();
         let mut cmd = tokio::process::Command::new(Path::new(SBIN).join("rabbitmq-server"));
         env(&mut cmd, dir.path(), &node, amqp, dist);
         let log = std::fs::File::create(dir.path().join("server.out")).unwrap();
@@ -154,4 +166,64 @@ impl Drop for RabbitMq {
             libc::kill(-self.pgid, libc::SIGKILL);
         }
     }
+}
+
+fn ops_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/rabbitmq")
+}
+
+/// `ops/rabbitmq/rabbitmq.conf` with this machine's ports, paths and hook address: every
+/// other setting is used as shipped.
+fn shipped_config(
+    hook_base: &str,
+    mqtt: u16,
+    management: Option<u16>,
+    tls: Option<(u16, &Path)>,
+) -> String {
+    let shipped = std::fs::read_to_string(ops_dir().join("rabbitmq.conf")).unwrap();
+    for required in [
+        "mqtt.allow_anonymous = false",
+        "auth_backends.2 = http",
+        "auth_http.http_method = post",
+    ] {
+        assert!(
+            shipped.lines().any(|l| l.trim() == required),
+            "ops/rabbitmq/rabbitmq.conf keeps {required:?}"
+        );
+    }
+    let mut out = String::new();
+    for line in shipped.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line.split_once(" = ").expect("key = value");
+        let value = match key {
+            "mqtt.listeners.tcp.default" => format!("127.0.0.1:{mqtt}"),
+            "mqtt.listeners.ssl.default" => match tls {
+                Some((port, _)) => format!("127.0.0.1:{port}"),
+                None => continue,
+            },
+            "ssl_options.cacertfile" | "ssl_options.certfile" | "ssl_options.keyfile" => {
+                let Some((_, tls_dir)) = tls else { continue };
+                let file = Path::new(value).file_name().unwrap();
+                tls_dir.join(file).display().to_string()
+            }
+            k if k.starts_with("ssl_options.") && tls.is_none() => continue,
+            "management.tcp.port" => match management {
+                Some(port) => {
+                    out.push_str("management.tcp.ip = 127.0.0.1\n");
+                    port.to_string()
+                }
+                None => continue,
+            },
+            // This machine's nodes are named by the test; a second one joins the first.
+            k if k.starts_with("cluster_formation.") => continue,
+            k if k.starts_with("auth_http.") && k.ends_with("_path") => {
+                value.replace("http://companion:8000", hook_base)
+            }
+            _ => value.to_owned(),
+        };
+        out.push_str(&format!("{key} = {value}\n"));
+    }
+    out
 }
