@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p companion-backend --bench registry`
 //! Environment: `BENCH_REGISTRATIONS` (default 2000), `BENCH_CONCURRENCY` (16),
-//! `BENCH_CONNECTS` (500).
+//! `BENCH_CONNECTS` (500), `BENCH_HOOK_REQUESTS` (20000: external-broker hook calls per kind).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +13,8 @@ use companion_backend::app::{App, Listeners};
 use companion_backend::settings::{Secret, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+
+const HOOK_SECRET: &str = "bench-hook-secret";
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -94,6 +96,8 @@ async fn run(label: &str, database_url: Option<String>) {
     settings.http.rate_limit_per_minute = 1_000_000_000;
     settings.database.url = database_url.map(Secret::new);
     settings.database.max_connections = 16;
+    settings.mqtt_hook.secret = Some(Secret::new(HOOK_SECRET));
+    settings.mqtt_hook.requests_per_minute = 1_000_000_000;
     let shutdown = CancellationToken::new();
     let app = App::build(
         settings,
@@ -175,6 +179,61 @@ async fn run(label: &str, database_url: Option<String>) {
         report(
             &format!("[{label}] MQTT authentications, {round}"),
             m,
+            start.elapsed(),
+            lat,
+        );
+    }
+    // The external-broker hooks: an EMQX login and a RabbitMQ topic check per request, as a
+    // broker node would send them (one HTTP/1.1 connection per worker, kept alive).
+    let requests = env("BENCH_HOOK_REQUESTS", 20_000);
+    for (what, path) in [
+        ("hook logins (EMQX authn)", "/api/v1/mqtt/emqx/authn"),
+        (
+            "hook topic checks (RabbitMQ topic)",
+            "/api/v1/mqtt/rabbitmq/topic",
+        ),
+    ] {
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for w in 0..c {
+            let creds = creds.clone();
+            let client = reqwest::Client::new();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                for i in (w..requests).step_by(c) {
+                    let (id, token) = &creds[i % creds.len()];
+                    let req = client
+                        .post(format!("http://{http}{path}"))
+                        .bearer_auth(HOOK_SECRET);
+                    let req = if path.ends_with("authn") {
+                        req.json(&serde_json::json!({ "clientid": id, "username": id, "password": token }))
+                    } else {
+                        req.form(&[
+                            ("username", id.as_str()),
+                            ("vhost", "/"),
+                            ("resource", "topic"),
+                            ("name", "amq.topic"),
+                            ("permission", "write"),
+                            ("routing_key", &format!("devices.{id}.telemetry")),
+                        ])
+                    };
+                    let t = Instant::now();
+                    let resp = req.send().await.expect("request");
+                    assert_eq!(resp.status(), 200);
+                    let body = resp.text().await.expect("body");
+                    assert!(body.contains("allow"), "{body}");
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.expect("task"));
+        }
+        report(
+            &format!("[{label}] {what}, {c} concurrent"),
+            requests,
             start.elapsed(),
             lat,
         );

@@ -195,6 +195,7 @@ impl App {
         let tracker = TaskTracker::new();
         let devices = DeviceStore::new(db.clone());
         let audit = AuditLog::new(db.clone());
+        audit.register(&mut registry);
         let authenticator = RegistryAuthenticator::new(devices.clone());
         let (sink, events) = ChannelSink::new(presence_metrics.clone());
         // Telemetry is acknowledged to a device once stored (the batcher holds the PUBACK).
@@ -279,6 +280,7 @@ impl App {
             shutdown.clone(),
         ));
         tracker.spawn(crate::rules::store::watch(rules.clone(), shutdown.clone()));
+        tracker.spawn(audit.clone().run_retries(shutdown.clone()));
         tracker.spawn(mqtt_auth::write_events(
             events,
             db.clone(),

@@ -1,8 +1,16 @@
 //! The audit log (`audit_log`): every admin action, failed authentication (REST and MQTT),
 //! rotation, enrolment and kick. Never records a secret.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use sqlx::Row;
+use tokio_util::sync::CancellationToken;
 
 use crate::db::{now_ms, Db};
 use crate::registry::tokens::{hash_token, random_token};
@@ -86,27 +94,144 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
-#[derive(Clone, Debug)]
+/// Records kept in memory while the database is unavailable; beyond it, new ones are dropped
+/// and counted.
+pub const UNWRITTEN_CAPACITY: usize = 10_000;
+/// Pause between attempts to write kept records.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+
+/// Records that could not be written because the database was unavailable, oldest first,
+/// each with the time it was recorded.
+#[derive(Default)]
+struct Unwritten {
+    queue: Mutex<VecDeque<(i64, AuditEntry)>>,
+    kept: Gauge,
+    dropped: Counter,
+}
+
+#[derive(Clone)]
 pub struct AuditLog {
     db: Db,
+    unwritten: Arc<Unwritten>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").finish_non_exhaustive()
+    }
 }
 
 impl AuditLog {
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self {
+            db,
+            unwritten: Arc::default(),
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "backend_audit_unwritten",
+            "Audit records kept in memory because the database was unavailable",
+            self.unwritten.kept.clone(),
+        );
+        registry.register(
+            "backend_audit_dropped",
+            "Audit records lost: the database was unavailable and the memory queue full",
+            self.unwritten.dropped.clone(),
+        );
     }
 
     /// Writes an entry. A failure is logged, never propagated: auditing must not break the
-    /// action it records.
+    /// action it records. While the database is unavailable the entry is kept (with its time)
+    /// and written by [`AuditLog::run_retries`] when it returns.
     pub async fn record(&self, entry: AuditEntry) {
-        if let Err(e) = self.try_record(&entry).await {
-            tracing::error!(error = %e, action = entry.action, "writing the audit log failed");
+        let ts = now_ms();
+        match self.insert(ts, &entry).await {
+            Ok(()) => {}
+            Err(e) if crate::db::unavailable(&e) => self.keep(ts, entry),
+            Err(e) => {
+                tracing::error!(error = %e, action = entry.action, "writing the audit log failed");
+            }
+        }
+    }
+
+    fn keep(&self, ts: i64, entry: AuditEntry) {
+        let Ok(mut queue) = self.unwritten.queue.lock() else {
+            return;
+        };
+        if queue.len() >= UNWRITTEN_CAPACITY {
+            self.unwritten.dropped.inc();
+            tracing::error!(action = entry.action, "the database is unavailable and {UNWRITTEN_CAPACITY} audit records wait already; this one is lost");
+            return;
+        }
+        if queue.is_empty() {
+            tracing::warn!(
+                "the database is unavailable; audit records are kept in memory until it returns"
+            );
+        }
+        queue.push_back((ts, entry));
+        self.unwritten.kept.set(queue.len() as i64);
+    }
+
+    /// How many records wait for the database.
+    pub fn unwritten(&self) -> usize {
+        self.unwritten.queue.lock().map_or(0, |q| q.len())
+    }
+
+    /// Writes kept records, oldest first, until `shutdown` (one last attempt then).
+    pub async fn run_retries(self, shutdown: CancellationToken) {
+        loop {
+            let stop = tokio::select! {
+                _ = tokio::time::sleep(RETRY_EVERY) => false,
+                _ = shutdown.cancelled() => true,
+            };
+            self.flush().await;
+            if stop {
+                let left = self.unwritten();
+                if left > 0 {
+                    tracing::error!(records = left, "audit records not written before shutdown");
+                }
+                return;
+            }
+        }
+    }
+
+    async fn flush(&self) {
+        loop {
+            let next = self
+                .unwritten
+                .queue
+                .lock()
+                .ok()
+                .and_then(|q| q.front().cloned());
+            let Some((ts, entry)) = next else {
+                return;
+            };
+            match self.insert(ts, &entry).await {
+                Ok(()) => {}
+                Err(e) if crate::db::unavailable(&e) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, action = entry.action, "writing a kept audit record failed; dropping it");
+                    self.unwritten.dropped.inc();
+                }
+            }
+            if let Ok(mut q) = self.unwritten.queue.lock() {
+                q.pop_front();
+                self.unwritten.kept.set(q.len() as i64);
+                if q.is_empty() {
+                    tracing::info!("audit records kept during the database outage are written");
+                }
+            }
         }
     }
 
     pub async fn try_record(&self, e: &AuditEntry) -> Result<(), sqlx::Error> {
+        self.insert(now_ms(), e).await
+    }
+
+    async fn insert(&self, ts: i64, e: &AuditEntry) -> Result<(), sqlx::Error> {
         // Time-ordered, unique id: millisecond timestamp then randomness.
-        let ts = now_ms();
         let id = format!("{ts:013}-{}", &hash_token(&random_token())[..12]);
         sqlx::query(
             "INSERT INTO audit_log (audit_id, ts_ms, actor, action, target, outcome, remote_addr, detail)

@@ -196,10 +196,19 @@ async fn postgres_away_for_30_s() {
         metric(&app, "backend_telemetry_unstored ").await >= 1.0,
         "held telemetry is visible on /metrics"
     );
+    // The newcomer's refusal could not be audited yet: kept in memory, visible.
+    assert!(
+        metric(&app, "backend_audit_unwritten ").await >= 1.0,
+        "audit records kept during the outage are visible on /metrics"
+    );
 
     // The database comes back: everything recovers by itself.
     proxy.restore();
     let restored_at = Instant::now();
+    let restored_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     within("/ready says 200", RECOVERY, || async {
         ready_status(&app).await == 200
     })
@@ -253,6 +262,20 @@ async fn postgres_away_for_30_s() {
     let next = steady.next_persona().await;
     assert_ne!(next.persona_id.as_str(), "pip");
     assert_eq!(next.trigger, "rule:persona button cycles persona");
+    // The refusal during the outage reached the audit log afterwards, with its own time.
+    let refusal = app
+        .wait_audit("mqtt.connect", |r| {
+            r["target"] == new_id.as_str() && r["detail"] == "unavailable"
+        })
+        .await;
+    assert!(
+        refusal["ts_ms"].as_i64().unwrap() < restored_ms,
+        "recorded when it happened: {refusal}"
+    );
+    within("no audit record waits any more", RECOVERY, || async {
+        metric(&app, "backend_audit_unwritten ").await == 0.0
+    })
+    .await;
     // The refused device gets in now.
     Client::connect(app.device_tls(&new_id, &new_token))
         .await
