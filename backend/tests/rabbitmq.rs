@@ -38,52 +38,6 @@ async fn mosquitto_pub(port: u16, id: &str, token: &str, topic: &str) -> (i32, S
     )
 }
 
-/// Presses the persona button until the backend answers on the persona topic (its
-/// subscriptions on RabbitMQ may still be on their way).
-async fn persona_round_trip(dev: &mut Client, device: &DeviceId) -> PersonaState {
-    let persona_topic = Topic::new(device.clone(), TopicKind::Persona).to_string();
-    let mut seq = 0;
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            seq += 1;
-            let press = ButtonEvent {
-                v: 1,
-                seq,
-                ts_ms: 0,
-                button: "persona".into(),
-                action: ButtonAction::Press,
-            };
-            dev.client
-                .publish(
-                    Topic::new(device.clone(), TopicKind::Button).to_string(),
-                    QoS::AtLeastOnce,
-                    false,
-                    encode(&press).unwrap(),
-                )
-                .await
-                .unwrap();
-            let answer = tokio::time::timeout(Duration::from_millis(500), async {
-                loop {
-                    match dev.rx.recv().await {
-                        Some(Seen::Publish { topic, payload }) if topic == persona_topic => {
-                            return decode::<PersonaState>(&payload).unwrap()
-                        }
-                        Some(Seen::Closed(e)) => panic!("closed: {e}"),
-                        None => panic!("ended"),
-                        _ => {}
-                    }
-                }
-            })
-            .await;
-            if let Ok(state) = answer {
-                return state;
-            }
-        }
-    })
-    .await
-    .expect("the backend answers through RabbitMQ")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
     if !rabbitmq::available() {
@@ -144,7 +98,9 @@ async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {
         .await
         .unwrap();
     let started = Instant::now();
-    let state = persona_round_trip(&mut dev, &device).await;
+    let state = dev
+        .press_until_persona(&device, Duration::from_secs(30))
+        .await;
     eprintln!(
         "first persona answer through RabbitMQ after {:.1?}",
         started.elapsed()
@@ -337,7 +293,9 @@ async fn a_two_node_rabbitmq_cluster_serves_devices_on_either_node() {
             .await
             .unwrap();
         let started = Instant::now();
-        let state = persona_round_trip(&mut dev, &device).await;
+        let state = dev
+            .press_until_persona(&device, Duration::from_secs(30))
+            .await;
         eprintln!("{name}: persona answer after {:.1?}", started.elapsed());
         assert_ne!(state.persona_id.as_str(), "aria");
         served.push((id, token, dev));

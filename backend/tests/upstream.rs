@@ -6,7 +6,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::app::{Client, DbKind, Seen, TestApp};
+use common::app::{Client, DbKind, TestApp};
 use companion_schema::*;
 use rumqttc::{MqttOptions, QoS};
 
@@ -84,46 +84,9 @@ async fn with_an_upstream_broker_the_backend_serves_devices_through_it() {
         .unwrap();
 
     // Press the persona button until the backend's subscription is in place and it answers.
-    let mut seq = 0;
-    let state: PersonaState = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            seq += 1;
-            let press = ButtonEvent {
-                v: 1,
-                seq,
-                ts_ms: 0,
-                button: "persona".into(),
-                action: ButtonAction::Press,
-            };
-            dev.client
-                .publish(
-                    Topic::new(device.clone(), TopicKind::Button).to_string(),
-                    QoS::AtLeastOnce,
-                    false,
-                    encode(&press).unwrap(),
-                )
-                .await
-                .unwrap();
-            let answer = tokio::time::timeout(Duration::from_millis(500), async {
-                loop {
-                    match dev.rx.recv().await {
-                        Some(Seen::Publish { topic, payload }) if topic == persona_topic => {
-                            return decode::<PersonaState>(&payload).unwrap()
-                        }
-                        Some(Seen::Closed(e)) => panic!("closed: {e}"),
-                        None => panic!("ended"),
-                        _ => {}
-                    }
-                }
-            })
-            .await;
-            if let Ok(state) = answer {
-                return state;
-            }
-        }
-    })
-    .await
-    .expect("the backend answers through mosquitto");
+    let state = dev
+        .press_until_persona(&device, Duration::from_secs(20))
+        .await;
     assert_ne!(
         state.persona_id.as_str(),
         "aria",

@@ -235,6 +235,57 @@ impl Client {
         Ok(Client { client, rx })
     }
 
+    /// Presses the persona button until the backend answers on the persona topic (its
+    /// subscriptions on an external broker may still be on their way).
+    pub async fn press_until_persona(
+        &mut self,
+        device: &companion_schema::DeviceId,
+        limit: Duration,
+    ) -> companion_schema::PersonaState {
+        use companion_schema::*;
+        let persona_topic = Topic::new(device.clone(), TopicKind::Persona).to_string();
+        let mut seq = 0;
+        tokio::time::timeout(limit, async {
+            loop {
+                seq += 1;
+                let press = ButtonEvent {
+                    v: 1,
+                    seq,
+                    ts_ms: 0,
+                    button: "persona".into(),
+                    action: ButtonAction::Press,
+                };
+                self.client
+                    .publish(
+                        Topic::new(device.clone(), TopicKind::Button).to_string(),
+                        QoS::AtLeastOnce,
+                        false,
+                        encode(&press).unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let answer = tokio::time::timeout(Duration::from_millis(500), async {
+                    loop {
+                        match self.rx.recv().await {
+                            Some(Seen::Publish { topic, payload }) if topic == persona_topic => {
+                                return decode::<PersonaState>(&payload).unwrap()
+                            }
+                            Some(Seen::Closed(e)) => panic!("closed: {e}"),
+                            None => panic!("ended"),
+                            _ => {}
+                        }
+                    }
+                })
+                .await;
+                if let Ok(state) = answer {
+                    return state;
+                }
+            }
+        })
+        .await
+        .expect("the backend answers the persona button")
+    }
+
     pub async fn subscribe(&self, filter: &str) {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
