@@ -63,9 +63,7 @@ pub(super) async fn run<S>(
 
     // A source blocked while this connection was in its handshake is refused before the
     // authenticator (and its database lookup).
-    let blocked = edge
-        .throttle
-        .blocked(Source::of(peer.ip()), Instant::now());
+    let blocked = edge.throttle.blocked(Source::of(peer.ip()), Instant::now());
     let verdict = if blocked {
         Err(DenyReason::Throttled)
     } else {
