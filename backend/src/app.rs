@@ -287,6 +287,10 @@ impl App {
             audit.clone(),
             Some(dispatcher.clone()),
             presence_metrics,
+            crate::login_digest::LoginDigest::new(
+                Duration::from_secs(settings.mqtt.auth_failure_window_s),
+                settings.mqtt.max_tracked_addresses,
+            ),
             shutdown.clone(),
         ));
 

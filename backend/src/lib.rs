@@ -4,7 +4,9 @@
 //! - storage ([`db`]): an sqlx `AnyPool` over SQLite or PostgreSQL, migrated at start-up;
 //! - the broker edge and its embedded rumqttd router (crate `companion-broker`), which calls
 //!   back into `mqtt_auth` to authenticate devices over the [`registry`] and reports
-//!   presence/security events through a bounded channel to the writer task in `mqtt_auth`;
+//!   presence/security events through a bounded channel to the writer task in `mqtt_auth`
+//!   (refused logins are summed up per source address and window by `login_digest` before
+//!   they reach the audit log);
 //! - the backend's own MQTT connection to the router ([`bus`]): one task owns the event loop
 //!   and hands every decoded device message to a [`bus::Inbox`]: the device runtime
 //!   (`devices`), whose dispatcher runs one worker task per active device (telemetry,
@@ -38,6 +40,7 @@ pub mod db;
 pub(crate) mod devices;
 pub mod http;
 pub mod logging;
+pub(crate) mod login_digest;
 pub mod metrics;
 pub(crate) mod mqtt_auth;
 pub(crate) mod mqtt_hook;

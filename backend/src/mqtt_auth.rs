@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditEntry, AuditLog, Outcome};
 use crate::db::{now_ms, Db};
+use crate::login_digest::LoginDigest;
 use crate::registry::tokens::verify;
 use crate::registry::DeviceStore;
 
@@ -116,6 +117,8 @@ impl Authenticator for RegistryAuthenticator {
 pub struct PresenceMetrics {
     pub active_devices: Gauge,
     pub events_dropped: Counter,
+    /// (Source address, reason) windows of refused logins not yet summed up in the audit log.
+    pub audit_pending_summaries: Gauge,
 }
 
 impl PresenceMetrics {
@@ -130,6 +133,11 @@ impl PresenceMetrics {
             "backend_broker_events_dropped",
             "Edge events dropped because the presence/audit writer was behind",
             m.events_dropped.clone(),
+        );
+        registry.register(
+            "backend_audit_pending_summaries",
+            "Windows of refused MQTT logins (per source address and reason) whose summary audit row is not written yet",
+            m.audit_pending_summaries.clone(),
         );
         m
     }
@@ -257,25 +265,47 @@ impl Presence {
     }
 }
 
+/// How often windows of refused logins are checked for their end.
+const DIGEST_TICK: Duration = Duration::from_secs(1);
+
 /// Writes presence rows and audit records for edge events until `shutdown`. Presence that
 /// cannot be written (the database is away) is retried, newest per device, until it is.
+/// Refused logins go through `digest` (one row per source address, reason and window; the
+/// summaries of open windows are written at shutdown).
 pub async fn write_events(
     mut rx: mpsc::Receiver<BrokerEvent>,
     db: Db,
     audit: AuditLog,
     devices: Option<Arc<crate::devices::Dispatcher>>,
     metrics: PresenceMetrics,
+    mut digest: LoginDigest,
     shutdown: CancellationToken,
 ) {
     let mut unwritten = Unwritten::default();
+    let mut tick = tokio::time::interval(DIGEST_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When unwritten presence is due again: a fixed instant, so that events and ticks in
+    // between do not push the retry back.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let retry = unwritten.retry;
-        // Cases: an event to write; unwritten presence is due again; shutdown (then drain
-        // what is queued).
+        retry_at = match (unwritten.retry, retry_at) {
+            (None, _) => None,
+            (Some(_), Some(at)) => Some(at),
+            (Some(after), None) => Some(tokio::time::Instant::now() + after),
+        };
+        let open_windows = !digest.is_empty();
+        // Cases: an event to write; unwritten presence is due again; windows of refused
+        // logins may have closed; shutdown (then drain what is queued).
         let event = tokio::select! {
             ev = rx.recv() => ev,
-            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                 unwritten.flush(&db).await;
+                retry_at = None;
+                continue;
+            }
+            _ = tick.tick(), if open_windows => {
+                let closed = digest.due(Instant::now());
+                write_audit(&audit, closed, &digest, &metrics).await;
                 continue;
             }
             _ = shutdown.cancelled() => {
@@ -301,11 +331,37 @@ pub async fn write_events(
                 _ => {}
             }
         }
+        if let BrokerEvent::AuthFailed {
+            client_id,
+            peer,
+            reason,
+        } = &event
+        {
+            let rows = digest.refused(client_id, *peer, *reason, Instant::now());
+            write_audit(&audit, rows, &digest, &metrics).await;
+            continue;
+        }
         handle_event(&db, &audit, event, &mut unwritten, &metrics).await;
     }
     if !unwritten.latest.is_empty() {
         unwritten.flush(&db).await;
     }
+    let rest = digest.flush();
+    write_audit(&audit, rest, &digest, &metrics).await;
+}
+
+async fn write_audit(
+    audit: &AuditLog,
+    entries: Vec<AuditEntry>,
+    digest: &LoginDigest,
+    metrics: &PresenceMetrics,
+) {
+    for entry in entries {
+        audit.record(entry).await;
+    }
+    metrics
+        .audit_pending_summaries
+        .set(i64::try_from(digest.len()).unwrap_or(i64::MAX));
 }
 
 async fn handle_event(
@@ -339,20 +395,8 @@ async fn handle_event(
             );
             write_presence(db, p, unwritten, metrics).await;
         }
-        BrokerEvent::AuthFailed {
-            client_id,
-            peer,
-            reason,
-        } => {
-            audit
-                .record(
-                    AuditEntry::new(format!("mqtt:{client_id}"), "mqtt.connect", Outcome::Denied)
-                        .target(client_id)
-                        .remote(Some(peer))
-                        .detail(reason.as_str()),
-                )
-                .await;
-        }
+        // Written through the digest by `write_events`.
+        BrokerEvent::AuthFailed { .. } => {}
         BrokerEvent::AclDenied {
             device,
             action,

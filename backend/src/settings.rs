@@ -321,6 +321,25 @@ impl Settings {
         if self.mqtt.max_connections == 0 {
             return Err(invalid("mqtt.max_connections", "must be at least 1"));
         }
+        for (key, value) in [
+            ("mqtt.max_pending", self.mqtt.max_pending as u64),
+            (
+                "mqtt.max_pending_per_ip",
+                self.mqtt.max_pending_per_ip as u64,
+            ),
+            (
+                "mqtt.auth_failure_window_s",
+                self.mqtt.auth_failure_window_s,
+            ),
+            (
+                "mqtt.max_tracked_addresses",
+                self.mqtt.max_tracked_addresses as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
         if self.mqtt.max_packet_size < 1024 {
             return Err(invalid(
                 "mqtt.max_packet_size",
@@ -580,6 +599,22 @@ mod tests {
                 "COMPANION_MQTT__PROXY_PROTOCOL_FROM",
                 "nginx",
                 "mqtt.proxy_protocol_from",
+            ),
+            ("COMPANION_MQTT__MAX_PENDING", "0", "mqtt.max_pending"),
+            (
+                "COMPANION_MQTT__MAX_PENDING_PER_IP",
+                "0",
+                "mqtt.max_pending_per_ip",
+            ),
+            (
+                "COMPANION_MQTT__AUTH_FAILURE_WINDOW_S",
+                "0",
+                "mqtt.auth_failure_window_s",
+            ),
+            (
+                "COMPANION_MQTT__MAX_TRACKED_ADDRESSES",
+                "0",
+                "mqtt.max_tracked_addresses",
             ),
         ];
         for (var, value, key) in cases {

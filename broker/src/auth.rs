@@ -38,6 +38,9 @@ pub enum DenyReason {
     ReservedClientId,
     /// The authenticator did not answer in time, or failed (a database error denies).
     Unavailable,
+    /// The source address is blocked after repeated failed logins (`mqtt.auth_block_s`); the
+    /// credentials were not checked.
+    Throttled,
 }
 
 impl DenyReason {
@@ -49,6 +52,7 @@ impl DenyReason {
             DenyReason::IdentityMismatch => "identity_mismatch",
             DenyReason::ReservedClientId => "reserved_client_id",
             DenyReason::Unavailable => "unavailable",
+            DenyReason::Throttled => "throttled",
         }
     }
 }

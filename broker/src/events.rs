@@ -75,7 +75,8 @@ pub enum BrokerEvent {
         reason: DisconnectReason,
     },
     AuthFailed {
-        /// The client id as presented (may be invalid; truncated to 64 characters).
+        /// The client id as presented (may be invalid; truncated to 64 characters); empty when
+        /// the connection was refused before its CONNECT was read (`DenyReason::Throttled`).
         client_id: String,
         peer: SocketAddr,
         reason: DenyReason,

@@ -191,7 +191,7 @@ pub async fn start(
         auth: hooks.auth,
         sink: hooks.sink,
         receipts: hooks.receipts,
-        metrics,
+        metrics: metrics.clone(),
         sessions: edge::sessions::Sessions::default(),
         router,
         uplink,
@@ -199,6 +199,14 @@ pub async fn start(
         shutdown,
         tracker: tracker.clone(),
         permits: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+        pending: edge::admission::Pending::new(settings, metrics.pending.clone()),
+        throttle: edge::admission::Throttle::new(
+            settings,
+            metrics.throttle_addresses.clone(),
+            metrics.throttle_untracked.clone(),
+            std::time::Instant::now(),
+        ),
+        logs: Default::default(),
         listeners_alive: AtomicUsize::new(count),
     });
     // Subscribed before any device can connect, so no message for one is missed.

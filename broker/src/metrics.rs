@@ -52,6 +52,10 @@ pub mod result {
     pub const PROXY_HEADER: &str = "proxy_header";
     /// A WebSocket upgrade refused (wrong path, origin or subprotocol; not a WebSocket).
     pub const WEBSOCKET_REFUSED: &str = "websocket_refused";
+    /// Closed at once: `mqtt.max_pending` or `mqtt.max_pending_per_ip` reached.
+    pub const TOO_MANY_PENDING: &str = "too_many_pending";
+    /// Closed or refused: the source address is blocked after repeated failed logins.
+    pub const THROTTLED: &str = "throttled";
 }
 
 #[derive(Clone, Default)]
@@ -70,6 +74,14 @@ pub struct Metrics {
     pub disconnects: Family<ReasonLabel, Counter>,
     pub lost: Counter,
     pub tls_handshake_failures: Family<ReasonLabel, Counter>,
+    /// Connections accepted and not yet authenticated.
+    pub pending: Gauge,
+    /// Source addresses in the failed-login table.
+    pub throttle_addresses: Gauge,
+    /// Blocks started (an address reached `mqtt.auth_failures_per_ip`).
+    pub throttle_blocks: Counter,
+    /// Failed logins not tracked because the failed-login table was full.
+    pub throttle_untracked: Counter,
 }
 
 impl Metrics {
@@ -141,6 +153,26 @@ impl Metrics {
             "Failed TLS handshakes by reason",
             m.tls_handshake_failures.clone(),
         );
+        r.register(
+            "pending_connections",
+            "Connections accepted and not yet authenticated (TLS handshake, CONNECT, authenticator)",
+            m.pending.clone(),
+        );
+        r.register(
+            "auth_throttle_addresses",
+            "Source addresses with recent failed logins (tracked for mqtt.auth_failures_per_ip)",
+            m.throttle_addresses.clone(),
+        );
+        r.register(
+            "auth_throttle_blocks",
+            "Source addresses blocked for mqtt.auth_block_s after repeated failed logins",
+            m.throttle_blocks.clone(),
+        );
+        r.register(
+            "auth_throttle_untracked",
+            "Failed logins not counted towards a block because mqtt.max_tracked_addresses addresses were tracked already",
+            m.throttle_untracked.clone(),
+        );
         m.prime();
         m
     }
@@ -162,6 +194,9 @@ impl Metrics {
             result::PROTOCOL_ERROR,
             result::UPSTREAM_ERROR,
             result::PROXY_HEADER,
+            result::WEBSOCKET_REFUSED,
+            result::TOO_MANY_PENDING,
+            result::THROTTLED,
         ] {
             let _ = self.connects.get_or_create(&ResultLabel { result: r });
         }
@@ -172,6 +207,7 @@ impl Metrics {
             DenyReason::IdentityMismatch,
             DenyReason::ReservedClientId,
             DenyReason::Unavailable,
+            DenyReason::Throttled,
         ] {
             let _ = self
                 .auth_failures

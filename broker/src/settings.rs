@@ -44,6 +44,27 @@ pub struct MqttSettings {
     pub tls_handshake_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub auth_timeout_ms: u64,
+    /// Most connections not yet authenticated (in the TLS handshake, waiting for CONNECT or
+    /// for the authenticator) across all listeners; they count within `max_connections`.
+    /// Over it, a new connection is closed at once (`broker_connects_total{result=
+    /// "too_many_pending"}`).
+    pub max_pending: usize,
+    /// Most connections not yet authenticated from one source address (an IPv6 /64 counts as
+    /// one), so idle sockets and half-finished handshakes from one address cannot take the
+    /// slots every device needs. A device is pending for a few milliseconds: a fleet behind
+    /// one NAT reconnecting at hundreds per second stays far below it.
+    pub max_pending_per_ip: usize,
+    /// Failed logins from one source address within `auth_failure_window_s` after which that
+    /// address is refused for `auth_block_s`, before the TLS handshake and before any
+    /// database lookup. 0 turns the block off. Devices behind one NAT share the count.
+    pub auth_failures_per_ip: u32,
+    /// The failed-login window; also the period over which the audit log sums up refused
+    /// logins from one address (the first written at once, the rest as one row).
+    pub auth_failure_window_s: u64,
+    pub auth_block_s: u64,
+    /// Most source addresses whose failed logins are tracked at once (broker and audit
+    /// summaries each); entries expire with their window or block.
+    pub max_tracked_addresses: usize,
     /// rumqttd commit-log segment size for fleet-wide filters (`devices/+/<suffix>`, the
     /// backend's subscriptions). rumqttd keeps one log per filter and never frees it.
     pub router_segment_bytes: usize,
@@ -96,6 +117,12 @@ impl Default for MqttSettings {
             tls_handshake_timeout_ms: 5_000,
             connect_timeout_ms: 5_000,
             auth_timeout_ms: 2_000,
+            max_pending: 1_024,
+            max_pending_per_ip: 100,
+            auth_failures_per_ip: 20,
+            auth_failure_window_s: 60,
+            auth_block_s: 60,
+            max_tracked_addresses: 65_536,
             // Audio up at ~10 KB/s per talking device: 4 x 1 MiB holds ~4 s of 100 devices.
             router_segment_bytes: 1024 * 1024,
             // A device's audio down at ~10 KB/s: 4 x 128 KiB holds ~50 s.

@@ -3,17 +3,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use companion_schema::DeviceId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::admission::Source;
 use super::{session, Edge};
 use crate::acl;
 use crate::auth::{AuthDecision, AuthRequest, DenyReason};
-use crate::events::{AclAction, BrokerEvent};
-use crate::metrics::{result, ReasonLabel};
+use crate::events::AclAction;
+use crate::metrics::result;
 use crate::packet::{self, ConnectInfo, PacketError};
 use crate::RESERVED_CLIENT_ID_PREFIX;
 
@@ -21,8 +22,13 @@ use crate::RESERVED_CLIENT_ID_PREFIX;
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_BUFFER: usize = 512;
 
-pub(super) async fn run<S>(edge: Arc<Edge>, mut stream: S, peer: SocketAddr)
-where
+/// `pending` counts the connection as not yet authenticated until it is (or ends).
+pub(super) async fn run<S>(
+    edge: Arc<Edge>,
+    mut stream: S,
+    peer: SocketAddr,
+    pending: super::admission::PendingGuard,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let max = edge.settings.max_packet_size;
@@ -55,26 +61,23 @@ where
         }
     };
 
-    let device = match authenticate(&edge, &connect, peer).await {
+    // A source blocked while this connection was in its handshake is refused before the
+    // authenticator (and its database lookup).
+    let blocked = edge.throttle.blocked(Source::of(peer.ip()), Instant::now());
+    let verdict = if blocked {
+        Err(DenyReason::Throttled)
+    } else {
+        authenticate(&edge, &connect, peer).await
+    };
+    let device = match verdict {
         Ok(device) => device,
         Err(reason) => {
-            edge.count_connect(result::DENIED);
-            edge.metrics
-                .auth_failures
-                .get_or_create(&ReasonLabel {
-                    reason: reason.as_str(),
-                })
-                .inc();
-            edge.sink.send(BrokerEvent::AuthFailed {
-                client_id: acl::truncate(&connect.client_id, 64),
-                peer,
-                reason,
-            });
-            tracing::info!(%peer, client_id = %acl::truncate(&connect.client_id, 64), reason = reason.as_str(), "device refused");
+            edge.login_refused(&connect.client_id, peer, reason);
             refuse(&mut stream, connect.v5()).await;
             return;
         }
     };
+    drop(pending);
 
     if let Some(topic) = &connect.will_topic {
         if acl::may_publish(&device, topic).is_none() {
