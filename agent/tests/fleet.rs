@@ -125,6 +125,8 @@ async fn the_fleet_counts_what_really_arrived_and_reports_percentiles() {
         observe_user: None,
         observe_pass: None,
         quiet: true,
+        reconnect_every_s: 0,
+        reload_credentials_s: 0,
     };
     let stats = Arc::new(FleetStats::default());
     let report = tokio::time::timeout(Duration::from_secs(30), run_with(args, stats.clone()))
@@ -163,6 +165,120 @@ async fn the_fleet_counts_what_really_arrived_and_reports_percentiles() {
         connects,
         g(&stats.connected),
         "one connect time per connection: {report}"
+    );
+}
+
+/// Fleet arguments for `n` devices from `creds` against the test broker's TLS listener.
+fn churn_args(broker: &TestBroker, creds: std::path::PathBuf, n: usize, secs: u64) -> FleetArgs {
+    FleetArgs {
+        devices: n,
+        telemetry_interval_ms: 100,
+        talkers: 0,
+        duration: secs,
+        credentials: creds,
+        url: format!("mqtts://localhost:{}", broker.tls.port()),
+        ca_cert: Some(broker.ca_pem.clone()),
+        persona_every_s: 0,
+        ramp_s: 0,
+        talk_s: 1,
+        observe_addr: None,
+        observe_user: None,
+        observe_pass: None,
+        quiet: true,
+        reconnect_every_s: 0,
+        reload_credentials_s: 0,
+    }
+}
+
+fn write_credentials(path: &std::path::Path, devices: &[(String, String)]) {
+    let text: String = devices.iter().map(|(d, t)| format!("{d},{t}\n")).collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_that_reconnect_by_themselves_lose_nothing_acknowledged() {
+    let devices: Vec<(String, String)> = (0..3)
+        .map(|i| (format!("churn-{i}"), format!("token-{i}")))
+        .collect();
+    let refs: Vec<(&str, &str)> = devices
+        .iter()
+        .map(|(d, t)| (d.as_str(), t.as_str()))
+        .collect();
+    let broker = TestBroker::start(&refs).await;
+    let observed = backend_double(&broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds.csv");
+    write_credentials(&creds, &devices);
+    let mut args = churn_args(&broker, creds, 3, 5);
+    args.reconnect_every_s = 1;
+    let stats = Arc::new(FleetStats::default());
+    let report = tokio::time::timeout(Duration::from_secs(30), run_with(args, stats.clone()))
+        .await
+        .expect("the run ends by itself")
+        .unwrap();
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let churned = g(&stats.churn_disconnects);
+    assert!(
+        churned >= 6,
+        "each device reconnected a few times: {report}"
+    );
+    assert_eq!(g(&stats.connect_errors), 0, "{report}");
+    // Every own disconnect was followed by a reconnection, but perhaps the last ones.
+    assert!(g(&stats.connected) + 3 >= 3 + churned, "{report}");
+    let sent = g(&stats.telemetry_sent);
+    assert_eq!(g(&stats.telemetry_acked), sent, "{report}");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while g(&observed) < sent {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("observed {} of {sent}: {report}", g(&observed)));
+    assert!(report.contains("own reconnects"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_device_connects_once_the_credentials_file_has_its_new_token() {
+    let devices: Vec<(String, String)> = (0..2)
+        .map(|i| (format!("rot-{i}"), format!("token-{i}")))
+        .collect();
+    let refs: Vec<(&str, &str)> = devices
+        .iter()
+        .map(|(d, t)| (d.as_str(), t.as_str()))
+        .collect();
+    let broker = TestBroker::start(&refs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds.csv");
+    // rot-1 starts with a token the broker does not know (as after a rotation).
+    let mut stale = devices.clone();
+    stale[1].1 = "token-old".into();
+    write_credentials(&creds, &stale);
+    let mut args = churn_args(&broker, creds.clone(), 2, 10);
+    args.reload_credentials_s = 1;
+    let stats = Arc::new(FleetStats::default());
+    let run = tokio::spawn(run_with(args, stats.clone()));
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while g(&stats.refused) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the stale token is refused");
+    write_credentials(&creds, &devices);
+    let report = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the run ends by itself")
+        .unwrap()
+        .unwrap();
+    assert_eq!(g(&stats.tokens_reloaded), 1, "{report}");
+    assert_eq!(g(&stats.connected), 2, "both devices connected: {report}");
+    assert!(g(&stats.refused) >= 1, "{report}");
+    assert!(
+        report.contains("connected at the end 2"),
+        "the rotated device is connected at the end: {report}"
     );
 }
 

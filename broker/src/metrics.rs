@@ -71,6 +71,8 @@ pub struct Metrics {
     pub messages_out: Family<ClassLabel, Counter>,
     pub bytes_out: Family<ClassLabel, Counter>,
     pub dropped: Family<ReasonLabel, Counter>,
+    /// QoS 1 publishes over the rate limit, let through with the connection paused.
+    pub throttled: Counter,
     pub disconnects: Family<ReasonLabel, Counter>,
     pub lost: Counter,
     pub tls_handshake_failures: Family<ReasonLabel, Counter>,
@@ -137,6 +139,11 @@ impl Metrics {
             "messages_dropped",
             "PUBLISH packets from devices dropped by the edge, by reason",
             m.dropped.clone(),
+        );
+        r.register(
+            "publishes_throttled",
+            "QoS 1 publishes over the rate limit: let through, and the connection not read again until the limit allows (dropping them would acknowledge what was not stored)",
+            m.throttled.clone(),
         );
         r.register(
             "disconnects",

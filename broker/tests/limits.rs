@@ -110,6 +110,54 @@ async fn a_flood_over_the_rate_limit_is_dropped_and_counted() {
 }
 
 #[tokio::test]
+async fn a_qos_1_flood_over_the_rate_limit_is_slowed_down_not_dropped() {
+    // A device replaying its offline buffer sends QoS 1 as fast as PUBACKs come back. Dropping
+    // the excess would still acknowledge it (3.1.1 has no negative PUBACK) and lose it.
+    let settings = MqttSettings {
+        rate: RateSettings {
+            control_per_s: 20,
+            control_burst: 5,
+            sustained_over_limit_s: 1,
+            ..RateSettings::default()
+        },
+        ..test_settings()
+    };
+    let app = TestApp::start_with(settings).await;
+    let mut backend = app.backend("replay", &["devices/+/telemetry"]).await;
+    backend.wait_suback().await;
+    let device = Client::connect(app.device_plain("a", "token-a"))
+        .await
+        .unwrap();
+    const SENT: usize = 40;
+    for i in 0..SENT {
+        device
+            .publish("devices/a/telemetry", i.to_string().as_bytes())
+            .await;
+    }
+    for i in 0..SENT {
+        let (_, payload) = backend.next_publish().await;
+        assert_eq!(
+            String::from_utf8(payload).unwrap(),
+            i.to_string(),
+            "in order"
+        );
+    }
+    assert_eq!(
+        app.metric("broker_messages_dropped_total{reason=\"rate_limited\"}"),
+        0.0
+    );
+    assert!(
+        app.metric("broker_publishes_throttled_total") >= (SENT - 5 - 10) as f64,
+        "most of the flood went through on credit"
+    );
+    assert_eq!(
+        app.handle.connected_devices(),
+        1,
+        "a throttled device is not disconnected, however long it is over the limit"
+    );
+}
+
+#[tokio::test]
 async fn a_sustained_flood_disconnects_the_device() {
     let settings = MqttSettings {
         rate: RateSettings {

@@ -26,6 +26,8 @@ use crate::link::{now_ms, qos};
 pub(crate) struct DevState {
     /// Between a CONNACK and the next connection error.
     connected: bool,
+    /// The driver asked for a clean disconnect (churn): the error that follows is expected.
+    churning: bool,
     /// QoS 1 publishes handed to rumqttc and not yet numbered: (kind, sent at).
     fifo: VecDeque<(TopicKind, Instant)>,
     pkids: HashMap<u16, (TopicKind, Instant)>,
@@ -41,11 +43,40 @@ pub(crate) struct Device {
     pub(crate) stats: Arc<FleetStats>,
     /// Signalled at the first CONNACK; the driver starts then.
     pub(crate) ready: tokio::sync::Notify,
+    /// The token for the next connection attempt (the credentials file may change it).
+    pub(crate) token: Mutex<String>,
 }
 
 impl Device {
     fn state(&self) -> std::sync::MutexGuard<'_, DevState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the token; true when it changed.
+    pub(crate) fn set_token(&self, token: String) -> bool {
+        let mut t = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if *t == token {
+            return false;
+        }
+        *t = token;
+        true
+    }
+
+    fn token(&self) -> String {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Disconnects cleanly if connected (churn); the event loop reconnects at once.
+    fn churn(&self) {
+        let mut st = self.state();
+        if !st.connected || st.churning {
+            return;
+        }
+        if self.client.try_disconnect().is_ok() {
+            st.connected = false;
+            st.churning = true;
+            self.stats.churn_disconnects.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn publish(&self, kind: TopicKind, payload: Vec<u8>) -> bool {
@@ -140,18 +171,37 @@ pub(crate) async fn event_loop(
                 if draining.is_some() {
                     return;
                 }
-                dev.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                if up {
+                    dev.stats.disconnected.fetch_add(1, Ordering::Relaxed);
+                }
                 up = false;
                 attempt = None;
-                {
+                let churned = {
                     let mut st = dev.state();
                     st.connected = false;
                     st.fifo.clear();
                     st.pkids.clear();
+                    std::mem::take(&mut st.churning)
+                };
+                if churned {
+                    // Our own clean disconnect: reconnect at once, as a restarted device would.
+                    backoff.reset();
+                } else {
+                    dev.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
+                    dev.stats.refused.fetch_add(1, Ordering::Relaxed);
                 }
                 el.clean();
                 el.pending.clear();
-                let d = backoff.next_delay(&mut rng);
+                // The credentials file may have a new token since the last attempt.
+                el.mqtt_options
+                    .set_credentials(dev.id.as_str(), dev.token());
+                let d = if churned {
+                    Duration::ZERO
+                } else {
+                    backoff.next_delay(&mut rng)
+                };
                 tracing::debug!(device_id = %dev.id, error = %e, "fleet device connection error");
                 // Cases: shutdown; the backoff delay passed.
                 tokio::select! {
@@ -236,10 +286,17 @@ pub(crate) async fn drive(
     let persona_start = tokio::time::Instant::now() + persona_period.mul_f64(rand::random::<f64>());
     let mut persona = tokio::time::interval_at(persona_start, persona_period);
     let mut talk = tokio::time::interval(Duration::from_secs(args.talk_s + 3));
+    // Own reconnects: a uniformly random time in [0.5, 1.5] x the period after the last.
+    let churn_period = Duration::from_secs(args.reconnect_every_s.max(1));
+    let next_churn =
+        || tokio::time::Instant::now() + churn_period.mul_f64(0.5 + rand::random::<f64>());
+    let churn = tokio::time::sleep_until(next_churn());
+    tokio::pin!(churn);
     let (mut seq, mut button_seq) = (0u64, 0u64);
     let mut encoder = Encoder::new(24_000).ok();
     loop {
-        // Cases: shutdown; telemetry due; a persona press due; a talk session due (talkers).
+        // Cases: shutdown; telemetry due; a persona press due; an own reconnect due (churn);
+        // a talk session due (talkers).
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = telemetry.tick() => {
@@ -258,6 +315,10 @@ pub(crate) async fn drive(
                         dev.state().persona_pressed = None;
                     }
                 }
+            }
+            _ = &mut churn, if args.reconnect_every_s > 0 => {
+                dev.churn();
+                churn.as_mut().reset(next_churn());
             }
             _ = talk.tick(), if talker => {
                 if let Some(enc) = encoder.as_mut() {

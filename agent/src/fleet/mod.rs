@@ -7,7 +7,14 @@
 //! on this host's clock. With `--observe-*` (a client allowed on `devices/+/telemetry`, e.g.
 //! the broker's internal endpoint in a local run) telemetry arrivals and ingest latency are
 //! counted on the receiving side as well.
+//!
+//! Churn, for soak runs: with `--reconnect-every-s` each device disconnects cleanly about that
+//! often and reconnects at once; with `--reload-credentials-s` the credentials file is read
+//! again that often, and a device whose token changed there (rotated or re-registered by
+//! whoever drives the run) uses the new one from its next connection attempt. A device whose
+//! token is refused keeps retrying with backoff until the file gives it a working one.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -68,6 +75,12 @@ pub struct FleetArgs {
     /// Do not draw a progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Seconds between a device's own clean disconnect-and-reconnect, on average (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub reconnect_every_s: u64,
+    /// Seconds between readings of the credentials file for changed tokens (0: read once).
+    #[arg(long, default_value_t = 0)]
+    pub reload_credentials_s: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,9 +161,10 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
     };
     let ramp = Duration::from_secs(args.ramp_s);
     let start = tokio::time::Instant::now();
+    let mut devices = HashMap::new();
     for (i, (id, token)) in creds.into_iter().take(args.devices).enumerate() {
         let mut o = MqttOptions::new(id.as_str(), url.broker_addr(), url.port);
-        o.set_credentials(id.as_str(), token);
+        o.set_credentials(id.as_str(), token.clone());
         o.set_keep_alive(Duration::from_secs(30));
         o.set_clean_session(true);
         o.set_transport(crate::link::transport(&url, tls.clone()));
@@ -162,11 +176,22 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
             state: Arc::new(Mutex::new(DevState::default())),
             stats: stats.clone(),
             ready: tokio::sync::Notify::new(),
+            token: Mutex::new(token),
         });
+        devices.insert(dev.id.clone(), dev.clone());
         let at = start + ramp.mul_f64(i as f64 / args.devices.max(1) as f64);
         let talker = i < args.talkers;
         tracker.spawn(event_loop(dev.clone(), el, shutdown.clone(), at));
         tracker.spawn(drive(dev, args.clone(), talker, shutdown.clone(), at));
+    }
+    if args.reload_credentials_s > 0 {
+        tracker.spawn(reload_credentials(
+            args.credentials.clone(),
+            Duration::from_secs(args.reload_credentials_s),
+            devices,
+            stats.clone(),
+            shutdown.clone(),
+        ));
     }
     tracker.close();
     let total = ramp + Duration::from_secs(args.duration);
@@ -185,7 +210,8 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
             b.set_position(start.elapsed().as_secs());
             b.set_message(format!(
                 "connected {} telemetry {}/{} persona {} errors {}",
-                stats.connected.load(Ordering::Relaxed),
+                stats.connected.load(Ordering::Relaxed)
+                    - stats.disconnected.load(Ordering::Relaxed),
                 stats.telemetry_acked.load(Ordering::Relaxed),
                 stats.telemetry_sent.load(Ordering::Relaxed),
                 stats.persona_received.load(Ordering::Relaxed),
@@ -213,4 +239,37 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
         let _ = o.await;
     }
     Ok(report(&args, &stats, elapsed))
+}
+
+/// Reads the credentials file every `period` and hands each device whose token changed the
+/// new one (used from its next connection attempt).
+async fn reload_credentials(
+    path: PathBuf,
+    period: Duration,
+    devices: HashMap<DeviceId, Arc<Device>>,
+    stats: Arc<FleetStats>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        // Cases: shutdown; time to read the file again.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let creds = match read_credentials(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the credentials again failed; keeping the tokens");
+                continue;
+            }
+        };
+        for (id, token) in creds {
+            if let Some(dev) = devices.get(&id) {
+                if dev.set_token(token) {
+                    stats.tokens_reloaded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
 }

@@ -15,8 +15,17 @@ pub(crate) fn histogram() -> Mutex<Histogram<u64>> {
 
 /// Counters and latency histograms (microseconds) of a run.
 pub struct FleetStats {
+    /// CONNACKs received (every connection, reconnections included).
     pub connected: AtomicU64,
+    /// Connections that ended, for any reason.
+    pub disconnected: AtomicU64,
     pub connect_errors: AtomicU64,
+    /// Clean disconnects the fleet made itself (`--reconnect-every-s`).
+    pub churn_disconnects: AtomicU64,
+    /// Connection attempts the server refused (CONNACK with a refusal code).
+    pub refused: AtomicU64,
+    /// Tokens changed in the credentials file and picked up (`--reload-credentials-s`).
+    pub tokens_reloaded: AtomicU64,
     pub telemetry_sent: AtomicU64,
     pub telemetry_acked: AtomicU64,
     pub telemetry_observed: AtomicU64,
@@ -43,7 +52,11 @@ impl Default for FleetStats {
     fn default() -> Self {
         Self {
             connected: AtomicU64::new(0),
+            disconnected: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
+            churn_disconnects: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            tokens_reloaded: AtomicU64::new(0),
             telemetry_sent: AtomicU64::new(0),
             telemetry_acked: AtomicU64::new(0),
             telemetry_observed: AtomicU64::new(0),
@@ -103,6 +116,14 @@ pub fn report(args: &FleetArgs, s: &FleetStats, elapsed: Duration) -> String {
         g(&s.connect_errors),
         g(&s.publish_errors),
         g(&s.skipped_offline)
+    );
+    let _ = writeln!(
+        out,
+        "churn: own reconnects {}   refused connects {}   tokens reloaded {}   connected at the end {}",
+        g(&s.churn_disconnects),
+        g(&s.refused),
+        g(&s.tokens_reloaded),
+        g(&s.connected).saturating_sub(g(&s.disconnected))
     );
     let _ = writeln!(
         out,

@@ -15,8 +15,6 @@ pub(super) const MAX_HELD: usize = 256;
 enum Entry {
     /// Acknowledge.
     Ack(u16),
-    /// Acknowledge as dropped (MQTT 5: "quota exceeded"); already counted by whoever dropped it.
-    Dropped(u16),
     /// Acknowledge as dropped and count it: the backend refused to store it.
     Refused(u16),
     /// Waiting for the receipt.
@@ -56,15 +54,6 @@ impl Acks {
         }
     }
 
-    /// Like [`Acks::ack`] for a publish the edge dropped.
-    pub fn dropped(&mut self, packet_id: u16) -> bool {
-        if self.queue.is_empty() {
-            return true;
-        }
-        self.queue.push_back(Entry::Dropped(packet_id));
-        false
-    }
-
     /// Whether the first acknowledgement waits for its receipt.
     pub fn waiting(&self) -> bool {
         matches!(self.queue.front(), Some(Entry::Wait(..)))
@@ -94,7 +83,6 @@ impl Acks {
             }
             match self.queue.pop_front() {
                 Some(Entry::Ack(id)) => packet::put_ack(out, packet::PUBACK, id),
-                Some(Entry::Dropped(id)) => out.extend_from_slice(&packet::puback_dropped(id, v5)),
                 Some(Entry::Refused(id)) => {
                     refused += 1;
                     out.extend_from_slice(&packet::puback_dropped(id, v5));
@@ -139,7 +127,6 @@ mod tests {
     fn nothing_waiting_acknowledges_at_once() {
         let mut acks = Acks::default();
         assert!(acks.ack(1, None));
-        assert!(acks.dropped(2));
         assert_eq!(acks.len(), 0);
     }
 
@@ -150,7 +137,7 @@ mod tests {
         let (second, r2) = oneshot::channel();
         assert!(!acks.ack(1, Some(r1)));
         assert!(!acks.ack(2, None), "waits behind 1");
-        assert!(!acks.dropped(3));
+        assert!(!acks.ack(3, None));
         assert!(!acks.ack(4, Some(r2)));
         let mut out = BytesMut::new();
         assert_eq!(acks.release(&mut out, true), Ok(0));
@@ -166,12 +153,7 @@ mod tests {
         assert_eq!(acks.release(&mut out, true), Ok(1), "4 was refused");
         assert_eq!(
             acked_ids(&out),
-            vec![
-                (0, 1),
-                (0, 2),
-                (packet::reason::QUOTA_EXCEEDED, 3),
-                (packet::reason::QUOTA_EXCEEDED, 4)
-            ]
+            vec![(0, 1), (0, 2), (0, 3), (packet::reason::QUOTA_EXCEEDED, 4)]
         );
         assert_eq!(acks.len(), 0);
         assert!(acks.ack(5, None), "empty again");

@@ -1,5 +1,7 @@
-//! A device's publish rate limits: token buckets by topic class (control, audio), and the
-//! over-limit episode that ends the connection when it lasts too long.
+//! A device's publish rate limits: token buckets by topic class (control, audio), the tokens
+//! owed for QoS 1 publishes let through over the limit (the connection is not read again until
+//! they are paid: backpressure), and the over-limit episode of dropped QoS 0 publishes that
+//! ends the connection when it lasts too long.
 
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
@@ -25,6 +27,9 @@ pub(super) struct PublishLimits {
     over_since: Option<Instant>,
     last_drop: Option<Instant>,
     sustained: Duration,
+    /// Tokens owed by class for QoS 1 publishes let through over the limit.
+    owed_control: u32,
+    owed_audio: u32,
 }
 
 impl PublishLimits {
@@ -35,6 +40,8 @@ impl PublishLimits {
             over_since: None,
             last_drop: None,
             sustained: Duration::from_secs(rate.sustained_over_limit_s),
+            owed_control: 0,
+            owed_audio: 0,
         }
     }
 
@@ -46,6 +53,35 @@ impl PublishLimits {
             &self.control
         };
         limiter.check().is_ok()
+    }
+
+    /// A QoS 1 publish of `kind` over the limit goes through on credit: its token is paid by
+    /// [`PublishLimits::repay`] before the device's connection is read again. Dropping it
+    /// instead would acknowledge a message nobody stored (MQTT 3.1.1 has no negative PUBACK),
+    /// and a device replaying its offline buffer would lose it.
+    pub(super) fn owe(&mut self, kind: TopicKind) {
+        if kind.is_audio() {
+            self.owed_audio = self.owed_audio.saturating_add(1);
+        } else {
+            self.owed_control = self.owed_control.saturating_add(1);
+        }
+    }
+
+    /// Whether tokens are owed (the connection must not be read).
+    pub(super) fn in_debt(&self) -> bool {
+        self.owed_control > 0 || self.owed_audio > 0
+    }
+
+    /// Waits for one owed token and takes it. Cancel-safe: the debt shrinks in the same poll
+    /// that takes the token.
+    pub(super) async fn repay(&mut self) {
+        if self.owed_control > 0 {
+            self.control.until_ready().await;
+            self.owed_control -= 1;
+        } else if self.owed_audio > 0 {
+            self.audio.until_ready().await;
+            self.owed_audio -= 1;
+        }
     }
 
     /// A publish was dropped at `now`: true when the device has been over the limit for the
@@ -84,6 +120,30 @@ mod tests {
         assert!(l.allow(TopicKind::Button));
         assert!(!l.allow(TopicKind::Telemetry), "the control burst is spent");
         assert!(l.allow(TopicKind::AudioUp), "audio has its own bucket");
+    }
+
+    #[tokio::test]
+    async fn a_publish_on_credit_is_paid_with_a_later_token() {
+        let mut l = limits(20, 1, 10);
+        assert!(l.allow(TopicKind::Telemetry));
+        assert!(!l.allow(TopicKind::Telemetry));
+        l.owe(TopicKind::Telemetry);
+        l.owe(TopicKind::Telemetry);
+        assert!(l.in_debt());
+        let t0 = Instant::now();
+        l.repay().await;
+        l.repay().await;
+        assert!(!l.in_debt());
+        // Two tokens at 20/s after the burst was spent: about 100 ms.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(80),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(
+            !l.allow(TopicKind::Telemetry),
+            "the repaid tokens were taken"
+        );
     }
 
     #[test]

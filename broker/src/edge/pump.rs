@@ -51,6 +51,7 @@ pub(super) struct Pump<'a> {
     aliases: HashMap<u16, (TopicKind, Bytes)>,
     limits: PublishLimits,
     dropped: Counter,
+    throttled: Counter,
     counters_in: HashMap<Option<TopicKind>, ClassCounters>,
     counters_out: HashMap<Option<TopicKind>, ClassCounters>,
     /// Down kinds the device subscribed to, with the QoS granted.
@@ -86,6 +87,7 @@ impl<'a> Pump<'a> {
                     reason: "rate_limited",
                 })
                 .clone(),
+            throttled: edge.metrics.throttled.clone(),
             counters_in: HashMap::new(),
             counters_out: HashMap::new(),
             subscriptions: HashMap::new(),
@@ -140,15 +142,21 @@ impl<'a> Pump<'a> {
                 Step::Close(reason) => return reason,
             }
             // Cases: closed (kick, takeover, shutdown); bytes from the device (unless too many
-            // acknowledgements wait); a receipt; messages for the device; keep-alive expired.
+            // acknowledgements wait or rate-limit tokens are owed); an owed token; a receipt;
+            // messages for the device; keep-alive expired.
+            let reading = self.acks.len() < MAX_HELD && !self.limits.in_debt();
             tokio::select! {
                 _ = control.stop.cancelled() => return stopped_or(control, DisconnectReason::ServerShutdown),
-                read = dr.read_buf(&mut dbuf), if self.acks.len() < MAX_HELD => {
+                read = dr.read_buf(&mut dbuf), if reading => {
                     if !matches!(read, Ok(n) if n > 0) {
                         return DisconnectReason::NetworkError;
                     }
                     deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
                     step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
+                }
+                _ = self.limits.repay(), if self.limits.in_debt() => {
+                    // The device is not silent; we are not listening.
+                    deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
                 }
                 _ = self.acks.settle_first(), if self.acks.waiting() => {}
                 n = mailbox.recv_many(&mut downs, DOWN_BATCH) => {
@@ -192,7 +200,7 @@ impl<'a> Pump<'a> {
             let (len, qos, packet_id) = (decoded.len, decoded.qos, decoded.packet_id);
             match decoded.packet {
                 Packet::Publish(publish, props) => {
-                    match self.check_publish(publish, props, len, (qos, packet_id), to_device) {
+                    match self.check_publish(publish, props, len, qos) {
                         Ok(Some((kind, publish, props))) => {
                             match (qos, packet_id) {
                                 (1, Some(id)) => {
@@ -337,14 +345,13 @@ impl<'a> Pump<'a> {
     }
 
     /// `Ok(Some)`: the publish to route (aliases resolved, at QoS 0) with its kind;
-    /// `Ok(None)`: dropped (rate limit); `Err`: close the connection.
+    /// `Ok(None)`: dropped (QoS 0 over the rate limit); `Err`: close the connection.
     fn check_publish(
         &mut self,
         mut publish: Publish,
         mut props: Option<PublishProperties>,
         len: usize,
-        ids: (u8, Option<u16>),
-        to_device: &mut BytesMut,
+        qos: u8,
     ) -> Result<Option<(TopicKind, Publish, Option<PublishProperties>)>, DisconnectReason> {
         let alias = props.as_mut().and_then(|p| p.topic_alias.take());
         let kind = if publish.topic.is_empty() {
@@ -374,7 +381,12 @@ impl<'a> Pump<'a> {
         };
 
         if !self.limits.allow(kind) {
-            return self.drop_publish(ids, to_device).map(|()| None);
+            if qos != 1 {
+                return self.drop_publish(qos).map(|()| None);
+            }
+            // QoS 1: through on credit; the connection is not read until it is paid.
+            self.limits.owe(kind);
+            self.throttled.inc();
         }
         let counters = class_counters(&mut self.counters_in, Some(kind), || {
             (&self.edge.metrics.messages_in, &self.edge.metrics.bytes_in)
@@ -404,26 +416,17 @@ impl<'a> Pump<'a> {
             .inc_by(n);
     }
 
-    /// Drops an over-limit PUBLISH (acknowledging QoS 1); a device over the limit for the
-    /// configured time, or flooding at QoS 2, is disconnected.
-    fn drop_publish(
-        &mut self,
-        (qos, packet_id): (u8, Option<u16>),
-        to_device: &mut BytesMut,
-    ) -> Result<(), DisconnectReason> {
+    /// Drops an over-limit QoS 0 PUBLISH; a device over the limit for the configured time, or
+    /// flooding at QoS 2, is disconnected. (Over-limit QoS 1 publishes are not dropped: they
+    /// are throttled, see [`PublishLimits::owe`].)
+    fn drop_publish(&mut self, qos: u8) -> Result<(), DisconnectReason> {
         self.dropped.inc();
         if self.limits.dropped(Instant::now()) {
             tracing::warn!(device_id = %self.device, "publish rate over the limit for too long");
             return Err(DisconnectReason::RateLimited);
         }
-        match (qos, packet_id) {
-            (0, _) => Ok(()),
-            (1, Some(id)) => {
-                if self.acks.dropped(id) {
-                    to_device.extend_from_slice(&packet::puback_dropped(id, self.codec.v5()));
-                }
-                Ok(())
-            }
+        match qos {
+            0 => Ok(()),
             _ => Err(DisconnectReason::RateLimited),
         }
     }
