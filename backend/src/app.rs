@@ -247,6 +247,12 @@ impl App {
             }
         };
 
+        let cluster = settings.cluster.enabled.then(|| crate::cluster::Config {
+            replica: settings.cluster.replica(),
+            lease: Duration::from_millis(settings.cluster.lease_ms),
+            heartbeat: Duration::from_millis(settings.cluster.heartbeat_ms),
+            shadow_per_device: settings.cluster.shadow_per_device,
+        });
         // The backend's own connection to the broker, and the device runtime behind it.
         let bus = Bus::new(publisher, bus_metrics);
         let runtime = Arc::new(Runtime {
@@ -264,15 +270,32 @@ impl App {
                 watchdog: Duration::from_millis(settings.sessions.watchdog_ms),
                 history: settings.sessions.history,
             },
+            changes: cluster
+                .as_ref()
+                .map(|c| crate::cluster::Changes::new(db.clone(), c.replica.clone())),
         });
         let dispatcher = Dispatcher::new(runtime, tracker.clone(), shutdown.clone());
-        let inbox: Box<dyn crate::bus::Inbox> = match &status_sink {
+        let mut inbox: Box<dyn crate::bus::Inbox> = match &status_sink {
             Some(sink) => Box::new(mqtt_auth::StatusPresence::new(
                 dispatcher.clone(),
                 sink.clone(),
             )),
             None => Box::new(dispatcher.clone()),
         };
+        if let Some(config) = cluster {
+            tracing::info!(replica = %config.replica, "cluster mode: handling the events of the devices this replica owns");
+            let reload: Arc<dyn crate::cluster::Reload> = Arc::new(dispatcher.clone());
+            tracker.spawn(crate::cluster::listen(
+                settings.database_url().expose().to_owned(),
+                config.replica.clone(),
+                reload.clone(),
+                shutdown.clone(),
+            ));
+            let ownership =
+                crate::cluster::Ownership::new(config, db.clone(), inbox, reload, &mut registry);
+            tracker.spawn(ownership.clone().run(shutdown.clone()));
+            inbox = Box::new(ownership);
+        }
         tracker.spawn(crate::bus::run(bus, connection, inbox, shutdown.clone()));
         tracker.spawn(telemetry::run_writer(
             telemetry,

@@ -34,6 +34,7 @@ pub(crate) mod audit;
 pub mod broker_api;
 pub mod bus;
 pub mod cli;
+pub mod cluster;
 pub mod context;
 pub mod datadir;
 pub mod db;

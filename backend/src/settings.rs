@@ -28,6 +28,7 @@ pub struct Settings {
     pub sessions: SessionSettings,
     pub voice: crate::voice::VoiceSettings,
     pub mqtt_hook: MqttHookSettings,
+    pub cluster: ClusterSettings,
 }
 
 impl Default for Settings {
@@ -44,7 +45,57 @@ impl Default for Settings {
             sessions: SessionSettings::default(),
             voice: crate::voice::VoiceSettings::default(),
             mqtt_hook: MqttHookSettings::default(),
+            cluster: ClusterSettings::default(),
         }
+    }
+}
+
+/// Several replicas behind one external broker, on one PostgreSQL (see `cluster.rs`): each
+/// device's events are handled by exactly one replica at a time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// Off: this is the only replica.
+    pub enabled: bool,
+    /// This replica's name, unique among the live ones. Empty: host name, process id and a
+    /// random suffix.
+    pub replica_id: String,
+    /// A replica silent this long is dead and its devices are taken over, in milliseconds.
+    pub lease_ms: u64,
+    /// How often each replica renews its lease, in milliseconds (at most a third of it).
+    pub heartbeat_ms: u64,
+    /// Events kept per device another replica owns, replayed if it dies.
+    pub shadow_per_device: usize,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            replica_id: String::new(),
+            lease_ms: 3_000,
+            heartbeat_ms: 1_000,
+            shadow_per_device: 512,
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// The configured replica id, or a generated one.
+    pub fn replica(&self) -> String {
+        if !self.replica_id.is_empty() {
+            return self.replica_id.clone();
+        }
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "companion".into());
+        format!(
+            "{host}-{}-{:06x}",
+            std::process::id(),
+            rand::random::<u32>() & 0xff_ffff
+        )
     }
 }
 
@@ -382,6 +433,40 @@ impl Settings {
                 ));
             }
         }
+        if self.cluster.enabled {
+            if self.database_kind()? != DatabaseKind::Postgres {
+                return Err(invalid(
+                    "cluster.enabled",
+                    "replicas share one PostgreSQL: set database.url to a postgres:// URL",
+                ));
+            }
+            if self.mqtt.upstream.is_empty() {
+                return Err(invalid(
+                    "cluster.enabled",
+                    "replicas share an external broker: set mqtt.upstream",
+                ));
+            }
+            if self.mqtt.upstream_shared {
+                return Err(invalid(
+                    "mqtt.upstream_shared",
+                    "must be false with cluster.enabled: every replica sees every device's messages and handles those of the devices it owns",
+                ));
+            }
+            if self.cluster.heartbeat_ms == 0
+                || self.cluster.heartbeat_ms.saturating_mul(3) > self.cluster.lease_ms
+            {
+                return Err(invalid(
+                    "cluster.heartbeat_ms",
+                    "must be positive and at most a third of cluster.lease_ms",
+                ));
+            }
+            if self.cluster.shadow_per_device == 0 {
+                return Err(invalid("cluster.shadow_per_device", "must be at least 1"));
+            }
+            if self.cluster.replica_id.contains(char::is_whitespace) {
+                return Err(invalid("cluster.replica_id", "must not contain spaces"));
+            }
+        }
         if let Some(token) = &self.admin.token {
             if token.expose().len() < 16 {
                 return Err(invalid(
@@ -567,6 +652,57 @@ mod tests {
         assert_eq!(s.log.format, LogFormat::Json);
         assert_eq!(s.mqtt.hosts, vec!["a.example", "b.example"]);
         assert_eq!(s.database_kind().unwrap(), DatabaseKind::Postgres);
+    }
+
+    #[test]
+    fn cluster_mode_needs_postgres_an_upstream_broker_and_plain_subscriptions() {
+        let base = [
+            ("COMPANION_CLUSTER__ENABLED", "true"),
+            ("DATABASE_URL", "postgres://u:p@h/db"),
+            ("COMPANION_MQTT__UPSTREAM", "mqtt://broker:1883"),
+            ("COMPANION_MQTT__UPSTREAM_SHARED", "false"),
+        ];
+        let s = Settings::load_from(None, env(&base)).unwrap();
+        assert!(s.cluster.enabled);
+        assert_eq!((s.cluster.lease_ms, s.cluster.heartbeat_ms), (3000, 1000));
+        assert_ne!(
+            s.cluster.replica(),
+            s.cluster.replica(),
+            "generated ids differ"
+        );
+        for (drop_key, replace, key) in [
+            (
+                "DATABASE_URL",
+                ("DATABASE_URL", "sqlite::memory:"),
+                "cluster.enabled",
+            ),
+            (
+                "COMPANION_MQTT__UPSTREAM",
+                ("COMPANION_MQTT__UPSTREAM", ""),
+                "cluster.enabled",
+            ),
+            (
+                "COMPANION_MQTT__UPSTREAM_SHARED",
+                ("COMPANION_MQTT__UPSTREAM_SHARED", "true"),
+                "mqtt.upstream_shared",
+            ),
+            (
+                "",
+                ("COMPANION_CLUSTER__HEARTBEAT_MS", "1500"),
+                "cluster.heartbeat_ms",
+            ),
+        ] {
+            let mut vars: Vec<(&str, &str)> = base
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != drop_key)
+                .collect();
+            vars.push(replace);
+            let err = Settings::load_from(None, env(&vars))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{replace:?}: {err}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use companion_backend::db::Db;
 use companion_backend::settings::{Secret, Settings};
 use sqlx::Row;
 
-const TABLES: [&str; 11] = [
+const TABLES: [&str; 13] = [
     "devices",
     "device_tokens",
     "admin_tokens",
@@ -17,6 +17,8 @@ const TABLES: [&str; 11] = [
     "audit_log",
     "telemetry_latest",
     "presence",
+    "replicas",
+    "device_owners",
     "_sqlx_migrations",
 ];
 

@@ -238,6 +238,8 @@ fn the_cluster_deployment_files_hold_together() {
         "./nginx/mqtt-cluster.conf:/etc/nginx/nginx.conf:ro",
         "COMPANION_MQTT__UPSTREAM_SHARED: \"false\"",
         "COMPANION_MQTT_HOOK__BROKER_API: rabbitmq",
+        "COMPANION_CLUSTER__ENABLED: \"true\"",
+        "replicas: 2",
     ] {
         assert!(
             compose.contains(needed),

@@ -61,6 +61,9 @@ pub enum DeviceEvent {
     },
     /// From the REST API.
     Command(Command),
+    /// Another replica changed the device's persona or config, or this replica took the
+    /// device over: read them again.
+    Reload,
 }
 
 impl DeviceEvent {
@@ -73,6 +76,7 @@ impl DeviceEvent {
             DeviceEvent::SessionControl(..) => "session_up",
             DeviceEvent::Presence { .. } => "presence",
             DeviceEvent::Command(_) => "command",
+            DeviceEvent::Reload => "reload",
         }
     }
 }
@@ -93,6 +97,12 @@ impl Inbox for Arc<Dispatcher> {
             }
         };
         self.dispatch(device, event);
+    }
+}
+
+impl crate::cluster::Reload for Arc<Dispatcher> {
+    fn reload(&self, device: &DeviceId) {
+        Dispatcher::reload(self, device);
     }
 }
 
@@ -141,6 +151,8 @@ pub struct Runtime {
     pub audit: AuditLog,
     pub telemetry: Arc<telemetry::Batcher>,
     pub limits: SessionLimits,
+    /// Several replicas: persona and config changes are announced to the others.
+    pub changes: Option<crate::cluster::Changes>,
 }
 
 /// A worker's queue. Events are boxed: tokio allocates a channel's slots 32 at a time when it
@@ -221,6 +233,18 @@ impl Dispatcher {
         let worker = worker::Worker::new(device.clone(), self.runtime.clone(), self.clone());
         self.tracker.spawn(worker.run(rx, self.shutdown.clone()));
         tx
+    }
+
+    /// Queues a reload for `device`'s worker, if it has one here (a new one loads anyway).
+    pub fn reload(&self, device: &DeviceId) {
+        let Ok(workers) = self.workers.lock() else {
+            return;
+        };
+        if let Some(tx) = workers.get(device) {
+            if tx.try_send(Box::new(DeviceEvent::Reload)).is_err() {
+                self.runtime.metrics.dropped("reload");
+            }
+        }
     }
 
     /// Called by a worker that wants to exit: succeeds (and unregisters it) only if no event

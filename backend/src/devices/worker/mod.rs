@@ -168,6 +168,11 @@ impl Worker {
                 }
             }
             DeviceEvent::Command(c) => self.command(c).await,
+            DeviceEvent::Reload => {
+                if self.loaded {
+                    self.load().await;
+                }
+            }
         }
     }
 
@@ -322,6 +327,9 @@ impl Worker {
         self.persona = to.clone();
         self.persona_at = state.switched_at_ms;
         self.persona_trigger = trigger.to_owned();
+        if let Some(changes) = &self.rt.changes {
+            changes.device_changed(&self.device).await;
+        }
         Ok(state)
     }
 
@@ -465,8 +473,11 @@ impl Worker {
         .bind(now_ms())
         .execute(self.rt.db.pool())
         .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        if let Some(changes) = &self.rt.changes {
+            changes.device_changed(&self.device).await;
+        }
+        Ok(())
     }
 }
 

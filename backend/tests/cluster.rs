@@ -1,0 +1,429 @@
+//! Two `companion` replicas (real processes, `cluster.enabled`) on one PostgreSQL behind a
+//! two-node RabbitMQ cluster: each device is handled by one replica; `kill -9` of the replica
+//! owning most devices while they publish QoS 1 telemetry and one of them is mid-conversation
+//! loses no telemetry, and the other replica takes its devices over within a few seconds.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::app::{Client, Seen};
+use common::rabbitmq::{self, RabbitMq};
+use common::{companion_command, fresh_pg_database, ServerProcess};
+use companion_schema::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const DEVICES: usize = 12;
+const ADMIN: &str = "cluster-test-admin-token-0123456789";
+/// Lease and heartbeat of the replicas (the defaults).
+const LEASE: Duration = Duration::from_secs(3);
+
+fn replica(dir: &Path, name: &str, pg: &str, broker_port: u16) -> tokio::process::Command {
+    let mut cmd = companion_command(dir);
+    cmd.env("DATABASE_URL", pg)
+        .env("COMPANION_ADMIN__TOKEN", ADMIN)
+        .env("COMPANION_HTTP__RATE_LIMIT_PER_MINUTE", "1000000")
+        .env(
+            "COMPANION_MQTT__UPSTREAM",
+            format!("mqtt://127.0.0.1:{broker_port}"),
+        )
+        .env("COMPANION_MQTT__UPSTREAM_USERNAME", rabbitmq::BACKEND_USER)
+        .env("COMPANION_MQTT__UPSTREAM_PASSWORD", rabbitmq::BACKEND_PASS)
+        .env("COMPANION_MQTT__UPSTREAM_SHARED", "false")
+        .env("COMPANION_MQTT_HOOK__ALLOW_FROM", "127.0.0.1/32")
+        .env("COMPANION_CLUSTER__ENABLED", "true")
+        .env("COMPANION_CLUSTER__REPLICA_ID", name)
+        .env("COMPANION_CLUSTER__LEASE_MS", LEASE.as_millis().to_string());
+    cmd
+}
+
+/// The brokers' view of companion's HTTP hooks: one address in front of both replicas, each
+/// connection going to the first that accepts (what the load balancer does in production).
+async fn hook_balancer(replicas: Vec<SocketAddr>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let replicas = replicas.clone();
+            tokio::spawn(async move {
+                for r in replicas {
+                    if let Ok(mut out) = TcpStream::connect(r).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn telemetry(seq: u64) -> Vec<u8> {
+    encode(&Telemetry {
+        v: 1,
+        seq,
+        ts_ms: seq,
+        uptime_s: seq,
+        battery_pct: Some(80.0),
+        cpu_temp_c: None,
+        rssi_dbm: None,
+        free_mem_kb: None,
+        extra: Default::default(),
+    })
+    .unwrap()
+}
+
+/// One device: telemetry seq 1, 2, … at QoS 1 every 20 ms (the next after the previous
+/// one's PUBACK), recording the last acknowledged, until `stop`. The event loop runs on its
+/// own task: `EventLoop::poll` must not be cancelled mid-packet.
+async fn publisher(
+    opts: MqttOptions,
+    id: String,
+    acked: Arc<Mutex<HashMap<String, u64>>>,
+    stop: CancellationToken,
+) {
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
+    let who = id.clone();
+    let driver = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    if ack_tx.send(()).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("device {who} lost its broker connection: {e}"),
+            }
+        }
+    });
+    let topic = Topic::new(DeviceId::parse(&id).unwrap(), TopicKind::Telemetry).to_string();
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    for seq in 1.. {
+        pace.tick().await;
+        if stop.is_cancelled() {
+            break;
+        }
+        client
+            .publish(&topic, QoS::AtLeastOnce, false, telemetry(seq))
+            .await
+            .unwrap();
+        ack_rx.recv().await.expect("the event loop runs");
+        acked.lock().unwrap().insert(id.clone(), seq);
+    }
+    driver.abort();
+}
+
+async fn owners(pool: &sqlx::PgPool) -> HashMap<String, String> {
+    sqlx::query_as::<_, (String, String)>("SELECT device_id, owner FROM device_owners")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+async fn metric(http: &reqwest::Client, server: &ServerProcess, name: &str) -> f64 {
+    let text = http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() {
+    let Some(pg) = fresh_pg_database().await else {
+        return;
+    };
+    if !rabbitmq::available() {
+        return;
+    }
+    let pool = sqlx::PgPool::connect(&pg).await.unwrap();
+    let http = reqwest::Client::new();
+    let (port1, port2) = (RabbitMq::free_port(), RabbitMq::free_port());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut servers = [
+        ServerProcess::start(replica(dir_a.path(), "a", &pg, port1)).await,
+        ServerProcess::start(replica(dir_b.path(), "b", &pg, port2)).await,
+    ];
+    let hook = format!(
+        "http://{}",
+        hook_balancer(vec![servers[0].http, servers[1].http]).await
+    );
+    let booting = Instant::now();
+    let node1 = RabbitMq::start(&hook, port1, RabbitMq::free_port(), None).await;
+    let node2 = RabbitMq::join(&node1, &hook, port2).await;
+    eprintln!("two-node cluster up in {:.1?}", booting.elapsed());
+    // Both replicas subscribed (each retries with backoff while the nodes boot): a replica
+    // keeps a shadow only of what it receives.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for server in servers.iter_mut() {
+        while !server
+            .drain()
+            .iter()
+            .any(|l| l.contains("backend connected to the broker"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "replica never reached the broker"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    // Devices on either node, registered through either replica.
+    let mut devices = Vec::new();
+    for i in 0..DEVICES {
+        let server = &servers[i % 2];
+        let resp = http
+            .post(server.url("/api/v1/devices"))
+            .bearer_auth(ADMIN)
+            .json(&json!({ "name": format!("dev-{i}"), "device_type": "simulated", "capabilities": ["leds", "buttons"] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let body: Value = resp.json().await.unwrap();
+        let id = body["device_id"].as_str().unwrap().to_owned();
+        let token = body["auth_token"].as_str().unwrap().to_owned();
+        let port = if i % 2 == 0 { port1 } else { port2 };
+        devices.push((id, token, port));
+    }
+    // Every device's first message is claimed by one replica. The talker only reads and
+    // presses: it is claimed through its presses.
+    let (talker_id, talker_token, talker_port) = devices.pop().unwrap();
+    let talker = DeviceId::parse(&talker_id).unwrap();
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let stop = CancellationToken::new();
+    let mut publishers = Vec::new();
+    for (id, token, port) in &devices {
+        let mut opts = MqttOptions::new(id.clone(), "127.0.0.1", *port);
+        opts.set_credentials(id.clone(), token.clone());
+        opts.set_keep_alive(Duration::from_secs(30));
+        publishers.push(tokio::spawn(publisher(
+            opts,
+            id.clone(),
+            acked.clone(),
+            stop.clone(),
+        )));
+    }
+    let mut opts = MqttOptions::new(talker_id.clone(), "127.0.0.1", talker_port);
+    opts.set_credentials(talker_id.clone(), talker_token.clone());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let mut talk = Client::connect(opts).await.expect("the talker connects");
+    for kind in [TopicKind::Persona, TopicKind::SessionDown] {
+        talk.subscribe(&Topic::new(talker.clone(), kind).to_string())
+            .await;
+    }
+    let first = talk
+        .press_until_persona(&talker, Duration::from_secs(30))
+        .await;
+
+    // Everyone owned, by one replica each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let owned = loop {
+        let owned = owners(&pool).await;
+        if owned.len() == DEVICES {
+            break owned;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = servers.iter_mut().map(|s| s.drain().join("\n")).collect();
+            panic!(
+                "only {} of {DEVICES} devices owned; acked {:?}\nlogs:\n{}\n{}",
+                owned.len(),
+                acked.lock().unwrap(),
+                logs[0],
+                logs[1]
+            );
+        }
+        tokio::task::yield_now().await;
+    };
+    let by_a = owned.values().filter(|o| *o == "a").count();
+    eprintln!("owned: a {by_a}, b {}", DEVICES - by_a);
+    let victim_name = owned[&talker_id].clone();
+    let (victim, survivor) = if victim_name == "a" { (0, 1) } else { (1, 0) };
+    let survivor_name = if victim == 0 { "b" } else { "a" };
+    let victims: Vec<String> = owned
+        .iter()
+        .filter(|(_, o)| **o == victim_name)
+        .map(|(d, _)| d.clone())
+        .collect();
+
+    // The talker starts a conversation: its owner answers "listening".
+    let session = SessionId::parse("failover-1").unwrap();
+    talk.publish(
+        &Topic::new(talker.clone(), TopicKind::SessionUp).to_string(),
+        &encode(&SessionControl {
+            v: 1,
+            session_id: session.clone(),
+            action: SessionAction::Start,
+            reason: None,
+        })
+        .unwrap(),
+    )
+    .await;
+    let down = Topic::new(talker.clone(), TopicKind::SessionDown).to_string();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(Seen::Publish { topic, payload }) = talk.rx.recv().await {
+                if topic == down
+                    && decode::<SessionEvent>(&payload).unwrap().state == SessionState::Listening
+                {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the talker's owner opens the session");
+
+    // Telemetry flows to both replicas for a moment, then the talker's owner dies.
+    let before_kill = acked.lock().unwrap().clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let now = acked.lock().unwrap().clone();
+            if devices
+                .iter()
+                .all(|(id, _, _)| now.get(id) > before_kill.get(id).or(Some(&0)))
+            {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "every device publishes: before {before_kill:?}, now {:?}",
+            acked.lock().unwrap()
+        )
+    });
+    let killed = Instant::now();
+    let status = tokio::process::Command::new("kill")
+        .args(["-9", &servers[victim].child.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let _ = servers[victim].child.wait().await;
+
+    // The survivor owns every publishing device within lease + heartbeat (+ its claim); the
+    // talker, silent meanwhile, is claimed on its next message.
+    let failover = loop {
+        let owned = owners(&pool).await;
+        if victims
+            .iter()
+            .all(|d| *d == talker_id || owned[d] == survivor_name)
+        {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < LEASE * 4,
+            "{survivor_name} took only some of {victim_name}'s devices: {owned:?}"
+        );
+        tokio::task::yield_now().await;
+    };
+    eprintln!(
+        "{survivor_name} owns {victim_name}'s {} devices {failover:.1?} after the kill",
+        victims.len()
+    );
+
+    // The talker, mid-conversation when its replica died, is served by the survivor.
+    talk.publish(
+        &Topic::new(talker.clone(), TopicKind::SessionUp).to_string(),
+        &encode(&SessionControl {
+            v: 1,
+            session_id: session,
+            action: SessionAction::Cancel,
+            reason: None,
+        })
+        .unwrap(),
+    )
+    .await;
+    let answered = Instant::now();
+    let second = talk
+        .press_until_persona(&talker, Duration::from_secs(20))
+        .await;
+    eprintln!(
+        "talker's persona press answered by {survivor_name} in {:.1?}",
+        answered.elapsed()
+    );
+    assert_eq!(owners(&pool).await[&talker_id], survivor_name);
+    assert_ne!(
+        second.persona_id, first.persona_id,
+        "the survivor switched from the stored persona"
+    );
+
+    // Publish a while longer, stop, and every acknowledged message is stored.
+    let more = acked.lock().unwrap().clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let now = acked.lock().unwrap().clone();
+            if devices.iter().all(|(id, _, _)| now.get(id) > more.get(id)) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("devices keep publishing through the failover");
+    stop.cancel();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored: HashMap<String, i64> =
+            sqlx::query_as::<_, (String, i64)>("SELECT device_id, seq FROM telemetry_latest")
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect();
+        let behind: Vec<_> = devices
+            .iter()
+            .filter(|(id, _, _)| stored.get(id).copied().unwrap_or(0) as u64 != acked[id])
+            .map(|(id, _, _)| (id, stored.get(id), acked[id]))
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored telemetry behind the acknowledged: {behind:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    let total: u64 = acked.values().sum();
+    let survivor_server = &servers[survivor];
+    let gaps = metric(&http, survivor_server, "telemetry_gaps_total").await;
+    let takeovers = metric(&http, survivor_server, "backend_cluster_takeovers_total").await;
+    let replayed = metric(&http, survivor_server, "backend_cluster_replayed_total").await;
+    eprintln!(
+        "{total} telemetry messages acknowledged, all stored; gaps {gaps}; takeovers {takeovers}; replayed {replayed}"
+    );
+    if gaps != 0.0 {
+        let log = servers[survivor].drain().join("\n");
+        panic!("the survivor missed {gaps} sequence numbers; its log:\n{log}");
+    }
+    assert_eq!(takeovers as usize, victims.len());
+    drop(talk);
+    drop(node2);
+    drop(node1);
+}
