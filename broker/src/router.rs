@@ -72,17 +72,31 @@ fn log_alerts(batch: &[rumqttd::Alert]) {
     }
 }
 
+/// The kinds whose fleet-wide logs carry most of the bytes.
+fn bulk(kind: companion_schema::TopicKind) -> bool {
+    use companion_schema::TopicKind::*;
+    matches!(kind, Telemetry | AudioUp | AudioDown)
+}
+
 fn router_config(settings: &MqttSettings) -> RouterConfig {
     // One commit log per subscription filter, never freed (rumqtt#1001): fleet-wide filters
-    // (`devices/+/<suffix>`, the backend's) get `router_segment_bytes`, everything else (a
+    // (`devices/+/<suffix>`, the backend's) get `router_segment_bytes` for the bulk kinds
+    // (telemetry, audio) and `router_control_segment_bytes` for the rest; everything else (a
     // device's own down topics, dynamic filters) the smaller `router_device_segment_bytes`.
-    let fleet = SegmentConfig {
-        max_segment_size: settings.router_segment_bytes,
-        max_segment_count: settings.router_segment_count,
-    };
     let custom: HashMap<String, SegmentConfig> = companion_schema::TopicKind::ALL
         .into_iter()
-        .map(|k| (k.all_devices_filter(), fleet.clone()))
+        .map(|k| {
+            let size = if bulk(k) {
+                settings.router_segment_bytes
+            } else {
+                settings.router_control_segment_bytes
+            };
+            let segment = SegmentConfig {
+                max_segment_size: size,
+                max_segment_count: settings.router_segment_count,
+            };
+            (k.all_devices_filter(), segment)
+        })
         .collect();
     RouterConfig {
         max_connections: settings.max_connections + 1024,

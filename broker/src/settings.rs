@@ -68,6 +68,12 @@ pub struct MqttSettings {
     /// rumqttd commit-log segment size for fleet-wide filters (`devices/+/<suffix>`, the
     /// backend's subscriptions). rumqttd keeps one log per filter and never frees it.
     pub router_segment_bytes: usize,
+    /// Segment size for the fleet-wide filters of the small control kinds (status, buttons,
+    /// session control, persona, config, LEDs). rumqttd counts only topic and payload bytes
+    /// against a segment while each stored message costs about 460 bytes in memory, so with
+    /// `router_segment_bytes` these logs kept filling for hours at a few hundred messages a
+    /// minute (the soak's RSS growth).
+    pub router_control_segment_bytes: usize,
     /// Segment size for every other filter (a device's own down topics).
     pub router_device_segment_bytes: usize,
     /// Segments kept per filter; older ones are dropped (a lagging subscriber then loses
@@ -125,6 +131,9 @@ impl Default for MqttSettings {
             max_tracked_addresses: 65_536,
             // Audio up at ~10 KB/s per talking device: 4 x 1 MiB holds ~4 s of 100 devices.
             router_segment_bytes: 1024 * 1024,
+            // ~2,500 control messages per segment, ~10,000 per filter: far more than a
+            // connect storm puts in flight between the router and its in-process readers.
+            router_control_segment_bytes: 256 * 1024,
             // A device's audio down at ~10 KB/s: 4 x 128 KiB holds ~50 s.
             router_device_segment_bytes: 128 * 1024,
             router_segment_count: 4,
