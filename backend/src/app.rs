@@ -201,7 +201,15 @@ impl App {
         // Telemetry is acknowledged to a device once stored (the batcher holds the PUBACK).
         let telemetry = Arc::new(Batcher::default());
         telemetry.register(&mut registry);
-        let hook = Arc::new(crate::mqtt_hook::Hook::new(devices.clone(), audit.clone()));
+        let hook = Arc::new(crate::mqtt_hook::Hook::new(
+            devices.clone(),
+            audit.clone(),
+            crate::login_digest::LoginDigest::new(
+                Duration::from_secs(settings.mqtt.auth_failure_window_s),
+                settings.mqtt.max_tracked_addresses,
+            ),
+        ));
+        tracker.spawn(hook.clone().run_digest(shutdown.clone()));
         hook.register(&mut registry);
         let upstream = crate::bus::Target::upstream(&settings.mqtt).map_err(|e| {
             crate::settings::SettingsError::Invalid {

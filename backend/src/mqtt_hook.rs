@@ -12,7 +12,7 @@
 //! any replica is honoured within a second (on this one at once: [`Hook::invalidate`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use companion_broker::{acl, DenyReason, RESERVED_CLIENT_ID_PREFIX};
@@ -23,9 +23,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::audit::{AuditEntry, AuditLog, Outcome};
+use crate::login_digest::LoginDigest;
 use crate::registry::tokens::verify;
 use crate::registry::DeviceStore;
 use crate::registry::StoreError;
+use tokio_util::sync::CancellationToken;
 
 /// How long a looked-up credential (or its absence) is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(1);
@@ -92,21 +94,59 @@ struct Cached {
     at: Instant,
 }
 
+/// Marks an audit row as coming through an external broker's hook.
+fn external(mut entry: AuditEntry) -> AuditEntry {
+    entry.detail = Some(match entry.detail.take() {
+        Some(d) => format!("{d} (external broker)"),
+        None => "external broker".to_owned(),
+    });
+    entry
+}
+
 /// Authentication and authorization of devices for an external broker.
 pub struct Hook {
     devices: DeviceStore,
     audit: AuditLog,
     cache: Mutex<HashMap<DeviceId, Cached>>,
+    /// Refused logins summed up per source address and reason, as the edge does.
+    digest: Mutex<LoginDigest>,
     metrics: HookMetrics,
 }
 
+/// How often closed windows of refused logins are written.
+const DIGEST_TICK: Duration = Duration::from_secs(1);
+
 impl Hook {
-    pub fn new(devices: DeviceStore, audit: AuditLog) -> Self {
+    pub fn new(devices: DeviceStore, audit: AuditLog, digest: LoginDigest) -> Self {
         Self {
             devices,
             audit,
             cache: Mutex::new(HashMap::new()),
+            digest: Mutex::new(digest),
             metrics: HookMetrics::default(),
+        }
+    }
+
+    /// Writes the summaries of refused-login windows as they close, and the open ones at
+    /// shutdown.
+    pub async fn run_digest(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(DIGEST_TICK);
+        loop {
+            let done = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.cancelled() => true,
+            };
+            let entries = match self.digest.lock() {
+                Ok(mut d) if done => d.flush(),
+                Ok(mut d) => d.due(Instant::now()),
+                Err(_) => Vec::new(),
+            };
+            for entry in entries {
+                self.audit.record(external(entry)).await;
+            }
+            if done {
+                return;
+            }
         }
     }
 
@@ -176,14 +216,25 @@ impl Hook {
             Login::Deny(reason) => {
                 self.count("login", "deny");
                 let who = acl::truncate(client_id.unwrap_or(username), AUDIT_FIELD_MAX);
-                self.audit
-                    .record(
-                        AuditEntry::new(format!("mqtt:{who}"), "mqtt.connect", Outcome::Denied)
-                            .target(who)
-                            .remote(remote)
-                            .detail(format!("{} (external broker)", reason.as_str())),
+                // Summed up per device address and reason. A broker that does not send the
+                // address (RabbitMQ's user_path) gets a row per refusal: summing those up
+                // per reason alone would hide which devices were refused.
+                let entries = match remote {
+                    Some(peer) => match self.digest.lock() {
+                        Ok(mut d) => d.refused(&who, peer, *reason, Instant::now()),
+                        Err(_) => Vec::new(),
+                    },
+                    None => vec![AuditEntry::new(
+                        format!("mqtt:{who}"),
+                        "mqtt.connect",
+                        Outcome::Denied,
                     )
-                    .await;
+                    .target(who.clone())
+                    .detail(reason.as_str())],
+                };
+                for entry in entries {
+                    self.audit.record(external(entry)).await;
+                }
             }
         }
         decision

@@ -548,3 +548,65 @@ async fn kicks_go_to_the_emqx_management_api() {
     assert_eq!(row["detail"], "disabled, kick failed");
     app.stop().await;
 }
+
+/// A password-guessing flood through the broker's hook writes a few audit rows, not one per
+/// attempt: the first refusal per source address and reason, then one summary per window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_logins_through_the_hook_are_summed_up_in_the_audit_log() {
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        s.mqtt_hook.secret = Some(Secret::new(SECRET));
+        s.mqtt.auth_failure_window_s = 1;
+        s.http.rate_limit_per_minute = 100_000;
+    })
+    .await
+    .unwrap();
+    let (id, _) = app.register("Hook Flood").await;
+    const ATTEMPTS: usize = 300;
+    for i in 0..ATTEMPTS {
+        let body = json!({ "clientid": id, "username": id, "password": format!("guess-{i}"), "peerhost": "203.0.113.9" });
+        assert_eq!(emqx(&app, "/api/v1/mqtt/emqx/authn", body).await, "deny");
+    }
+    let summary = app
+        .wait_audit("mqtt.connect", |r| {
+            r["remote_addr"] == "203.0.113.9"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("more attempts"))
+        })
+        .await;
+    let rows: Vec<Value> = app
+        .audit("mqtt.connect")
+        .await
+        .into_iter()
+        .filter(|r| r["remote_addr"] == "203.0.113.9")
+        .collect();
+    // One first row and the summaries of the windows the attempts spanned (at 1 s each).
+    let summed: usize = rows
+        .iter()
+        .filter_map(|r| {
+            let d = r["detail"].as_str()?;
+            let n = d
+                .split(" (")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()?;
+            Some(n)
+        })
+        .sum();
+    let firsts = rows
+        .iter()
+        .filter(|r| r["detail"] == "bad_token (external broker)")
+        .count();
+    assert!(
+        rows.len() < 20,
+        "{} rows for {ATTEMPTS} attempts",
+        rows.len()
+    );
+    assert_eq!(
+        firsts + summed,
+        ATTEMPTS,
+        "every attempt counted: {rows:#?}\n{summary}"
+    );
+}
