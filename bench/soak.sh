@@ -95,6 +95,11 @@ export COMPANION_MQTT__WSS_LISTEN=""
 export COMPANION_MQTT__MAX_CONNECTIONS=$(( DEVICES + 100 ))
 # The churn is admin API traffic from one principal: above the default 100 requests a minute.
 export COMPANION_HTTP__RATE_LIMIT_PER_MINUTE=100000
+# Every simulated device comes from 127.0.0.1, like a fleet behind one NAT: rotated devices
+# retrying their old token would get the address blocked (20 failures a minute) and with it
+# the whole fleet, and the ramp would hit the per-address cap of handshakes in progress.
+export COMPANION_MQTT__AUTH_FAILURES_PER_IP=0
+export COMPANION_MQTT__MAX_PENDING_PER_IP=$(( DEVICES + 100 ))
 creds="$work/creds.csv"
 "$companion" devices bulk-create --count "$DEVICES" --prefix soak --out "$creds" >/dev/null
 "$companion" serve >"$work/companion.log" 2>&1 &

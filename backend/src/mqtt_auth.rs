@@ -203,11 +203,17 @@ impl Unwritten {
             let Some(p) = self.latest.get(&device) else {
                 continue;
             };
-            if let Err(e) = p.write(db).await {
-                let next = self.retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX));
-                tracing::debug!(error = %e, waiting = self.latest.len(), retry_ms = next.as_millis() as u64, "presence still not written");
-                self.retry = Some(next);
-                return;
+            match p.write(db).await {
+                Ok(()) => {}
+                Err(e) if !crate::db::unavailable(&e) => {
+                    tracing::warn!(error = %e, device_id = %device, "presence update failed; dropped");
+                }
+                Err(e) => {
+                    let next = self.retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX));
+                    tracing::debug!(error = %e, waiting = self.latest.len(), retry_ms = next.as_millis() as u64, "presence still not written");
+                    self.retry = Some(next);
+                    return;
+                }
             }
             self.latest.remove(&device);
         }
@@ -238,7 +244,7 @@ impl Presence {
         match &self.change {
             PresenceChange::Online { peer } => sqlx::query(
                 "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms, peer)
-                 VALUES ($1, 1, $2, $2, $3)
+                 SELECT $1, 1, $2, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $1)
                  ON CONFLICT (device_id) DO UPDATE SET
                     online = 1, last_seen_ms = $2, connected_since_ms = $2, peer = $3",
             )
@@ -250,7 +256,7 @@ impl Presence {
             .map(drop),
             PresenceChange::Offline { reason } => sqlx::query(
                 "INSERT INTO presence (device_id, online, last_seen_ms, last_disconnect_ms, last_disconnect_reason)
-                 VALUES ($1, 0, $2, $2, $3)
+                 SELECT $1, 0, $2, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $1)
                  ON CONFLICT (device_id) DO UPDATE SET
                     online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
                     last_disconnect_reason = $3, connected_since_ms = NULL",
@@ -426,9 +432,16 @@ async fn write_presence(
         unwritten.keep(p, metrics);
         return;
     }
-    if let Err(e) = p.write(db).await {
-        tracing::warn!(error = %e, device_id = %p.device, "presence update failed; will retry");
-        unwritten.keep(p, metrics);
+    match p.write(db).await {
+        Ok(()) => {}
+        Err(e) if crate::db::unavailable(&e) => {
+            tracing::warn!(error = %e, device_id = %p.device, "presence update failed; will retry");
+            unwritten.keep(p, metrics);
+        }
+        // Not a retry's business (it would hold every later presence change behind it).
+        Err(e) => {
+            tracing::warn!(error = %e, device_id = %p.device, "presence update failed; dropped")
+        }
     }
 }
 
@@ -484,5 +497,56 @@ impl<I: crate::bus::Inbox> crate::bus::Inbox for StatusPresence<I> {
             }
         }
         self.inner.deliver(device, payload, arrived);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::model::{DeviceName, DeviceType};
+    use crate::registry::{DeviceStore, NewDevice};
+
+    /// A presence change of a device deleted meanwhile used to fail on the foreign key, be
+    /// kept for a retry that could never succeed, and hold every later change behind it.
+    #[tokio::test]
+    async fn a_deleted_devices_presence_does_not_hold_up_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::settings::Settings {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
+        let db = Db::connect(&settings).await.unwrap();
+        db.migrate().await.unwrap();
+        let (device, _) = DeviceStore::new(db.clone())
+            .create(&NewDevice {
+                device_id: None,
+                name: DeviceName::parse("Kept").unwrap(),
+                device_type: DeviceType::Simulated,
+                capabilities: Default::default(),
+            })
+            .await
+            .unwrap();
+        let metrics = PresenceMetrics::register(&mut Registry::default());
+        let mut unwritten = Unwritten::default();
+        let gone = Presence {
+            device: DeviceId::parse("deleted-1").unwrap(),
+            at_ms: 1,
+            change: PresenceChange::Offline { reason: "kicked" },
+        };
+        write_presence(&db, gone, &mut unwritten, &metrics).await;
+        let kept = Presence {
+            device: device.device_id.clone(),
+            at_ms: 2,
+            change: PresenceChange::Online { peer: None },
+        };
+        write_presence(&db, kept, &mut unwritten, &metrics).await;
+        assert!(unwritten.latest.is_empty(), "nothing waits for a retry");
+        let online: Option<i64> =
+            sqlx::query_scalar("SELECT online FROM presence WHERE device_id = $1")
+                .bind(device.device_id.as_str())
+                .fetch_optional(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(online, Some(1));
     }
 }

@@ -4,6 +4,7 @@
 //! loses no telemetry, and the other replica takes its devices over within a few seconds.
 
 mod common;
+mod voice_fake;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::app::{Client, Seen};
+use common::agent::Agent;
 use common::rabbitmq::{self, RabbitMq};
 use common::{companion_command, fresh_pg_database, ServerProcess};
 use companion_schema::*;
@@ -78,6 +79,24 @@ fn telemetry(seq: u64) -> Vec<u8> {
         extra: Default::default(),
     })
     .unwrap()
+}
+
+/// A spoken question and a second of silence (the server's VAD ends the utterance).
+fn question_wav(dir: &Path) -> std::path::PathBuf {
+    let wav = dir.join("mic.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&wav, spec).unwrap();
+    let pcm = voice_fake::spoken("what is the weather like today");
+    for sample in pcm.iter().chain(std::iter::repeat_n(&0i16, 16_000)) {
+        w.write_sample(*sample).unwrap();
+    }
+    w.finalize().unwrap();
+    wav
 }
 
 /// One device: telemetry seq 1, 2, … at QoS 1 every 20 ms (the next after the previous
@@ -166,7 +185,16 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         hook_balancer(vec![servers[0].http, servers[1].http]).await
     );
     let booting = Instant::now();
-    let node1 = RabbitMq::start(&hook, port1, RabbitMq::free_port(), None).await;
+    // Node 1 also takes devices over TLS with replica a's certificate (the agent's way in).
+    let tls_port = RabbitMq::free_port();
+    let tls_dir = dir_a.path().join("tls");
+    let node1 = RabbitMq::start(
+        &hook,
+        port1,
+        RabbitMq::free_port(),
+        Some((tls_port, &tls_dir)),
+    )
+    .await;
     let node2 = RabbitMq::join(&node1, &hook, port2).await;
     eprintln!("two-node cluster up in {:.1?}", booting.elapsed());
     // Both replicas subscribed (each retries with backoff while the nodes boot): a replica
@@ -204,10 +232,20 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         let port = if i % 2 == 0 { port1 } else { port2 };
         devices.push((id, token, port));
     }
-    // Every device's first message is claimed by one replica. The talker only reads and
-    // presses: it is claimed through its presses.
-    let (talker_id, talker_token, talker_port) = devices.pop().unwrap();
-    let talker = DeviceId::parse(&talker_id).unwrap();
+    // The talker: a real companion-agent daemon over TLS through node 1.
+    let (talker_id, talker_token, _) = devices.pop().unwrap();
+    let agent_dir = dir_a.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let mut agent = Agent::start(
+        &agent_dir,
+        &talker_id,
+        &talker_token,
+        &format!("mqtts://localhost:{tls_port}"),
+        &tls_dir.join("ca.pem"),
+        &question_wav(&agent_dir),
+    )
+    .await;
+    agent.wait_line("connected").await;
     let acked = Arc::new(Mutex::new(HashMap::new()));
     let stop = CancellationToken::new();
     let mut publishers = Vec::new();
@@ -222,18 +260,6 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
             stop.clone(),
         )));
     }
-    let mut opts = MqttOptions::new(talker_id.clone(), "127.0.0.1", talker_port);
-    opts.set_credentials(talker_id.clone(), talker_token.clone());
-    opts.set_keep_alive(Duration::from_secs(30));
-    let mut talk = Client::connect(opts).await.expect("the talker connects");
-    for kind in [TopicKind::Persona, TopicKind::SessionDown] {
-        talk.subscribe(&Topic::new(talker.clone(), kind).to_string())
-            .await;
-    }
-    let first = talk
-        .press_until_persona(&talker, Duration::from_secs(30))
-        .await;
-
     // Everyone owned, by one replica each.
     let deadline = Instant::now() + Duration::from_secs(30);
     let owned = loop {
@@ -264,33 +290,9 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         .map(|(d, _)| d.clone())
         .collect();
 
-    // The talker starts a conversation: its owner answers "listening".
-    let session = SessionId::parse("failover-1").unwrap();
-    talk.publish(
-        &Topic::new(talker.clone(), TopicKind::SessionUp).to_string(),
-        &encode(&SessionControl {
-            v: 1,
-            session_id: session.clone(),
-            action: SessionAction::Start,
-            reason: None,
-        })
-        .unwrap(),
-    )
-    .await;
-    let down = Topic::new(talker.clone(), TopicKind::SessionDown).to_string();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(Seen::Publish { topic, payload }) = talk.rx.recv().await {
-                if topic == down
-                    && decode::<SessionEvent>(&payload).unwrap().state == SessionState::Listening
-                {
-                    return;
-                }
-            }
-        }
-    })
-    .await
-    .expect("the talker's owner opens the session");
+    // The talker starts a conversation with its owner and is mid-utterance at the kill.
+    agent.button("talk press").await;
+    agent.wait_line("listening").await;
 
     // Telemetry flows to both replicas for a moment, then the talker's owner dies.
     let before_kill = acked.lock().unwrap().clone();
@@ -343,31 +345,25 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         victims.len()
     );
 
-    // The talker, mid-conversation when its replica died, is served by the survivor.
-    talk.publish(
-        &Topic::new(talker.clone(), TopicKind::SessionUp).to_string(),
-        &encode(&SessionControl {
-            v: 1,
-            session_id: session,
-            action: SessionAction::Cancel,
-            reason: None,
-        })
-        .unwrap(),
-    )
-    .await;
+    // The utterance the kill interrupted ends (the survivor answers what reached it of it,
+    // or the agent gives up waiting), and the talker holds a whole conversation with the
+    // survivor.
+    agent
+        .wait_line_with(&["state=Idle", "Blink #ff2828"], &mut servers[survivor])
+        .await;
     let answered = Instant::now();
-    let second = talk
-        .press_until_persona(&talker, Duration::from_secs(20))
+    agent.button("talk press").await;
+    agent.wait_line("listening").await;
+    let line = agent
+        .wait_line_with(&["state=Idle transcript=Some"], &mut servers[survivor])
         .await;
     eprintln!(
-        "talker's persona press answered by {survivor_name} in {:.1?}",
+        "talker's next conversation answered by {survivor_name} in {:.1?}",
         answered.elapsed()
     );
+    assert!(line.to_lowercase().contains("weather"), "{line}");
+    assert!(line.contains("reply=Some"), "the persona answered: {line}");
     assert_eq!(owners(&pool).await[&talker_id], survivor_name);
-    assert_ne!(
-        second.persona_id, first.persona_id,
-        "the survivor switched from the stored persona"
-    );
 
     // Publish a while longer, stop, and every acknowledged message is stored.
     let more = acked.lock().unwrap().clone();
@@ -423,7 +419,7 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         panic!("the survivor missed {gaps} sequence numbers; its log:\n{log}");
     }
     assert_eq!(takeovers as usize, victims.len());
-    drop(talk);
+    let _ = agent.child.kill().await;
     drop(node2);
     drop(node1);
 }

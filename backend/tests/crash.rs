@@ -9,15 +9,14 @@ mod voice_fake;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::agent::Agent;
 use common::{companion_command, fresh_pg_database, run_to_exit, ServerProcess};
 use companion_schema::{encode, DeviceId, Telemetry, Topic, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 const DEVICES: usize = 100;
@@ -144,124 +143,22 @@ async fn publisher(
     }
 }
 
-/// A `companion-agent` daemon on simulated hardware, its buttons on a Unix socket and its
-/// log lines forwarded.
-struct Agent {
-    child: tokio::process::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    socket: PathBuf,
-}
-
-impl Agent {
-    async fn start(dir: &Path, id: &str, token: &str, url: &str, ca: &Path) -> Agent {
-        let env = dir.join("agent.env");
-        std::fs::write(
-            &env,
-            format!(
-                "DEVICE_ID={id}\nDEVICE_AUTH_TOKEN={token}\nCONTROL_PLANE_URL={url}\nCA_CERT={}\nCACHE_DIR={}\n",
-                ca.display(),
-                dir.join("cache").display()
-            ),
-        )
-        .unwrap();
-        // A spoken question and a second of silence (the server's VAD ends the utterance).
-        let wav = dir.join("mic.wav");
-        let spec = hound::WavSpec {
-            channels: 1,
-            sample_rate: 16_000,
-            bits_per_sample: 16,
-            sample_format: hound::SampleFormat::Int,
-        };
-        let mut w = hound::WavWriter::create(&wav, spec).unwrap();
-        let pcm = voice_fake::spoken("what is the weather like today");
-        for sample in pcm.iter().chain(std::iter::repeat_n(&0i16, 16_000)) {
-            w.write_sample(*sample).unwrap();
-        }
-        w.finalize().unwrap();
-        let socket = dir.join("buttons.sock");
-        let speaker = dir.join("speaker");
-        std::fs::create_dir_all(&speaker).unwrap();
-        let mut child = tokio::process::Command::new(common::ops::agent_binary().await)
-            .env_clear()
-            .env("RUST_LOG", "info")
-            .arg("--env-file")
-            .arg(&env)
-            .arg("--hardware")
-            .arg("sim")
-            .arg("--mic-wav")
-            .arg(&wav)
-            .arg("--speaker-dir")
-            .arg(&speaker)
-            .arg("--button-socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn the agent");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = r.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Agent {
-            child,
-            lines,
-            socket,
-        }
+/// A spoken question and a second of silence (the server's VAD ends the utterance).
+fn question_wav(dir: &Path) -> PathBuf {
+    let wav = dir.join("mic.wav");
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&wav, spec).unwrap();
+    let pcm = voice_fake::spoken("what is the weather like today");
+    for sample in pcm.iter().chain(std::iter::repeat_n(&0i16, 16_000)) {
+        w.write_sample(*sample).unwrap();
     }
-
-    /// Like [`Agent::wait_line`], showing the server's log when it fails.
-    async fn wait_line_with(&mut self, what: &[&str], server: &mut ServerProcess) -> String {
-        let mut seen = Vec::new();
-        let got = tokio::time::timeout(DEADLINE, async {
-            while let Some(line) = self.lines.recv().await {
-                if what.iter().any(|w| line.contains(w)) {
-                    return Some(line);
-                }
-                seen.push(line);
-            }
-            None
-        })
-        .await;
-        match got {
-            Ok(Some(line)) => line,
-            _ => panic!(
-                "no agent line with {what:?}; agent log:\n{}\nserver log:\n{}",
-                seen.join("\n"),
-                server.drain().join("\n")
-            ),
-        }
-    }
-
-    /// Waits for a log line containing `what`; returns it.
-    async fn wait_line(&mut self, what: &str) -> String {
-        let mut seen = Vec::new();
-        tokio::time::timeout(DEADLINE, async {
-            while let Some(line) = self.lines.recv().await {
-                if line.contains(what) {
-                    return line;
-                }
-                seen.push(line);
-            }
-            panic!("the agent exited; log:\n{}", seen.join("\n"));
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no agent line with {what:?}; log:\n{}", seen.join("\n")))
-    }
-
-    async fn button(&self, line: &str) {
-        let mut s = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .expect("the agent's button socket");
-        s.write_all(format!("{line}\n").as_bytes()).await.unwrap();
-    }
+    w.finalize().unwrap();
+    wav
 }
 
 async fn kill_9(server: &mut ServerProcess) {
@@ -339,6 +236,7 @@ async fn kill_9_loses_nothing_acknowledged(db: Db) {
         &agent_token,
         &format!("mqtts://localhost:{mqtts}"),
         &ca,
+        &question_wav(&agent_dir),
     )
     .await;
     agent.wait_line("connected").await;

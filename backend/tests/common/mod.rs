@@ -198,6 +198,7 @@ impl ServerProcess {
         &self.log
     }
 }
+pub mod agent;
 pub mod app;
 pub mod device;
 pub mod ops;
