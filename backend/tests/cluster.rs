@@ -290,6 +290,57 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         .map(|(d, _)| d.clone())
         .collect();
 
+    // A rotation through one replica is honoured by the other's hook within its 1 s cache.
+    {
+        let resp = http
+            .post(servers[0].url("/api/v1/devices"))
+            .bearer_auth(ADMIN)
+            .json(&json!({ "name": "rotated", "device_type": "simulated", "capabilities": [] }))
+            .send()
+            .await
+            .unwrap();
+        let body: Value = resp.json().await.unwrap();
+        let id = body["device_id"].as_str().unwrap().to_owned();
+        let old = body["auth_token"].as_str().unwrap().to_owned();
+        let login = |token: String| {
+            let form = [
+                ("username", id.clone()),
+                ("password", token),
+                ("vhost", "/".to_owned()),
+                ("client_id", id.clone()),
+            ];
+            let req = http
+                .post(servers[1].url("/api/v1/mqtt/rabbitmq/user"))
+                .form(&form);
+            async move { req.send().await.unwrap().text().await.unwrap() }
+        };
+        assert!(login(old.clone()).await.starts_with("allow"));
+        let resp = http
+            .post(servers[0].url(&format!("/api/v1/devices/{id}/token")))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let rotated = Instant::now();
+        let new = resp.json::<Value>().await.unwrap()["auth_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        while login(old.clone()).await.starts_with("allow") {
+            assert!(
+                rotated.elapsed() < Duration::from_secs(3),
+                "replica b still takes the rotated token"
+            );
+            tokio::task::yield_now().await;
+        }
+        eprintln!(
+            "rotated on a, refused by b's hook after {} ms",
+            rotated.elapsed().as_millis()
+        );
+        assert!(login(new).await.starts_with("allow"));
+    }
+
     // The talker starts a conversation with its owner and is mid-utterance at the kill.
     agent.button("talk press").await;
     agent.wait_line("listening").await;
