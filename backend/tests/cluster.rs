@@ -290,6 +290,25 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         .map(|(d, _)| d.clone())
         .collect();
 
+    // A persona set through the replica that does not own the talker reaches its owner's
+    // worker (pg_notify): the owner's next press cycles on from it (pip -> aria), not from
+    // the default it had loaded (aria -> sage).
+    let resp = http
+        .put(servers[survivor].url(&format!("/api/v1/devices/{talker_id}/persona")))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "persona_id": "pip" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    agent.wait_line("persona=pip").await;
+    agent.button("persona press").await;
+    let line = agent.wait_line("persona=").await;
+    assert!(
+        line.contains("persona=aria"),
+        "{victim_name} cycled from a stale persona: {line}"
+    );
+
     // A rotation through one replica is honoured by the other's hook within its 1 s cache.
     {
         let resp = http
