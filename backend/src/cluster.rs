@@ -59,6 +59,8 @@ pub trait Reload: Send + Sync {
     /// The device's persona, config or owner changed elsewhere: reread them before the next
     /// event. Does nothing when the device has no worker here.
     fn reload(&self, device: &DeviceId);
+    /// Every device with a worker here (changes may have been missed).
+    fn reload_all(&self);
 }
 
 #[derive(Clone, Default)]
@@ -624,6 +626,7 @@ pub async fn listen(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(200);
+    let mut connected_before = false;
     loop {
         let listener = async {
             let mut l = sqlx::postgres::PgListener::connect(&url).await?;
@@ -646,6 +649,11 @@ pub async fn listen(
             _ = shutdown.cancelled() => return,
         };
         backoff = Duration::from_millis(200);
+        if connected_before {
+            // Notifications sent while the listener was away are lost: reread everything.
+            reload.reload_all();
+        }
+        connected_before = true;
         loop {
             let n = tokio::select! {
                 n = listener.recv() => n,
@@ -694,6 +702,10 @@ mod tests {
     impl Reload for Recorder {
         fn reload(&self, device: &DeviceId) {
             let _ = self.0.send(format!("{device} reload"));
+        }
+
+        fn reload_all(&self) {
+            let _ = self.0.send("reload all".into());
         }
     }
 

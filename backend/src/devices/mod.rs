@@ -104,6 +104,16 @@ impl crate::cluster::Reload for Arc<Dispatcher> {
     fn reload(&self, device: &DeviceId) {
         Dispatcher::reload(self, device);
     }
+
+    fn reload_all(&self) {
+        let devices: Vec<DeviceId> = match self.workers.lock() {
+            Ok(workers) => workers.keys().cloned().collect(),
+            Err(_) => return,
+        };
+        for device in devices {
+            Dispatcher::reload(self, &device);
+        }
+    }
 }
 
 /// Requests from the REST API, answered through a oneshot.
