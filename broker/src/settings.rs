@@ -131,9 +131,11 @@ impl Default for MqttSettings {
             max_tracked_addresses: 65_536,
             // Audio up at ~10 KB/s per talking device: 4 x 1 MiB holds ~4 s of 100 devices.
             router_segment_bytes: 1024 * 1024,
-            // ~2,500 control messages per segment, ~10,000 per filter: far more than a
-            // connect storm puts in flight between the router and its in-process readers.
-            router_control_segment_bytes: 256 * 1024,
+            // ~330 control messages (~100 bytes counted each) per segment, ~1,300 per filter:
+            // full within minutes at a fleet's rates (so memory is flat early), and still far
+            // more than an in-process reader falls behind in a 10,000-device connect storm
+            // (bench/compare.sh, broker_messages_lost_total 0).
+            router_control_segment_bytes: 32 * 1024,
             // A device's audio down at ~10 KB/s: 4 x 128 KiB holds ~50 s.
             router_device_segment_bytes: 128 * 1024,
             router_segment_count: 4,

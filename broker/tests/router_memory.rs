@@ -80,7 +80,7 @@ async fn a_control_filters_log_stops_growing_at_its_bound() {
     );
     let mut publisher = app.handle.local_client("publisher").await.unwrap();
 
-    // Enough to fill the default control log (4 x 256 KiB counted, ~60 bytes a press).
+    // Enough to fill the default control log (4 x 32 KiB counted, ~60 bytes a press).
     presses(&mut publisher, &mut reader, 20_000).await;
     let full = LIVE.load(Ordering::Relaxed);
     presses(&mut publisher, &mut reader, 20_000).await;
