@@ -35,6 +35,10 @@ pub enum DbError {
 pub struct Db {
     pool: AnyPool,
     kind: DatabaseKind,
+    /// SQLite's single writer, taken in process by the frequent writers (telemetry batches,
+    /// persona switches, presence) so they queue here instead of sleeping in SQLite's busy
+    /// handler.
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Db {
@@ -82,7 +86,11 @@ impl Db {
             .connect_with(options)
             .await
             .map_err(connect_err)?;
-        Ok(Self { pool, kind })
+        Ok(Self {
+            pool,
+            kind,
+            writer: Default::default(),
+        })
     }
 
     /// Applies pending migrations. Idempotent.
@@ -95,6 +103,14 @@ impl Db {
     pub async fn ping(&self, timeout: Duration) -> bool {
         let q = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
         matches!(tokio::time::timeout(timeout, q).await, Ok(Ok(1)))
+    }
+
+    /// Held around a write transaction on SQLite (see `writer`); nothing on PostgreSQL.
+    pub async fn write_gate(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.kind {
+            DatabaseKind::Sqlite => Some(self.writer.lock().await),
+            DatabaseKind::Postgres => None,
+        }
     }
 
     pub fn pool(&self) -> &AnyPool {

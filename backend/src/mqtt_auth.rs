@@ -241,6 +241,7 @@ enum PresenceChange {
 
 impl Presence {
     async fn write(&self, db: &Db) -> Result<(), sqlx::Error> {
+        let _gate = db.write_gate().await;
         match &self.change {
             PresenceChange::Online { peer } => sqlx::query(
                 "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms, peer)

@@ -252,6 +252,7 @@ impl Batcher {
 }
 
 async fn write(db: &Db, batch: &HashMap<DeviceId, (Telemetry, i64)>) -> Result<(), sqlx::Error> {
+    let _gate = db.write_gate().await;
     let mut tx = db.pool().begin().await?;
     for (device, (t, received)) in batch {
         let extra = if t.extra.is_empty() {
