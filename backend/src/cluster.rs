@@ -655,12 +655,21 @@ pub async fn listen(
         }
         connected_before = true;
         loop {
+            // try_recv, not recv: recv reconnects silently, and the notifications sent while
+            // the connection was away would be lost without anyone rereading.
             let n = tokio::select! {
-                n = listener.recv() => n,
+                n = listener.try_recv() => n,
                 _ = shutdown.cancelled() => return,
             };
             match n {
-                Ok(n) => {
+                Ok(None) => {
+                    // Lost and listening again (eager reconnect): reread what may have changed.
+                    tracing::warn!(
+                        "the change listener's connection was lost; rereading every local device"
+                    );
+                    reload.reload_all();
+                }
+                Ok(Some(n)) => {
                     let Some((from, device)) = n.payload().split_once(' ') else {
                         continue;
                     };
@@ -886,6 +895,71 @@ mod tests {
             let n = count[r];
             assert!((800..1200).contains(&n), "{r} preferred for {n} of 3000");
         }
+    }
+
+    /// The listener's connection is cut (its backend terminated): once it listens again,
+    /// every local worker rereads (the notifications sent meanwhile are lost), and later
+    /// notifications arrive. With `recv()` the reconnect was silent and nothing reread.
+    #[tokio::test]
+    async fn a_lost_change_listener_rereads_every_device_once_back() {
+        let admin = match std::env::var("DATABASE_URL") {
+            Ok(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
+            _ => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true but DATABASE_URL is not a postgres:// URL"
+                );
+                return;
+            }
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let app = format!("companion_listen_{:016x}", rand::random::<u64>());
+        let url = format!(
+            "{admin}{}application_name={app}",
+            if admin.contains('?') { '&' } else { '?' }
+        );
+        let task = tokio::spawn(listen(
+            url,
+            "me".into(),
+            Arc::new(Recorder(tx)),
+            shutdown.clone(),
+        ));
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        let notify = |from: &str, device: &str| {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(format!("{from} {device}"))
+                .execute(&pool)
+        };
+        // Listening: a change from another replica arrives (retried until the LISTEN is in).
+        loop {
+            notify("other", "dev-1").await.unwrap();
+            match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                Ok(Some(m)) => {
+                    assert_eq!(m, "dev-1 reload");
+                    break;
+                }
+                Ok(None) => panic!("the listener stopped"),
+                Err(_) => continue,
+            }
+        }
+        while rx.try_recv().is_ok() {}
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&app)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(killed, vec![true], "one listener connection, terminated");
+        assert_eq!(next(&mut rx).await, "reload all");
+        // Own changes are skipped; the others' still arrive on the new connection.
+        notify("me", "dev-2").await.unwrap();
+        notify("other", "dev-3").await.unwrap();
+        assert_eq!(next(&mut rx).await, "dev-3 reload");
+        shutdown.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]
