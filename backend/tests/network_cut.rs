@@ -394,18 +394,21 @@ async fn a_60_s_black_hole_loses_no_telemetry(db: Db) {
     // Stop the agent, let the last acknowledgements settle, and count.
     agent.terminate().await;
     watcher.abort();
-    let stored = api.view().await.seq.expect("telemetry stored");
-    let (received, duplicates, gaps, invalid, lost, throttled) = {
+    // One consistent snapshot: the stored seq read before and after the metrics, unchanged
+    // (a message still landing between two reads made the counts differ by one).
+    let (stored, received, duplicates, gaps, invalid, lost, throttled) = {
         let until = tokio::time::Instant::now() + DEADLINE;
         loop {
+            let stored_before = api.view().await.seq.expect("telemetry stored");
             let m = api.metrics().await;
             let received = metric(&m, "backend_messages_received_total{kind=\"telemetry\"}");
             let duplicates = metric(&m, "telemetry_duplicates_total");
             let stored_now = api.view().await.seq.unwrap_or(0);
-            if received - duplicates == (stored_now + 1) as f64
+            if (stored_now == stored_before && received - duplicates == (stored_now + 1) as f64)
                 || tokio::time::Instant::now() > until
             {
                 break (
+                    stored_now,
                     received,
                     duplicates,
                     metric(&m, "telemetry_gaps_total"),
@@ -417,7 +420,6 @@ async fn a_60_s_black_hole_loses_no_telemetry(db: Db) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    let stored = api.view().await.seq.unwrap_or(stored);
     let history = history.lock().unwrap().clone();
     let summary = format!(
         "agent noticed the cut after {agent_noticed:?}, the server after {server_noticed:?}; \
