@@ -902,15 +902,8 @@ mod tests {
     /// notifications arrive. With `recv()` the reconnect was silent and nothing reread.
     #[tokio::test]
     async fn a_lost_change_listener_rereads_every_device_once_back() {
-        let admin = match std::env::var("DATABASE_URL") {
-            Ok(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
-            _ => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "CI=true but DATABASE_URL is not a postgres:// URL"
-                );
-                return;
-            }
+        let Some(admin) = crate::db::test_pg::admin_url() else {
+            return;
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let shutdown = CancellationToken::new();

@@ -156,6 +156,40 @@ pub fn now_ms() -> i64 {
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// PostgreSQL for the crate's unit tests, by the same rule as the integration tests'
+/// `tests/common`: `DATABASE_URL` names a server whose role may create databases; without it a
+/// test is skipped, except in CI (`CI=true`), where PostgreSQL tests are required.
+#[cfg(test)]
+pub(crate) mod test_pg {
+    /// The server's admin URL, or `None` (skip) outside CI.
+    pub fn admin_url() -> Option<String> {
+        match std::env::var("DATABASE_URL") {
+            Ok(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => Some(u),
+            _ => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true but DATABASE_URL is not a postgres:// URL"
+                );
+                None
+            }
+        }
+    }
+
+    /// A database of its own on that server; its URL.
+    pub async fn fresh_database() -> Option<String> {
+        use sqlx::Connection;
+        let admin = admin_url()?;
+        let name = format!("companion_unit_{:016x}", rand::random::<u64>());
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let (base, _) = admin.rsplit_once('/').unwrap();
+        Some(format!("{base}/{name}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::unavailable;

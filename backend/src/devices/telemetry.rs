@@ -311,7 +311,7 @@ fn chunks(mut n: usize) -> impl Iterator<Item = usize> {
         let size = if n >= MAX_ROWS {
             MAX_ROWS
         } else {
-            1 << (usize::BITS - 1 - n.leading_zeros())
+            1 << n.ilog2()
         };
         n -= size;
         Some(size)
@@ -493,30 +493,6 @@ mod tests {
         assert!(!upsert_statement(256).contains(&format!("${}", 256 * COLUMNS + 1)));
     }
 
-    /// A PostgreSQL database of its own on `DATABASE_URL`'s server; `None` (skipped) when
-    /// that is not set, except in CI (`CI=true`), where PostgreSQL tests are required.
-    async fn fresh_pg() -> Option<String> {
-        use sqlx::Connection;
-        let admin = match std::env::var("DATABASE_URL") {
-            Ok(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
-            _ => {
-                assert!(
-                    std::env::var("CI").as_deref() != Ok("true"),
-                    "CI=true but DATABASE_URL is not a postgres:// URL"
-                );
-                return None;
-            }
-        };
-        let name = format!("companion_unit_{:016x}", rand::random::<u64>());
-        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        let (base, _) = admin.rsplit_once('/').unwrap();
-        Some(format!("{base}/{name}"))
-    }
-
     /// 300 devices in one flush (chunks of 256, 32, 8 and 4), one of them unknown, then again
     /// with newer values: every known device holds its latest row, the unknown one none.
     async fn a_flush_upserts_every_device_in_few_statements(settings: crate::settings::Settings) {
@@ -582,7 +558,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flush_upserts_every_device_on_postgres() {
-        let Some(url) = fresh_pg().await else {
+        let Some(url) = crate::db::test_pg::fresh_database().await else {
             return;
         };
         let mut settings = crate::settings::Settings::default();
