@@ -469,13 +469,16 @@ impl Ownership {
                 // Its worker here (if any) may hold state from before another replica's
                 // changes.
                 self.reload.reload(device);
-                for held in queue {
-                    if cutoff.is_some_and(|c| side_effects(&held.payload) && held.wall_ms <= c) {
-                        continue;
-                    }
-                    self.metrics.replayed.inc();
-                    self.inner.deliver(device, held.payload, held.arrived);
-                }
+                let replay: Vec<(Payload, Instant)> = queue
+                    .into_iter()
+                    .filter(|held| {
+                        !cutoff.is_some_and(|c| side_effects(&held.payload) && held.wall_ms <= c)
+                    })
+                    .map(|held| (held.payload, held.arrived))
+                    .collect();
+                self.metrics.replayed.inc_by(replay.len() as u64);
+                // Whole: a shadow may be longer than the worker's queue.
+                self.inner.replay(device, replay);
                 st.devices.insert(device.clone(), Entry::Mine);
                 self.metrics.owned.inc();
             }

@@ -472,7 +472,26 @@ impl<I: crate::bus::Inbox> crate::bus::Inbox for StatusPresence<I> {
         payload: companion_schema::Payload,
         arrived: std::time::Instant,
     ) {
-        if let companion_schema::Payload::Status(s) = &payload {
+        self.note(device, &payload);
+        self.inner.deliver(device, payload, arrived);
+    }
+
+    fn replay(
+        &self,
+        device: &DeviceId,
+        events: Vec<(companion_schema::Payload, std::time::Instant)>,
+    ) {
+        for (payload, _) in &events {
+            self.note(device, payload);
+        }
+        self.inner.replay(device, events);
+    }
+}
+
+impl<I> StatusPresence<I> {
+    /// A status that changes the device's presence is reported to the presence writer.
+    fn note(&self, device: &DeviceId, payload: &companion_schema::Payload) {
+        if let companion_schema::Payload::Status(s) = payload {
             // A retained status comes again after every reconnect of the backend: only
             // changes count.
             let changed = self.online.lock().is_ok_and(|mut set| {
@@ -497,7 +516,6 @@ impl<I: crate::bus::Inbox> crate::bus::Inbox for StatusPresence<I> {
                 });
             }
         }
-        self.inner.deliver(device, payload, arrived);
     }
 }
 

@@ -484,6 +484,13 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
     eprintln!(
         "{total} telemetry messages acknowledged, all stored; gaps {gaps}; takeovers {takeovers}; replayed {replayed}"
     );
+    let dropped = [
+        "backend_device_events_dropped_total{kind=\"telemetry\"}",
+        "backend_device_events_dropped_total{kind=\"replay\"}",
+    ];
+    for name in dropped {
+        assert_eq!(metric(&http, survivor_server, name).await, 0.0, "{name}");
+    }
     if gaps != 0.0 {
         let log = servers[survivor].drain().join("\n");
         panic!("the survivor missed {gaps} sequence numbers; its log:\n{log}");

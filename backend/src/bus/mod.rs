@@ -118,6 +118,15 @@ pub trait Inbox: Send + Sync {
     /// `payload` (of an up topic's kind) arrived from `device` at `arrived`. Must not wait:
     /// it is called on the connection task.
     fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant);
+
+    /// Events held for `device` elsewhere (a cluster takeover's shadow), in order. Delivered
+    /// one by one unless the inbox can take them whole: a backlog longer than a device's queue
+    /// must not overflow it.
+    fn replay(&self, device: &DeviceId, events: Vec<(Payload, Instant)>) {
+        for (payload, arrived) in events {
+            self.deliver(device, payload, arrived);
+        }
+    }
 }
 
 /// What the connection task does with each delivery: `(topic, payload)`.

@@ -149,6 +149,7 @@ impl DeviceMetrics {
             "session_up",
             "presence",
             "command",
+            "replay",
         ] {
             let _ = self.events_dropped.get_or_create(&KindLabel { kind });
         }

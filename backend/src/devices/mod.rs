@@ -64,6 +64,9 @@ pub enum DeviceEvent {
     /// Another replica changed the device's persona or config, or this replica took the
     /// device over: read them again.
     Reload,
+    /// Events another replica's death left unhandled (a takeover's shadow), in order, in one
+    /// queue slot: the backlog can be longer than the queue.
+    Replay(Vec<DeviceEvent>),
 }
 
 impl DeviceEvent {
@@ -77,26 +80,45 @@ impl DeviceEvent {
             DeviceEvent::Presence { .. } => "presence",
             DeviceEvent::Command(_) => "command",
             DeviceEvent::Reload => "reload",
+            DeviceEvent::Replay(_) => "replay",
         }
+    }
+
+    /// The event for an up-topic payload; `None` for a down-topic one (the bus delivers up
+    /// topics only).
+    fn from_payload(payload: Payload, arrived: Instant) -> Option<Self> {
+        Some(match payload {
+            Payload::Telemetry(t) => DeviceEvent::Telemetry(t),
+            Payload::Button(b) => DeviceEvent::Button(b, arrived),
+            Payload::Status(s) => DeviceEvent::Status(s),
+            Payload::Audio(a) => DeviceEvent::Audio(a),
+            Payload::SessionControl(c) => DeviceEvent::SessionControl(c, arrived),
+            _ => return None,
+        })
     }
 }
 
 /// The device runtime is where the bus delivers.
 impl Inbox for Arc<Dispatcher> {
     fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant) {
-        let event = match payload {
-            Payload::Telemetry(t) => DeviceEvent::Telemetry(t),
-            Payload::Button(b) => DeviceEvent::Button(b, arrived),
-            Payload::Status(s) => DeviceEvent::Status(s),
-            Payload::Audio(a) => DeviceEvent::Audio(a),
-            Payload::SessionControl(c) => DeviceEvent::SessionControl(c, arrived),
-            // Down-topic payloads: the bus delivers up topics only.
-            _ => {
-                tracing::debug!(device_id = %device, "a down-topic payload from the bus; ignored");
-                return;
+        match DeviceEvent::from_payload(payload, arrived) {
+            Some(event) => {
+                self.dispatch(device, event);
             }
-        };
-        self.dispatch(device, event);
+            None => {
+                tracing::debug!(device_id = %device, "a down-topic payload from the bus; ignored")
+            }
+        }
+    }
+
+    fn replay(&self, device: &DeviceId, events: Vec<(Payload, Instant)>) {
+        let events: Vec<DeviceEvent> = events
+            .into_iter()
+            .filter_map(|(payload, arrived)| DeviceEvent::from_payload(payload, arrived))
+            .collect();
+        if !events.is_empty() {
+            self.dispatch(device, DeviceEvent::Replay(events));
+        }
     }
 }
 
@@ -207,9 +229,20 @@ impl Dispatcher {
             Ok(()) => true,
             Err(e) => {
                 self.runtime.metrics.dropped(label);
-                if let DeviceEvent::Telemetry(t) = *e.into_inner() {
+                let refused = match *e.into_inner() {
+                    DeviceEvent::Telemetry(t) => vec![t.seq],
+                    DeviceEvent::Replay(events) => events
+                        .iter()
+                        .filter_map(|ev| match ev {
+                            DeviceEvent::Telemetry(t) => Some(t.seq),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                for seq in refused {
                     // Its acknowledgement, if held, goes out as "dropped".
-                    self.runtime.telemetry.refused(device, t.seq);
+                    self.runtime.telemetry.refused(device, seq);
                 }
                 false
             }
@@ -269,5 +302,124 @@ impl Dispatcher {
         workers.remove(device);
         self.runtime.metrics.workers.dec();
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{BusError, BusMetrics, Publisher};
+    use crate::registry::model::{DeviceName, DeviceType};
+    use crate::registry::{DeviceStore, NewDevice};
+    use companion_schema::Qos;
+    use companion_schema::Telemetry;
+    use prometheus_client::registry::Registry;
+
+    /// A broker that takes every publish and forwards none.
+    struct Nowhere;
+
+    #[async_trait::async_trait]
+    impl Publisher for Nowhere {
+        async fn publish(&self, _: String, _: Qos, _: bool, _: Vec<u8>) -> Result<(), BusError> {
+            Ok(())
+        }
+    }
+
+    async fn dispatcher(dir: &tempfile::TempDir) -> (Arc<Dispatcher>, CancellationToken) {
+        let settings = crate::settings::Settings {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
+        let db = Db::connect(&settings).await.unwrap();
+        db.migrate().await.unwrap();
+        let mut registry = Registry::default();
+        let personas = Arc::new(PersonaSet::load(None, "aria").unwrap());
+        let runtime = Arc::new(Runtime {
+            db: db.clone(),
+            bus: Bus::new(Box::new(Nowhere), BusMetrics::register(&mut registry)),
+            rules: RuleStore::open(&dir.path().join("rules.toml"), personas.clone()).unwrap(),
+            personas,
+            rule_metrics: RuleMetrics::register(&mut registry),
+            metrics: DeviceMetrics::register(&mut registry),
+            voice: crate::voice::Pipeline::new(&Default::default(), &mut registry).unwrap(),
+            audit: AuditLog::new(db.clone()),
+            telemetry: Arc::new(telemetry::Batcher::default()),
+            limits: SessionLimits {
+                max_listen: Duration::from_secs(30),
+                watchdog: Duration::from_secs(60),
+                history: 8,
+            },
+            changes: None,
+        });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(telemetry::run_writer(
+            runtime.telemetry.clone(),
+            db,
+            shutdown.clone(),
+        ));
+        let tracker = TaskTracker::new();
+        (
+            Dispatcher::new(runtime, tracker, shutdown.clone()),
+            shutdown,
+        )
+    }
+
+    fn telemetry(seq: u64) -> Payload {
+        Payload::Telemetry(Telemetry {
+            v: 1,
+            seq,
+            ts_ms: 0,
+            uptime_s: 0,
+            battery_pct: None,
+            cpu_temp_c: None,
+            rssi_dbm: None,
+            free_mem_kb: None,
+            extra: Default::default(),
+        })
+    }
+
+    /// A cluster takeover replays a dead replica's unhandled events at once. One by one,
+    /// a backlog longer than the worker's queue overflowed it and the survivor counted gaps
+    /// (CI, `tests/cluster.rs`); whole, every event is handled in order.
+    #[tokio::test]
+    async fn a_replay_longer_than_the_queue_is_handled_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dispatcher, shutdown) = dispatcher(&dir).await;
+        let (device, _) = DeviceStore::new(dispatcher.runtime.db.clone())
+            .create(&NewDevice {
+                device_id: None,
+                name: DeviceName::parse("Replayed").unwrap(),
+                device_type: DeviceType::Simulated,
+                capabilities: Default::default(),
+            })
+            .await
+            .unwrap();
+        let id = device.device_id;
+        let backlog = (DEVICE_QUEUE as u64) * 2 + 7;
+        let now = Instant::now();
+        dispatcher.replay(&id, (1..=backlog).map(|s| (telemetry(s), now)).collect());
+        // And the live event after it, queued behind the whole backlog.
+        dispatcher.deliver(&id, telemetry(backlog + 1), now);
+        let rt = dispatcher.runtime.clone();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while telemetry::last_seq(&rt.db, &id).await != Some(backlog + 1) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every replayed event stored");
+        assert_eq!(rt.metrics.telemetry_gaps.get(), 0, "no event skipped");
+        assert_eq!(rt.metrics.telemetry_duplicates.get(), 0, "none twice");
+        let dropped: u64 = ["telemetry", "replay"]
+            .into_iter()
+            .map(|kind| {
+                rt.metrics
+                    .events_dropped
+                    .get_or_create(&crate::metrics::KindLabel { kind })
+                    .get()
+            })
+            .sum();
+        assert_eq!(dropped, 0, "nothing dropped");
+        shutdown.cancel();
     }
 }

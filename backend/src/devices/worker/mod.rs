@@ -173,6 +173,11 @@ impl Worker {
                     self.load().await;
                 }
             }
+            DeviceEvent::Replay(events) => {
+                for ev in events {
+                    Box::pin(self.handle(ev)).await;
+                }
+            }
         }
     }
 
