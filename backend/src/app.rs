@@ -291,6 +291,7 @@ impl App {
             None => Box::new(dispatcher.clone()),
         };
         if let Some(config) = cluster {
+            rules.share(db.clone()).await;
             tracing::info!(replica = %config.replica, "cluster mode: handling the events of the devices this replica owns");
             let reload: Arc<dyn crate::cluster::Reload> = Arc::new(dispatcher.clone());
             tracker.spawn(crate::cluster::listen(

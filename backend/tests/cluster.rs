@@ -150,6 +150,24 @@ async fn owners(pool: &sqlx::PgPool) -> HashMap<String, String> {
         .collect()
 }
 
+/// `GET /api/v1/rules` of `server`.
+async fn rules(http: &reqwest::Client, server: &ServerProcess) -> Value {
+    http.get(server.url("/api/v1/rules"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn has_rule(rules: &Value, name: &str) -> bool {
+    rules["rules"]
+        .as_array()
+        .is_some_and(|rs| rs.iter().any(|r| r["name"] == name))
+}
+
 async fn metric(http: &reqwest::Client, server: &ServerProcess, name: &str) -> f64 {
     let text = http
         .get(server.url("/metrics"))
@@ -360,6 +378,41 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         assert!(login(new).await.starts_with("allow"));
     }
 
+    // Rules put on one replica run on the other too (shared through the database).
+    {
+        let toml = rules(&http, &servers[1]).await["toml"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let toml = format!(
+            "{toml}\n[[rule]]\nname = \"put on b\"\non = \"status\"\ndo = [{{ log = \"status\" }}]\n"
+        );
+        let resp = http
+            .put(servers[1].url("/api/v1/rules"))
+            .bearer_auth(ADMIN)
+            .json(&json!({ "toml": toml }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        let put = Instant::now();
+        loop {
+            let on_a = rules(&http, &servers[0]).await;
+            if has_rule(&on_a, "put on b") {
+                break;
+            }
+            assert!(
+                put.elapsed() < Duration::from_secs(5),
+                "replica a never ran the rules put on b: {on_a}"
+            );
+            tokio::task::yield_now().await;
+        }
+        eprintln!(
+            "rules put on b run on a after {} ms",
+            put.elapsed().as_millis()
+        );
+    }
+
     // The talker starts a conversation with its owner and is mid-utterance at the kill.
     agent.button("talk press").await;
     agent.wait_line("listening").await;
@@ -435,6 +488,46 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
     assert!(line.contains("reply=Some"), "the persona answered: {line}");
     assert_eq!(owners(&pool).await[&talker_id], survivor_name);
 
+    // The killed replica comes back: once up for two leases and receiving, the survivor
+    // hands it the quiet devices that hash to it (the talker, just in a conversation, stays).
+    let restarted = Instant::now();
+    let (victim_dir, victim_port) = if victim == 0 {
+        (dir_a.path(), port1)
+    } else {
+        (dir_b.path(), port2)
+    };
+    servers[victim] =
+        ServerProcess::start(replica(victim_dir, &victim_name, &pg, victim_port)).await;
+    let back = loop {
+        let owned = owners(&pool).await;
+        let back: Vec<String> = owned
+            .iter()
+            .filter(|(_, o)| **o == victim_name)
+            .map(|(d, _)| d.clone())
+            .collect();
+        if !back.is_empty()
+            && metric(&http, &servers[survivor], "backend_cluster_handoffs_total").await
+                == back.len() as f64
+        {
+            break back;
+        }
+        if restarted.elapsed() > Duration::from_secs(30) {
+            let log = servers[victim].drain().join("\n");
+            panic!("{survivor_name} handed nothing back to the restarted {victim_name}: {owned:?}\n{log}");
+        }
+        tokio::task::yield_now().await;
+    };
+    eprintln!(
+        "{victim_name} restarted; {survivor_name} began handing devices back after {:.1?}",
+        restarted.elapsed()
+    );
+    assert!(!back.contains(&talker_id), "the talker was busy");
+    let on_restarted = rules(&http, &servers[victim]).await;
+    assert!(
+        has_rule(&on_restarted, "put on b"),
+        "the restarted replica runs the cluster's rules: {on_restarted}"
+    );
+
     // Publish a while longer, stop, and every acknowledged message is stored.
     let more = acked.lock().unwrap().clone();
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -477,6 +570,37 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         tokio::task::yield_now().await;
     }
     let total: u64 = acked.values().sum();
+    // Handoffs may have gone on meanwhile: every device handed off was taken, and is owned
+    // by the restarted replica.
+    let handed_in = metric(&http, &servers[victim], "backend_cluster_handed_in_total").await;
+    let handoffs = metric(&http, &servers[survivor], "backend_cluster_handoffs_total").await;
+    let owned = owners(&pool).await;
+    let back: Vec<&String> = owned
+        .iter()
+        .filter(|(_, o)| **o == victim_name)
+        .map(|(d, _)| d)
+        .collect();
+    assert_eq!(
+        (handed_in as usize, handoffs as usize),
+        (back.len(), back.len()),
+        "every handed device taken: {owned:?}"
+    );
+    assert!(!back.contains(&&talker_id), "the talker was busy");
+    eprintln!(
+        "{survivor_name} handed {} devices back to {victim_name}",
+        back.len()
+    );
+    for name in [
+        "telemetry_gaps_total",
+        "backend_device_events_dropped_total{kind=\"telemetry\"}",
+        "backend_device_events_dropped_total{kind=\"replay\"}",
+    ] {
+        assert_eq!(
+            metric(&http, &servers[victim], name).await,
+            0.0,
+            "{name} on the restarted replica"
+        );
+    }
     let survivor_server = &servers[survivor];
     let gaps = metric(&http, survivor_server, "telemetry_gaps_total").await;
     let takeovers = metric(&http, survivor_server, "backend_cluster_takeovers_total").await;

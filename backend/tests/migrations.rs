@@ -6,7 +6,7 @@ use companion_backend::db::Db;
 use companion_backend::settings::{Secret, Settings};
 use sqlx::Row;
 
-const TABLES: [&str; 13] = [
+const TABLES: [&str; 14] = [
     "devices",
     "device_tokens",
     "admin_tokens",
@@ -19,6 +19,7 @@ const TABLES: [&str; 13] = [
     "presence",
     "replicas",
     "device_owners",
+    "cluster_rules",
     "_sqlx_migrations",
 ];
 

@@ -76,11 +76,7 @@ fn rules_text(req: &Req) -> Result<String, ApiError> {
 pub async fn put(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     let who = ctx.admin(req.auth.as_deref(), req.remote).await?;
     let text = rules_text(&req)?;
-    let store = ctx.rules.clone();
-    let result = tokio::task::spawn_blocking(move || store.replace(&text))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    match result {
+    match ctx.rules.put(text).await {
         Ok(set) => {
             ctx.audit
                 .record(
@@ -104,6 +100,8 @@ pub async fn put(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
                 &serde_json::json!({ "error": { "code": "invalid_rules", "message": e.to_string(), "rule": e.rule, "line": e.line } }),
             ))
         }
+        // Cluster mode: the other replicas could not be told, so nothing changed.
+        Err(StoreError::Shared(e)) => Err(e.into()),
         Err(e) => Err(ApiError::Internal(e.into())),
     }
 }

@@ -1,29 +1,5 @@
-//! Several `companion` replicas behind one external MQTT broker (`mqtt.upstream`), on one
-//! PostgreSQL: each device's events are handled by exactly one replica at a time.
-//!
-//! Every replica subscribes to every device's up topics without a share group, so each one
-//! sees every message; [`Ownership`] sits in front of the device runtime and lets through
-//! only the events of devices this replica owns.
-//!
-//! - **Liveness.** Each replica writes `replicas.alive_until_ms = now + lease` every
-//!   heartbeat. It handles its devices only while its own last successful heartbeat is
-//!   younger than the lease (measured on its own monotonic clock from the moment the write
-//!   was sent), so a replica cut off from the database stops before anyone may take over.
-//! - **Ownership.** `device_owners(device_id, owner)`, claimed on a device's first event
-//!   (`INSERT … ON CONFLICT DO NOTHING`) and taken over only from a replica whose
-//!   `alive_until_ms` has passed (a compare-and-set on the old owner).
-//! - **Nothing lost on takeover.** A replica keeps the recent events of devices it does not
-//!   own (the *shadow*, a few leases long). When the owner dies the others notice on their
-//!   next heartbeat, one takes each device over and replays its shadow: telemetry and status
-//!   in full (the worker drops sequence numbers already stored), side-effecting events
-//!   (buttons, audio, session control) only when they arrived after the dead owner's
-//!   `alive_until_ms`, i.e. when it can no longer have handled them. So no telemetry is lost,
-//!   and no persona switch, reply or audit row is done twice; a press in the last lease of a
-//!   dying replica is lost (the device shows no persona change and the user presses again).
-//! - **Changes.** A persona or config change made on one replica is announced with
-//!   `pg_notify('companion_devices', …)`; the others reload that device's worker.
-//!
-//! Replicas' clocks must agree to well under a lease (NTP); the lease is 3 s by default.
+//! The ownership gate in front of the device runtime: heartbeats, claims, takeovers and the
+//! shadows they replay (the module documentation of [`crate::cluster`] says how).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -35,54 +11,33 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use super::{Config, Reload};
 use crate::bus::Inbox;
 use crate::db::{now_ms, Db};
 
-/// The PostgreSQL channel announcing device changes: payload `<replica id> <device id>`.
-pub const CHANNEL: &str = "companion_devices";
-
-/// How the cluster behaves.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// This replica's name, unique among the live replicas.
-    pub replica: String,
-    /// A replica that has not written its heartbeat for this long is dead.
-    pub lease: Duration,
-    /// How often each replica writes its heartbeat and looks at the others'.
-    pub heartbeat: Duration,
-    /// Events kept per device that another replica owns (and per device being claimed).
-    pub shadow_per_device: usize,
-}
-
-/// What reloads a device's worker (the device runtime), so the rest knows nothing of it.
-pub trait Reload: Send + Sync {
-    /// The device's persona, config or owner changed elsewhere: reread them before the next
-    /// event. Does nothing when the device has no worker here.
-    fn reload(&self, device: &DeviceId);
-    /// Every device with a worker here (changes may have been missed).
-    fn reload_all(&self);
-}
-
 #[derive(Clone, Default)]
-struct ClusterMetrics {
-    owned: Gauge,
+pub(super) struct ClusterMetrics {
+    pub(super) owned: Gauge,
     takeovers: Counter,
     replayed: Counter,
     shadow_dropped: Counter,
     replicas_live: Gauge,
     heartbeat_failures: Counter,
+    pub(super) handoffs: Counter,
+    pub(super) handed_in: Counter,
 }
 
 /// One event waiting in a shadow: what, when it arrived (monotonic and wall clock).
-struct Held {
+pub(super) struct Held {
     payload: Payload,
     arrived: Instant,
     wall_ms: i64,
 }
 
-enum Entry {
-    /// Ours: events go straight to the runtime.
-    Mine,
+pub(super) enum Entry {
+    /// Ours: events go straight to the runtime. `busy`: when the last side-effecting event
+    /// (press, audio, session control) was handled; a device busy lately is not handed off.
+    Mine { busy: Option<Instant> },
     /// Another replica's (or ours, unconfirmed after our heartbeat lapsed): events are kept.
     Theirs {
         owner: String,
@@ -93,22 +48,28 @@ enum Entry {
     Claiming { queue: VecDeque<Held> },
 }
 
-struct State {
+pub(super) struct State {
     /// Our heartbeat holds until then; `None` before the first one and after shutdown.
-    valid_until: Option<Instant>,
+    pub(super) valid_until: Option<Instant>,
     /// Other replicas alive at the last heartbeat, with their `alive_until_ms`.
-    live: HashMap<String, i64>,
-    devices: HashMap<DeviceId, Entry>,
+    pub(super) live: HashMap<String, i64>,
+    /// Those of them that may be handed devices: up for a while and receiving messages.
+    pub(super) targets: Vec<String>,
+    pub(super) devices: HashMap<DeviceId, Entry>,
+    /// When the last event arrived here (any device): this replica receives messages.
+    last_event: Option<Instant>,
 }
 
 /// The ownership gate in front of the device runtime.
 pub struct Ownership {
-    config: Config,
-    db: Db,
+    pub(super) config: Config,
+    pub(super) db: Db,
     inner: Box<dyn Inbox>,
     reload: Arc<dyn Reload>,
-    state: Mutex<State>,
-    metrics: ClusterMetrics,
+    pub(super) state: Mutex<State>,
+    pub(super) metrics: ClusterMetrics,
+    /// When this process started (wall clock): a replica just up is not handed devices yet.
+    started_ms: i64,
 }
 
 /// How a claim on a device ended.
@@ -121,6 +82,9 @@ pub enum Claim {
     TakenOver { cutoff_ms: i64 },
     /// Another (live) replica owns it.
     Theirs(String),
+    /// Handed to us by a live replica that stopped handling it at `cutoff_ms` (see
+    /// [`super::handoff`]): side-effecting events that arrived before then were its own.
+    HandedOver { cutoff_ms: i64 },
 }
 
 impl Ownership {
@@ -163,6 +127,16 @@ impl Ownership {
             "Heartbeats the database did not take",
             metrics.heartbeat_failures.clone(),
         );
+        r.register(
+            "handoffs",
+            "Devices handed to the replica they hash to (rebalancing after a replica joined)",
+            metrics.handoffs.clone(),
+        );
+        r.register(
+            "handed_in",
+            "Devices another replica handed to this one",
+            metrics.handed_in.clone(),
+        );
         Arc::new(Self {
             config,
             db,
@@ -171,9 +145,12 @@ impl Ownership {
             state: Mutex::new(State {
                 valid_until: None,
                 live: HashMap::new(),
+                targets: Vec::new(),
                 devices: HashMap::new(),
+                last_event: None,
             }),
             metrics,
+            started_ms: now_ms(),
         })
     }
 
@@ -219,18 +196,28 @@ impl Ownership {
     }
 
     /// One heartbeat: extend our lease, learn who else is alive, take over the devices of
-    /// replicas that are not.
-    async fn heartbeat(self: &Arc<Self>) {
+    /// replicas that are not, hand devices to replicas that joined and take those handed to
+    /// us.
+    pub(super) async fn heartbeat(self: &Arc<Self>) {
         let sent = Instant::now();
         let now = now_ms();
         let lease_ms = i64::try_from(self.config.lease.as_millis()).unwrap_or(i64::MAX);
+        let receiving = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|st| st.last_event)
+            .is_some_and(|t| t.elapsed() < self.config.lease);
         let beat = sqlx::query(
-            "INSERT INTO replicas (id, alive_until_ms, started_at_ms) VALUES ($1, $2, $3) \
-             ON CONFLICT (id) DO UPDATE SET alive_until_ms = excluded.alive_until_ms",
+            "INSERT INTO replicas (id, alive_until_ms, started_at_ms, receiving_until_ms) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET \
+             alive_until_ms = excluded.alive_until_ms, started_at_ms = excluded.started_at_ms, \
+             receiving_until_ms = excluded.receiving_until_ms",
         )
         .bind(&self.config.replica)
         .bind(now + lease_ms)
-        .bind(now)
+        .bind(self.started_ms)
+        .bind(if receiving { now + lease_ms } else { 0 })
         .execute(self.db.pool())
         .await;
         if let Err(e) = beat {
@@ -239,11 +226,13 @@ impl Ownership {
             self.check_lapse();
             return;
         }
-        let live: Result<Vec<(String, i64)>, sqlx::Error> =
-            sqlx::query_as("SELECT id, alive_until_ms FROM replicas WHERE alive_until_ms > $1")
-                .bind(now)
-                .fetch_all(self.db.pool())
-                .await;
+        let live: Result<Vec<(String, i64, i64, i64)>, sqlx::Error> = sqlx::query_as(
+            "SELECT id, alive_until_ms, started_at_ms, receiving_until_ms FROM replicas \
+             WHERE alive_until_ms > $1",
+        )
+        .bind(now)
+        .fetch_all(self.db.pool())
+        .await;
         let live = match live {
             Ok(rows) => rows,
             Err(e) => {
@@ -255,12 +244,16 @@ impl Ownership {
         };
         self.metrics.replicas_live.set(live.len() as i64);
         let mut claims = Vec::new();
+        let mut handoffs = Vec::new();
         if let Ok(mut st) = self.state.lock() {
             let was_valid = st.valid_until.is_some_and(|v| v > sent);
             st.valid_until = Some(sent + self.config.lease);
-            st.live = live
-                .into_iter()
-                .filter(|(id, _)| *id != self.config.replica)
+            let others = || live.iter().filter(|r| r.0 != self.config.replica);
+            st.live = others().map(|r| (r.0.clone(), r.1)).collect();
+            let settled = now - 2 * lease_ms;
+            st.targets = others()
+                .filter(|(_, _, started, receiving)| *started <= settled && *receiving > now)
+                .map(|r| r.0.clone())
                 .collect();
             if !was_valid {
                 tracing::info!(replica = %self.config.replica, others = st.live.len(), "cluster heartbeat holds");
@@ -292,13 +285,18 @@ impl Ownership {
                         true
                     }
                 }
-                Entry::Mine | Entry::Claiming { .. } => true,
+                Entry::Mine { .. } | Entry::Claiming { .. } => true,
             });
             st.live = live;
+            if was_valid {
+                handoffs = self.pick_handoffs(&mut st);
+            }
         }
         for device in claims {
             self.spawn_claim(device);
         }
+        self.hand_off(handoffs).await;
+        self.take_handed(now).await;
     }
 
     /// After a failed heartbeat: once our lease has run out, our devices are no longer ours
@@ -316,7 +314,7 @@ impl Ownership {
     fn lapse(&self, st: &mut State) {
         let mut lost = 0;
         for entry in st.devices.values_mut() {
-            if matches!(entry, Entry::Mine) {
+            if matches!(entry, Entry::Mine { .. }) {
                 lost += 1;
                 *entry = Entry::Theirs {
                     owner: self.config.replica.clone(),
@@ -334,7 +332,7 @@ impl Ownership {
         }
     }
 
-    fn spawn_claim(self: &Arc<Self>, device: DeviceId) {
+    pub(super) fn spawn_claim(self: &Arc<Self>, device: DeviceId) {
         self.spawn_claim_after(device, Duration::ZERO);
     }
 
@@ -356,12 +354,18 @@ impl Ownership {
         let me = self.config.replica.as_str();
         let pool = self.db.pool();
         let now = now_ms();
-        let owner: Option<String> =
-            sqlx::query_scalar("SELECT owner FROM device_owners WHERE device_id = $1")
-                .bind(device.as_str())
-                .fetch_optional(pool)
-                .await?;
-        let Some(owner) = owner else {
+        let read = || {
+            sqlx::query_as::<_, (String, Option<i64>)>(
+                "SELECT owner, handoff_cutoff_ms FROM device_owners WHERE device_id = $1",
+            )
+            .bind(device.as_str())
+        };
+        // Ours: handed to us (events before the cutoff were handled by the giver) or not.
+        let mine = |handoff: Option<i64>| match handoff {
+            Some(cutoff_ms) => Claim::HandedOver { cutoff_ms },
+            None => Claim::Fresh,
+        };
+        let Some((owner, handoff)) = read().fetch_optional(pool).await? else {
             sqlx::query(
                 "INSERT INTO device_owners (device_id, owner, since_ms) VALUES ($1, $2, $3) \
                  ON CONFLICT (device_id) DO NOTHING",
@@ -371,19 +375,15 @@ impl Ownership {
             .bind(now)
             .execute(pool)
             .await?;
-            let owner: String =
-                sqlx::query_scalar("SELECT owner FROM device_owners WHERE device_id = $1")
-                    .bind(device.as_str())
-                    .fetch_one(pool)
-                    .await?;
+            let (owner, handoff) = read().fetch_one(pool).await?;
             return Ok(if owner == me {
-                Claim::Fresh
+                mine(handoff)
             } else {
                 Claim::Theirs(owner)
             });
         };
         if owner == me {
-            return Ok(Claim::Fresh);
+            return Ok(mine(handoff));
         }
         let cutoff: Option<i64> =
             sqlx::query_scalar("SELECT alive_until_ms FROM replicas WHERE id = $1")
@@ -394,7 +394,7 @@ impl Ownership {
             return Ok(Claim::Theirs(owner));
         }
         let taken = sqlx::query(
-            "UPDATE device_owners SET owner = $1, since_ms = $2 \
+            "UPDATE device_owners SET owner = $1, since_ms = $2, handoff_cutoff_ms = NULL \
              WHERE device_id = $3 AND owner = $4 AND NOT EXISTS \
              (SELECT 1 FROM replicas WHERE id = $4 AND alive_until_ms > $2)",
         )
@@ -409,20 +409,16 @@ impl Ownership {
                 cutoff_ms: cutoff.unwrap_or(0),
             });
         }
-        let owner: String =
-            sqlx::query_scalar("SELECT owner FROM device_owners WHERE device_id = $1")
-                .bind(device.as_str())
-                .fetch_one(pool)
-                .await?;
+        let (owner, handoff) = read().fetch_one(pool).await?;
         Ok(if owner == me {
-            Claim::Fresh
+            mine(handoff)
         } else {
             Claim::Theirs(owner)
         })
     }
 
     /// Applies a claim's answer: hands the held events over (or keeps them as a shadow).
-    fn settle(&self, device: &DeviceId, claim: Result<Claim, sqlx::Error>) {
+    pub(super) fn settle(&self, device: &DeviceId, claim: Result<Claim, sqlx::Error>) {
         let Ok(mut st) = self.state.lock() else {
             return;
         };
@@ -464,6 +460,11 @@ impl Ownership {
                         tracing::info!(device_id = %device, "took the device over from a replica whose lease ended");
                         Some(cutoff_ms)
                     }
+                    Claim::HandedOver { cutoff_ms } => {
+                        self.metrics.handed_in.inc();
+                        tracing::info!(device_id = %device, "took the device over from a replica that handed it here");
+                        Some(cutoff_ms)
+                    }
                     _ => None,
                 };
                 // Its worker here (if any) may hold state from before another replica's
@@ -477,9 +478,13 @@ impl Ownership {
                     .map(|held| (held.payload, held.arrived))
                     .collect();
                 self.metrics.replayed.inc_by(replay.len() as u64);
+                let busy = replay
+                    .iter()
+                    .any(|(p, _)| side_effects(p))
+                    .then(Instant::now);
                 // Whole: a shadow may be longer than the worker's queue.
                 self.inner.replay(device, replay);
-                st.devices.insert(device.clone(), Entry::Mine);
+                st.devices.insert(device.clone(), Entry::Mine { busy });
                 self.metrics.owned.inc();
             }
             Err(e) => {
@@ -504,7 +509,7 @@ impl Ownership {
             .map(|st| {
                 st.devices
                     .iter()
-                    .filter(|(_, e)| matches!(e, Entry::Mine))
+                    .filter(|(_, e)| matches!(e, Entry::Mine { .. }))
                     .map(|(d, _)| d.clone())
                     .collect()
             })
@@ -521,7 +526,11 @@ impl Ownership {
 }
 
 /// Whether `me` comes first for `device` among itself and `others` (highest random weight).
-fn preferred<'a>(me: &str, others: impl Iterator<Item = &'a String>, device: &DeviceId) -> bool {
+pub(super) fn preferred<'a>(
+    me: &str,
+    others: impl Iterator<Item = &'a String>,
+    device: &DeviceId,
+) -> bool {
     let mine = weight(me, device);
     others.into_iter().all(|o| {
         let theirs = weight(o, device);
@@ -558,12 +567,18 @@ impl Inbox for Arc<Ownership> {
             return;
         };
         let valid = st.valid_until.is_some_and(|v| v > Instant::now());
-        if !valid && matches!(st.devices.get(device), Some(Entry::Mine)) {
+        st.last_event = Some(held.arrived);
+        if !valid && matches!(st.devices.get(device), Some(Entry::Mine { .. })) {
             // Every device of ours stops at once, not only this one.
             self.lapse(&mut st);
         }
         match st.devices.get_mut(device) {
-            Some(Entry::Mine) => self.inner.deliver(device, held.payload, held.arrived),
+            Some(Entry::Mine { busy }) => {
+                if side_effects(&held.payload) {
+                    *busy = Some(Instant::now());
+                }
+                self.inner.deliver(device, held.payload, held.arrived)
+            }
             Some(Entry::Theirs { shadow, last, .. }) => {
                 *last = Instant::now();
                 self.push(shadow, held);
@@ -596,196 +611,10 @@ impl Inbox for Arc<Ownership> {
     }
 }
 
-/// Announces that `device`'s persona or config changed, so the other replicas reload it.
-#[derive(Clone)]
-pub struct Changes {
-    db: Db,
-    replica: String,
-}
-
-impl Changes {
-    pub fn new(db: Db, replica: String) -> Self {
-        Self { db, replica }
-    }
-
-    pub async fn device_changed(&self, device: &DeviceId) {
-        let payload = format!("{} {}", self.replica, device.as_str());
-        let sent = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(payload)
-            .execute(self.db.pool())
-            .await;
-        if let Err(e) = sent {
-            tracing::warn!(device_id = %device, error = %e, "announcing a device change to the other replicas failed");
-        }
-    }
-}
-
-/// Listens for the other replicas' device changes until `shutdown`, reconnecting as needed.
-pub async fn listen(
-    url: String,
-    replica: String,
-    reload: Arc<dyn Reload>,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(200);
-    let mut connected_before = false;
-    loop {
-        let listener = async {
-            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
-            l.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        let mut listener = tokio::select! {
-            l = listener => match l {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "listening for other replicas' changes failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        backoff = Duration::from_millis(200);
-        if connected_before {
-            // Notifications sent while the listener was away are lost: reread everything.
-            reload.reload_all();
-        }
-        connected_before = true;
-        loop {
-            // try_recv, not recv: recv reconnects silently, and the notifications sent while
-            // the connection was away would be lost without anyone rereading.
-            let n = tokio::select! {
-                n = listener.try_recv() => n,
-                _ = shutdown.cancelled() => return,
-            };
-            match n {
-                Ok(None) => {
-                    // Lost and listening again (eager reconnect): reread what may have changed.
-                    tracing::warn!(
-                        "the change listener's connection was lost; rereading every local device"
-                    );
-                    reload.reload_all();
-                }
-                Ok(Some(n)) => {
-                    let Some((from, device)) = n.payload().split_once(' ') else {
-                        continue;
-                    };
-                    if from == replica {
-                        continue;
-                    }
-                    if let Ok(device) = DeviceId::parse(device) {
-                        reload.reload(&device);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "the change listener's connection failed; reconnecting");
-                    break;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use companion_schema::{ButtonAction, ButtonEvent, Telemetry};
-    use tokio::sync::mpsc;
-
-    struct Recorder(mpsc::UnboundedSender<String>);
-
-    impl Inbox for Recorder {
-        fn deliver(&self, device: &DeviceId, payload: Payload, _: Instant) {
-            let what = match payload {
-                Payload::Telemetry(t) => format!("{device} telemetry {}", t.seq),
-                Payload::Button(b) => format!("{device} button {}", b.seq),
-                other => format!("{device} {other:?}"),
-            };
-            let _ = self.0.send(what);
-        }
-    }
-
-    impl Reload for Recorder {
-        fn reload(&self, device: &DeviceId) {
-            let _ = self.0.send(format!("{device} reload"));
-        }
-
-        fn reload_all(&self) {
-            let _ = self.0.send("reload all".into());
-        }
-    }
-
-    fn telemetry(seq: u64) -> Payload {
-        Payload::Telemetry(Telemetry {
-            v: 1,
-            seq,
-            ts_ms: 0,
-            uptime_s: 0,
-            battery_pct: None,
-            cpu_temp_c: None,
-            rssi_dbm: None,
-            free_mem_kb: None,
-            extra: Default::default(),
-        })
-    }
-
-    fn button(seq: u64) -> Payload {
-        Payload::Button(ButtonEvent {
-            v: 1,
-            seq,
-            ts_ms: 0,
-            button: "persona".into(),
-            action: ButtonAction::Press,
-        })
-    }
-
-    async fn db(dir: &tempfile::TempDir) -> Db {
-        let settings = crate::settings::Settings {
-            data_dir: dir.path().to_owned(),
-            ..Default::default()
-        };
-        let db = Db::connect(&settings).await.unwrap();
-        db.migrate().await.unwrap();
-        db
-    }
-
-    fn replica(db: &Db, name: &str) -> (Arc<Ownership>, mpsc::UnboundedReceiver<String>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let o = Ownership::new(
-            Config {
-                replica: name.into(),
-                lease: Duration::from_secs(60),
-                heartbeat: Duration::from_secs(20),
-                shadow_per_device: 8,
-            },
-            db.clone(),
-            Box::new(Recorder(tx.clone())),
-            Arc::new(Recorder(tx)),
-            &mut Registry::default(),
-        );
-        (o, rx)
-    }
-
-    async fn next(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
-        tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("an event within 10 s")
-            .expect("recorder open")
-    }
-
-    async fn owner(db: &Db, device: &DeviceId) -> String {
-        sqlx::query_scalar("SELECT owner FROM device_owners WHERE device_id = $1")
-            .bind(device.as_str())
-            .fetch_one(db.pool())
-            .await
-            .unwrap()
-    }
+    use crate::cluster::testkit::*;
 
     #[tokio::test]
     async fn one_replica_handles_a_device_and_the_other_takes_it_over_without_repeating_side_effects(
@@ -898,64 +727,6 @@ mod tests {
             let n = count[r];
             assert!((800..1200).contains(&n), "{r} preferred for {n} of 3000");
         }
-    }
-
-    /// The listener's connection is cut (its backend terminated): once it listens again,
-    /// every local worker rereads (the notifications sent meanwhile are lost), and later
-    /// notifications arrive. With `recv()` the reconnect was silent and nothing reread.
-    #[tokio::test]
-    async fn a_lost_change_listener_rereads_every_device_once_back() {
-        let Some(admin) = crate::db::test_pg::admin_url() else {
-            return;
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let shutdown = CancellationToken::new();
-        let app = format!("companion_listen_{:016x}", rand::random::<u64>());
-        let url = format!(
-            "{admin}{}application_name={app}",
-            if admin.contains('?') { '&' } else { '?' }
-        );
-        let task = tokio::spawn(listen(
-            url,
-            "me".into(),
-            Arc::new(Recorder(tx)),
-            shutdown.clone(),
-        ));
-        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
-        let notify = |from: &str, device: &str| {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CHANNEL)
-                .bind(format!("{from} {device}"))
-                .execute(&pool)
-        };
-        // Listening: a change from another replica arrives (retried until the LISTEN is in).
-        loop {
-            notify("other", "dev-1").await.unwrap();
-            match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-                Ok(Some(m)) => {
-                    assert_eq!(m, "dev-1 reload");
-                    break;
-                }
-                Ok(None) => panic!("the listener stopped"),
-                Err(_) => continue,
-            }
-        }
-        while rx.try_recv().is_ok() {}
-        let killed: Vec<bool> = sqlx::query_scalar(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-        )
-        .bind(&app)
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        assert_eq!(killed, vec![true], "one listener connection, terminated");
-        assert_eq!(next(&mut rx).await, "reload all");
-        // Own changes are skipped; the others' still arrive on the new connection.
-        notify("me", "dev-2").await.unwrap();
-        notify("other", "dev-3").await.unwrap();
-        assert_eq!(next(&mut rx).await, "dev-3 reload");
-        shutdown.cancel();
-        task.await.unwrap();
     }
 
     #[tokio::test]
