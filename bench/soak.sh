@@ -176,8 +176,8 @@ churn_counts() { cat "$work/churn.count" 2>/dev/null || echo 0 0 0 0; }
 echo "== soak: $DEVICES TLS devices, ${DURATION}s after a ${RAMP}s ramp; telemetry every ${TELEMETRY_MS} ms," \
   "persona press every ${PERSONA_S}s, own reconnect every ~${RECONNECT_S}s, every ${CHURN_S}s" \
   "$ROTATE token rotations + $DELETE deletions (re-registered a round later) =="
-printf '%6s %8s %6s %10s %8s %10s %8s %6s %12s\n' \
-  t_s rss_MiB fds router_ids active connected gaps lost "rot/del/rereg"
+printf '%6s %8s %6s %10s %8s %10s %8s %6s %12s %10s\n' \
+  t_s rss_MiB fds router_ids active connected gaps lost "rot/del/rereg" sqlite_MiB
 samples="$work/samples.txt"
 start=$(date +%s)
 while kill -0 "$fleet_pid" 2>/dev/null; do
@@ -192,10 +192,12 @@ while kill -0 "$fleet_pid" 2>/dev/null; do
   connected="$(metric "$m" broker_connected_devices)"
   gaps="$(metric "$m" telemetry_gaps_total)"
   lost="$(metric "$m" broker_messages_lost_total)"
+  # What SQLite holds (page caches, statements): part of the RSS, bounded by its cache size.
+  sqlite="$(metric "$m" backend_sqlite_memory_bytes | awk '{printf "%.1f", $1 / 1048576}')"
   read -r rot del rereg _ < <(churn_counts)
-  echo "$t $rss $fd $ids $active $connected $gaps $lost" >>"$samples"
-  printf '%6s %8s %6s %10s %8s %10s %8s %6s %12s\n' \
-    "$t" "$rss" "$fd" "$ids" "$active" "$connected" "$gaps" "$lost" "$rot/$del/$rereg"
+  echo "$t $rss $fd $ids $active $connected $gaps $lost $sqlite" >>"$samples"
+  printf '%6s %8s %6s %10s %8s %10s %8s %6s %12s %10s\n' \
+    "$t" "$rss" "$fd" "$ids" "$active" "$connected" "$gaps" "$lost" "$rot/$del/$rereg" "$sqlite"
 done
 wait "$fleet_pid" || true
 echo
@@ -208,7 +210,7 @@ echo "server log: $(grep -c . "$work/companion.log" || true) lines at warn or ab
 # --- verdict --------------------------------------------------------------------------------
 # Columns: 2 RSS, 3 descriptors, 4 router client ids. After the warm-up, first third vs last.
 verdict="$(awk -v warm="$((RAMP + WARMUP_S))" -v pct="$FLAT_PCT" -v fdslack="$FD_SLACK" '
-  $1 >= warm { n++; for (c = 2; c <= 4; c++) v[n, c] = $c }
+  $1 >= warm { n++; for (c = 2; c <= 4; c++) v[n, c] = $c; sq[n] = $10 }
   END {
     if (n < 3) { print "TOO_SHORT " n " samples after the warm-up"; exit }
     k = int(n / 3); bad = 0
@@ -222,6 +224,11 @@ verdict="$(awk -v warm="$((RAMP + WARMUP_S))" -v pct="$FLAT_PCT" -v fdslack="$FD
       if (!ok) bad = 1
       printf "%s first third %.1f, last third %.1f (%+.1f %%) %s\n", name[c - 1], a, b, growth, ok ? "flat" : "GROWING"
     }
+    # Not part of the verdict: how much of the RSS change is SQLite (page caches fill up
+    # to their size as the tables grow).
+    a = 0; b = 0; ra = 0; rb = 0
+    for (i = 1; i <= k; i++) { a += sq[i]; b += sq[n - k + i]; ra += v[i, 2]; rb += v[n - k + i, 2] }
+    printf "sqlite_MiB first third %.1f, last third %.1f; rss minus sqlite %.1f -> %.1f MiB\n", a / k, b / k, (ra - a) / k, (rb - b) / k
     print bad ? "NOT_FLAT" : "FLAT"
   }' "$samples")"
 echo "$verdict"

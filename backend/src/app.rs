@@ -162,6 +162,7 @@ impl App {
         let jwt_secret = secrets::jwt_secret(&settings)?;
 
         let mut registry = Registry::default();
+        db.register_metrics(&mut registry);
         let http_metrics = HttpMetrics::register(&mut registry);
         let presence_metrics = PresenceMetrics::register(&mut registry);
 

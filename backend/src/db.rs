@@ -93,6 +93,19 @@ impl Db {
         })
     }
 
+    /// On SQLite, `backend_sqlite_memory_bytes`: what the library holds (the pooled
+    /// connections' page caches, up to 2 MiB each by default, and prepared statements), so
+    /// a growing RSS can be told apart from it.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        if self.kind == DatabaseKind::Sqlite {
+            registry.register(
+                "backend_sqlite_memory_bytes",
+                "Memory held by SQLite (page caches, prepared statements)",
+                SqliteMemory,
+            );
+        }
+    }
+
     /// Applies pending migrations. Idempotent.
     pub async fn migrate(&self) -> Result<(), DbError> {
         MIGRATOR.run(&self.pool).await?;
@@ -159,6 +172,26 @@ pub fn now_ms() -> i64 {
 /// PostgreSQL for the crate's unit tests, by the same rule as the integration tests'
 /// `tests/common`: `DATABASE_URL` names a server whose role may create databases; without it a
 /// test is skipped, except in CI (`CI=true`), where PostgreSQL tests are required.
+/// Read when `/metrics` is rendered.
+#[derive(Debug)]
+struct SqliteMemory;
+
+impl prometheus_client::encoding::EncodeMetric for SqliteMemory {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        // SAFETY: sqlite3_memory_used takes no arguments and only reads SQLite's own
+        // (mutex-protected) allocation counter.
+        let used = unsafe { libsqlite3_sys::sqlite3_memory_used() };
+        encoder.encode_gauge(&used)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Gauge
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_pg {
     /// The server's admin URL, or `None` (skip) outside CI.

@@ -94,6 +94,15 @@ async fn serve_and_check(data_dir: &std::path::Path, database_url: Option<&str>)
     let text = metrics.text().await.unwrap();
     assert!(text.contains("api_requests_total"), "{text}");
     assert!(text.contains("endpoint=\"/ready\""), "{text}");
+    // SQLite's own memory (page caches, statements), read at scrape time; only on SQLite.
+    let sqlite: Option<f64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("backend_sqlite_memory_bytes "))
+        .and_then(|v| v.parse().ok());
+    match database_url {
+        None => assert!(sqlite.is_some_and(|b| b > 0.0), "{sqlite:?} in {text}"),
+        Some(_) => assert_eq!(sqlite, None, "no SQLite gauge on PostgreSQL"),
+    }
     let (ok, msg) = promtool_check(&text).await;
     assert!(ok, "promtool check metrics failed: {msg}\n{text}");
 
