@@ -210,7 +210,7 @@ echo "server log: $(grep -c . "$work/companion.log" || true) lines at warn or ab
 # --- verdict --------------------------------------------------------------------------------
 # Columns: 2 RSS, 3 descriptors, 4 router client ids. After the warm-up, first third vs last.
 verdict="$(awk -v warm="$((RAMP + WARMUP_S))" -v pct="$FLAT_PCT" -v fdslack="$FD_SLACK" '
-  $1 >= warm { n++; for (c = 2; c <= 4; c++) v[n, c] = $c; sq[n] = $10 }
+  $1 >= warm { n++; for (c = 2; c <= 4; c++) v[n, c] = $c; sq[n] = $9 }
   END {
     if (n < 3) { print "TOO_SHORT " n " samples after the warm-up"; exit }
     k = int(n / 3); bad = 0
