@@ -167,7 +167,7 @@ pub(crate) mod testkit {
     use super::*;
     use crate::bus::Inbox;
     use companion_schema::Payload;
-    use companion_schema::{ButtonAction, ButtonEvent, Telemetry};
+    use companion_schema::{ButtonAction, ButtonEvent};
     use prometheus_client::registry::Registry;
     use std::time::Instant;
     use tokio::sync::mpsc;
@@ -196,17 +196,7 @@ pub(crate) mod testkit {
     }
 
     pub fn telemetry(seq: u64) -> Payload {
-        Payload::Telemetry(Telemetry {
-            v: 1,
-            seq,
-            ts_ms: 0,
-            uptime_s: 0,
-            battery_pct: None,
-            cpu_temp_c: None,
-            rssi_dbm: None,
-            free_mem_kb: None,
-            extra: Default::default(),
-        })
+        Payload::Telemetry(crate::devices::telemetry::sample(seq))
     }
 
     pub fn button(seq: u64) -> Payload {

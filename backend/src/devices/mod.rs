@@ -312,7 +312,6 @@ mod tests {
     use crate::registry::model::{DeviceName, DeviceType};
     use crate::registry::{DeviceStore, NewDevice};
     use companion_schema::Qos;
-    use companion_schema::Telemetry;
     use prometheus_client::registry::Registry;
 
     /// A broker that takes every publish and forwards none.
@@ -365,17 +364,7 @@ mod tests {
     }
 
     fn telemetry(seq: u64) -> Payload {
-        Payload::Telemetry(Telemetry {
-            v: 1,
-            seq,
-            ts_ms: 0,
-            uptime_s: 0,
-            battery_pct: None,
-            cpu_temp_c: None,
-            rssi_dbm: None,
-            free_mem_kb: None,
-            extra: Default::default(),
-        })
+        Payload::Telemetry(crate::devices::telemetry::sample(seq))
     }
 
     /// A cluster takeover replays a dead replica's unhandled events at once. One by one,
