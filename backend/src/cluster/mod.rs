@@ -167,7 +167,7 @@ pub(crate) mod testkit {
     use super::*;
     use crate::bus::Inbox;
     use companion_schema::Payload;
-    use companion_schema::{ButtonAction, ButtonEvent};
+    use companion_schema::{ButtonAction, ButtonEvent, Telemetry};
     use prometheus_client::registry::Registry;
     use std::time::Instant;
     use tokio::sync::mpsc;
@@ -195,8 +195,23 @@ pub(crate) mod testkit {
         }
     }
 
+    /// Telemetry carrying only its sequence number.
+    pub fn telemetry_sample(seq: u64) -> Telemetry {
+        Telemetry {
+            v: 1,
+            seq,
+            ts_ms: 0,
+            uptime_s: 0,
+            battery_pct: None,
+            cpu_temp_c: None,
+            rssi_dbm: None,
+            free_mem_kb: None,
+            extra: Default::default(),
+        }
+    }
+
     pub fn telemetry(seq: u64) -> Payload {
-        Payload::Telemetry(crate::devices::telemetry::sample(seq))
+        Payload::Telemetry(telemetry_sample(seq))
     }
 
     pub fn button(seq: u64) -> Payload {

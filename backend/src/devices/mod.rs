@@ -363,9 +363,7 @@ mod tests {
         )
     }
 
-    fn telemetry(seq: u64) -> Payload {
-        Payload::Telemetry(crate::devices::telemetry::sample(seq))
-    }
+    use crate::cluster::testkit::telemetry;
 
     /// A cluster takeover replays a dead replica's unhandled events at once. One by one,
     /// a backlog longer than the worker's queue overflowed it and the survivor counted gaps

@@ -394,27 +394,11 @@ pub async fn run_writer(batcher: std::sync::Arc<Batcher>, db: Db, shutdown: Canc
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Telemetry carrying only its sequence number, for tests.
-#[cfg(test)]
-pub(crate) fn sample(seq: u64) -> Telemetry {
-    Telemetry {
-        v: 1,
-        seq,
-        ts_ms: 0,
-        uptime_s: 0,
-        battery_pct: None,
-        cpu_temp_c: None,
-        rssi_dbm: None,
-        free_mem_kb: None,
-        extra: Default::default(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    use super::sample as telemetry;
+    use crate::cluster::testkit::telemetry_sample as telemetry;
 
     fn hold(b: &Batcher, device: &DeviceId, seq: u64) -> Option<Receipt> {
         let payload = Bytes::from(companion_schema::encode(&telemetry(seq)).unwrap());
