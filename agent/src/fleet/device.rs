@@ -28,6 +28,10 @@ pub(crate) struct DevState {
     connected: bool,
     /// The driver asked for a clean disconnect (churn): the error that follows is expected.
     churning: bool,
+    /// A clean disconnect is due once the QoS 1 publishes in flight are acknowledged; nothing
+    /// new is sent meanwhile (a device that disconnects with a publish in flight never learns
+    /// whether it arrived).
+    leaving: bool,
     /// QoS 1 publishes handed to rumqttc and not yet numbered: (kind, sent at).
     fifo: VecDeque<(TopicKind, Instant)>,
     pkids: HashMap<u16, (TopicKind, Instant)>,
@@ -66,15 +70,26 @@ impl Device {
         self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Disconnects cleanly if connected (churn); the event loop reconnects at once.
+    /// Disconnects cleanly if connected (churn), once what is in flight is acknowledged; the
+    /// event loop reconnects at once.
     fn churn(&self) {
         let mut st = self.state();
         if !st.connected || st.churning {
             return;
         }
+        st.leaving = true;
+        self.leave_if_settled(&mut st);
+    }
+
+    /// The clean disconnect [`Device::churn`] asked for, if nothing is in flight any more.
+    fn leave_if_settled(&self, st: &mut DevState) {
+        if !st.leaving || !st.fifo.is_empty() || !st.pkids.is_empty() {
+            return;
+        }
         if self.client.try_disconnect().is_ok() {
             st.connected = false;
             st.churning = true;
+            st.leaving = false;
             self.stats.churn_disconnects.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -82,7 +97,7 @@ impl Device {
     fn publish(&self, kind: TopicKind, payload: Vec<u8>) -> bool {
         let topic = Topic::new(self.id.clone(), kind).to_string();
         let mut st = self.state();
-        if !st.connected {
+        if !st.connected || st.leaving {
             // Not counted as sent: nothing can carry it now.
             self.stats.skipped_offline.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -153,7 +168,12 @@ pub(crate) async fn event_loop(
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(a))) => {
-                let e = dev.state().pkids.remove(&a.pkid);
+                let e = {
+                    let mut st = dev.state();
+                    let e = st.pkids.remove(&a.pkid);
+                    dev.leave_if_settled(&mut st);
+                    e
+                };
                 match e {
                     Some((TopicKind::Telemetry, t0)) => {
                         dev.stats.telemetry_acked.fetch_add(1, Ordering::Relaxed);
@@ -179,6 +199,7 @@ pub(crate) async fn event_loop(
                 let churned = {
                     let mut st = dev.state();
                     st.connected = false;
+                    st.leaving = false;
                     st.fifo.clear();
                     st.pkids.clear();
                     std::mem::take(&mut st.churning)

@@ -38,7 +38,8 @@ pub struct FleetStats {
     pub reply_audio_received: AtomicU64,
     pub replies: AtomicU64,
     pub publish_errors: AtomicU64,
-    /// Messages not produced because the device was disconnected at the time.
+    /// Messages not produced because the device was disconnected at the time (or about to
+    /// disconnect on its own, waiting for what it had in flight).
     pub skipped_offline: AtomicU64,
     /// From the start of a connection attempt to its CONNACK.
     pub connect: Mutex<Histogram<u64>>,
