@@ -76,6 +76,7 @@ pub struct FleetArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Seconds between a device's own clean disconnect-and-reconnect, on average (0: never).
+    /// The device first waits for the acknowledgements of what it has in flight.
     #[arg(long, default_value_t = 0)]
     pub reconnect_every_s: u64,
     /// Seconds between readings of the credentials file for changed tokens (0: read once).
