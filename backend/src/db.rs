@@ -257,8 +257,10 @@ mod tests {
     #[tokio::test]
     async fn a_new_sqlite_database_is_in_wal_mode() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut settings = Settings::default();
-        settings.data_dir = dir.path().to_path_buf();
+        let settings = Settings {
+            data_dir: dir.path().to_path_buf(),
+            ..Settings::default()
+        };
         for _ in 0..2 {
             let db = Db::connect(&settings).await.expect("connect");
             db.migrate().await.expect("migrate");
