@@ -365,6 +365,60 @@ mod tests {
 
     use crate::cluster::testkit::telemetry;
 
+    async fn new_device(dispatcher: &Dispatcher) -> DeviceId {
+        let (device, _) = DeviceStore::new(dispatcher.runtime.db.clone())
+            .create(&NewDevice {
+                device_id: None,
+                name: DeviceName::parse("Idle").unwrap(),
+                device_type: DeviceType::Simulated,
+                capabilities: Default::default(),
+            })
+            .await
+            .unwrap();
+        device.device_id
+    }
+
+    /// Lets the workers run until `done`, without moving the (paused) clock: yielding keeps
+    /// the runtime busy, so it never parks and auto-advances. Gives up after 20 s of real time.
+    async fn settle(done: impl Fn() -> bool) {
+        let give_up = std::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < give_up, "never settled");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A worker leaves after IDLE_EXIT without events, counted from its last event: one
+    /// shortly before the exit keeps it another IDLE_EXIT.
+    #[tokio::test]
+    async fn a_worker_retires_idle_exit_after_its_last_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dispatcher, shutdown) = dispatcher(&dir).await;
+        let id = new_device(&dispatcher).await;
+        let rt = dispatcher.runtime.clone();
+        // Paused only now: while the runtime waits for SQLite it would jump the clock
+        // (the pool's acquire timeout fired during setup).
+        tokio::time::pause();
+        // A message and a copy of it: the worker counts the duplicate as it handles it, so
+        // once counted the worker has started (its idle timer is set).
+        dispatcher.deliver(&id, telemetry(1), Instant::now());
+        dispatcher.deliver(&id, telemetry(1), Instant::now());
+        settle(|| rt.metrics.telemetry_duplicates.get() == 1).await;
+        assert_eq!(rt.metrics.workers.get(), 1);
+        tokio::time::advance(IDLE_EXIT - Duration::from_secs(10)).await;
+        dispatcher.deliver(&id, telemetry(1), Instant::now());
+        settle(|| rt.metrics.telemetry_duplicates.get() == 2).await;
+        // Past the first event's exit time; 20 s after the last event.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        for _ in 0..1_000 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(rt.metrics.workers.get(), 1, "an event 20 s ago keeps it");
+        tokio::time::advance(IDLE_EXIT).await;
+        settle(|| rt.metrics.workers.get() == 0).await;
+        shutdown.cancel();
+    }
+
     /// A cluster takeover replays a dead replica's unhandled events at once. One by one,
     /// a backlog longer than the worker's queue overflowed it and the survivor counted gaps
     /// (CI, `tests/cluster.rs`); whole, every event is handled in order.

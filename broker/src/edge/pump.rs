@@ -8,6 +8,7 @@
 //! is closed (kick, takeover, shutdown).
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use rumqttd::protocol::{Packet, Publish, PublishProperties, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::WaitForCancellationFuture;
 
 use super::acks::{Acks, ReceiptLost, MAX_HELD};
 use super::limits::PublishLimits;
@@ -115,8 +117,17 @@ impl<'a> Pump<'a> {
         let mut to_router: Vec<Packet> = Vec::new();
         let mut to_device = BytesMut::with_capacity(BUFFER);
         let mut downs: Vec<Box<Down>> = Vec::new();
+        // Keep-alive: one timer for the connection, moved only when it fires (resetting it per
+        // packet would cost two timer-wheel operations a message). `heard` is when the device
+        // last sent something; the timer fires at the earliest possible expiry.
         let far = Duration::from_secs(365 * 24 * 3600);
-        let mut deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
+        let limit = keepalive.unwrap_or(far);
+        let mut heard = tokio::time::Instant::now();
+        let expiry = tokio::time::sleep_until(heard + limit);
+        tokio::pin!(expiry);
+        // Created once: a new one per loop would register and unregister with the token.
+        let stopped = control.stop.cancelled();
+        tokio::pin!(stopped);
         // Packets that arrived with the CONNECT.
         let mut step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
         loop {
@@ -133,7 +144,7 @@ impl<'a> Pump<'a> {
                     return stopped_or(control, DisconnectReason::ServerShutdown);
                 }
             }
-            if !to_device.is_empty() && !write_or_stop(dw, &mut to_device, control).await {
+            if !to_device.is_empty() && !write_or_stop(dw, &mut to_device, stopped.as_mut()).await {
                 return write_failed(control);
             }
             match step {
@@ -146,17 +157,17 @@ impl<'a> Pump<'a> {
             // messages for the device; keep-alive expired.
             let reading = self.acks.len() < MAX_HELD && !self.limits.in_debt();
             tokio::select! {
-                _ = control.stop.cancelled() => return stopped_or(control, DisconnectReason::ServerShutdown),
+                _ = &mut stopped => return stopped_or(control, DisconnectReason::ServerShutdown),
                 read = dr.read_buf(&mut dbuf), if reading => {
                     if !matches!(read, Ok(n) if n > 0) {
                         return DisconnectReason::NetworkError;
                     }
-                    deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
+                    heard = tokio::time::Instant::now();
                     step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
                 }
                 _ = self.limits.repay(), if self.limits.in_debt() => {
                     // The device is not silent; we are not listening.
-                    deadline = tokio::time::Instant::now() + keepalive.unwrap_or(far);
+                    heard = tokio::time::Instant::now();
                 }
                 _ = self.acks.settle_first(), if self.acks.waiting() => {}
                 n = mailbox.recv_many(&mut downs, DOWN_BATCH) => {
@@ -167,8 +178,12 @@ impl<'a> Pump<'a> {
                         self.deliver(*down, &mut to_device);
                     }
                 }
-                _ = tokio::time::sleep_until(deadline), if keepalive.is_some() => {
-                    return DisconnectReason::KeepaliveTimeout;
+                _ = &mut expiry, if keepalive.is_some() => {
+                    let due = heard + limit;
+                    if due <= tokio::time::Instant::now() {
+                        return DisconnectReason::KeepaliveTimeout;
+                    }
+                    expiry.as_mut().reset(due);
                 }
             }
         }
@@ -463,15 +478,16 @@ fn write_failed(control: &Control) -> DisconnectReason {
     }
 }
 
-/// Writes all of `buf` unless the connection is closed meanwhile. False if it did not.
+/// Writes all of `buf` unless the connection is closed (`stopped` completes) meanwhile. False
+/// if it did not.
 async fn write_or_stop<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &mut BytesMut,
-    control: &Control,
+    stopped: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> bool {
     // Cases: closed while the peer is not reading; the write finishes or fails.
     let ok = tokio::select! {
-        _ = control.stop.cancelled() => false,
+        _ = stopped => false,
         r = w.write_all(buf) => r.is_ok(),
     };
     buf.clear();

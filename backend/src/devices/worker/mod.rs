@@ -93,25 +93,49 @@ impl Worker {
     /// idle worker (one per connected device) holds only its state, not the largest of them.
     pub async fn run(mut self, mut rx: crate::devices::EventRx, shutdown: CancellationToken) {
         Box::pin(self.load()).await;
+        // The idle timer is set once and moved only when it fires (a fresh one per event would
+        // cost two timer-wheel operations a message); `busy` is when the worker last had
+        // something to do. The shutdown future is likewise made once.
+        let mut busy = tokio::time::Instant::now();
+        let idle_exit = tokio::time::sleep_until(busy + IDLE_EXIT);
+        tokio::pin!(idle_exit);
+        let stopped = shutdown.cancelled();
+        tokio::pin!(stopped);
         loop {
             let deadline = self.session.deadline();
             let idle = self.session.is_idle();
+            if !idle {
+                busy = tokio::time::Instant::now();
+            }
             // Cases: a device event; a message from this device's turn task; the session's
             // deadline (listening limit or watchdog); nothing to do for a while (exit);
             // shutdown.
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(ev) => Box::pin(self.handle(*ev)).await,
+                    Some(ev) => {
+                        busy = tokio::time::Instant::now();
+                        Box::pin(self.handle(*ev)).await
+                    }
                     None => break,
                 },
-                Some(msg) = self.internal_rx.recv() => Box::pin(self.handle_internal(*msg)).await,
+                Some(msg) = self.internal_rx.recv() => {
+                    busy = tokio::time::Instant::now();
+                    Box::pin(self.handle_internal(*msg)).await
+                }
                 _ = sleep_until(deadline), if deadline.is_some() => Box::pin(self.session_deadline()).await,
-                _ = tokio::time::sleep(IDLE_EXIT), if idle => {
-                    if self.dispatcher.retire(&self.device, &rx) {
+                _ = &mut idle_exit, if idle => {
+                    let due = busy + IDLE_EXIT;
+                    if due > tokio::time::Instant::now() {
+                        idle_exit.as_mut().reset(due);
+                    } else if self.dispatcher.retire(&self.device, &rx) {
                         return;
+                    } else {
+                        // Events arrived as it retired: stay, and look again later.
+                        busy = tokio::time::Instant::now();
+                        idle_exit.as_mut().reset(busy + IDLE_EXIT);
                     }
                 }
-                _ = shutdown.cancelled() => {
+                _ = &mut stopped => {
                     self.abandon_session();
                     break;
                 }
@@ -343,7 +367,13 @@ impl Worker {
     async fn run_rules(&mut self, event: RuleEvent, started: Instant) {
         let set = self.rt.rules.current();
         let t0 = Instant::now();
-        let results = set.evaluate(&event, &self.view(), now_ms());
+        // The view allocates (id, persona): built only for rule sets that read it.
+        let view = if set.uses_device() {
+            self.view()
+        } else {
+            DeviceView::default()
+        };
+        let results = set.evaluate(&event, &view, now_ms());
         self.rt
             .rule_metrics
             .eval_seconds
