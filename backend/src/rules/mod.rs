@@ -484,6 +484,20 @@ impl RuleSet {
         device: &DeviceView,
         now_ms: i64,
     ) -> Vec<(&Rule, Result<bool, EvalFailure>)> {
+        self.evaluate_indexed(event, device, now_ms)
+            .into_iter()
+            .map(|(i, verdict)| (&self.rules[i], verdict))
+            .collect()
+    }
+
+    /// [`RuleSet::evaluate`] with each rule given by its index in [`RuleSet::rules`], so the
+    /// answer does not borrow the set.
+    pub fn evaluate_indexed(
+        &self,
+        event: &RuleEvent,
+        device: &DeviceView,
+        now_ms: i64,
+    ) -> Vec<(usize, Result<bool, EvalFailure>)> {
         let candidates = &self.by_kind[event.kind.index()];
         if candidates.is_empty() {
             return Vec::new();
@@ -497,12 +511,12 @@ impl RuleSet {
         let topic = self.needs_topic[event.kind.index()].then(|| event.topic.to_string());
         candidates
             .iter()
-            .map(|&i| &self.rules[i])
-            .filter(|r| match (r.topic.as_deref(), topic.as_deref()) {
+            .map(|&i| (i, &self.rules[i]))
+            .filter(|(_, r)| match (r.topic.as_deref(), topic.as_deref()) {
                 (Some(filter), Some(topic)) => topic_matches(filter, topic),
                 _ => true,
             })
-            .map(|r| {
+            .map(|(i, r)| {
                 let verdict = match &r.condition {
                     None => Ok(true),
                     Some((_, program)) => match program.execute(&ctx) {
@@ -513,7 +527,7 @@ impl RuleSet {
                         Err(e) => Err(EvalFailure(e.to_string())),
                     },
                 };
-                (r, verdict)
+                (i, verdict)
             })
             .collect()
     }

@@ -17,7 +17,8 @@ use super::turn::{Internal, INTERNAL_QUEUE};
 use super::{Command, DeviceEvent, Dispatcher, Runtime, IDLE_EXIT};
 use crate::db::now_ms;
 use crate::personas::Persona;
-use crate::rules::{Action, DeviceView, EventKind, Field, PersonaTarget, RuleEvent};
+use crate::rules::store::RuleLabel;
+use crate::rules::{Action, DeviceView, EventKind, Field, PersonaTarget, RuleEvent, RuleSet};
 
 pub struct Worker {
     device: DeviceId,
@@ -114,7 +115,18 @@ impl Worker {
                 ev = rx.recv() => match ev {
                     Some(ev) => {
                         busy = tokio::time::Instant::now();
-                        Box::pin(self.handle(*ev)).await
+                        match *ev {
+                            // The common case without a boxed future (the handlers' is large):
+                            // telemetry whose rules match nothing needs no await.
+                            DeviceEvent::Telemetry(t) => {
+                                if let Some(event) = self.telemetry_event(t) {
+                                    if let Some((set, matched)) = self.matching_rules(&event) {
+                                        Box::pin(self.run_actions(event, set, matched, Instant::now())).await;
+                                    }
+                                }
+                            }
+                            ev => Box::pin(self.handle(ev)).await,
+                        }
                     }
                     None => break,
                 },
@@ -246,11 +258,19 @@ impl Worker {
     }
 
     async fn telemetry(&mut self, t: Telemetry) {
+        if let Some(event) = self.telemetry_event(t) {
+            self.run_rules(event, Instant::now()).await;
+        }
+    }
+
+    /// Telemetry up to the rules, without an await: sequence check (gaps counted, duplicates
+    /// dropped: `None`), handed to the batch writer; the event for the rules.
+    fn telemetry_event(&mut self, t: Telemetry) -> Option<RuleEvent> {
         match classify(self.last_seq, t.seq) {
             SeqVerdict::Duplicate => {
                 self.rt.metrics.telemetry_duplicates.inc();
                 self.rt.telemetry.duplicate(&self.device, t.seq);
-                return;
+                return None;
             }
             SeqVerdict::Accept { gap } => {
                 if gap > 0 {
@@ -263,7 +283,8 @@ impl Worker {
         }
         self.last_seq = Some(t.seq);
         self.battery = t.battery_pct.map(f64::from);
-        let mut fields = vec![
+        let mut fields = Vec::with_capacity(7);
+        fields.extend([
             ("seq", Field::Int(i64::try_from(t.seq).unwrap_or(i64::MAX))),
             (
                 "ts_ms",
@@ -273,7 +294,7 @@ impl Worker {
                 "uptime_s",
                 Field::Int(i64::try_from(t.uptime_s).unwrap_or(i64::MAX)),
             ),
-        ];
+        ]);
         if let Some(b) = t.battery_pct {
             fields.push(("battery_pct", Field::Float(f64::from(b))));
         }
@@ -295,7 +316,7 @@ impl Worker {
             fields,
         };
         self.rt.telemetry.put(&self.device, t);
-        self.run_rules(event, Instant::now()).await;
+        Some(event)
     }
 
     async fn status(&mut self, s: Status) {
@@ -365,6 +386,14 @@ impl Worker {
     /// Evaluates the rules for `event` and runs the actions of those that match. A failing
     /// rule or action is logged and counted and never stops the others.
     async fn run_rules(&mut self, event: RuleEvent, started: Instant) {
+        if let Some((set, matched)) = self.matching_rules(&event) {
+            self.run_actions(event, set, matched, started).await;
+        }
+    }
+
+    /// Evaluates the rules for `event`; counts and logs the conditions that failed. The rules
+    /// whose actions are due, if any (most events match none: they need no await).
+    fn matching_rules(&self, event: &RuleEvent) -> Option<(Arc<RuleSet>, Vec<usize>)> {
         let set = self.rt.rules.current();
         let t0 = Instant::now();
         // The view allocates (id, persona): built only for rule sets that read it.
@@ -373,32 +402,51 @@ impl Worker {
         } else {
             DeviceView::default()
         };
-        let results = set.evaluate(&event, &view, now_ms());
+        let results = set.evaluate_indexed(event, &view, now_ms());
         self.rt
             .rule_metrics
             .eval_seconds
             .observe(t0.elapsed().as_secs_f64());
-        for (rule, verdict) in results {
-            // Built only when counted: most evaluations are a plain "no".
-            let label = || crate::rules::store::RuleLabel {
-                rule: rule.name.clone(),
-            };
+        let mut matched = Vec::new();
+        for (i, verdict) in results {
             match verdict {
                 Ok(false) => {}
-                Ok(true) => {
-                    self.rt.rule_metrics.matches.get_or_create(&label()).inc();
-                    for action in &rule.actions {
-                        if let Err(reason) = self.execute(action, &event, &rule.name, started).await
-                        {
-                            self.rt.rule_metrics.failures.get_or_create(&label()).inc();
-                            self.rt.metrics.action_failures.inc();
-                            tracing::error!(rule = %rule.name, device_id = %self.device, topic = %event.topic, reason = %reason, "rule action failed");
-                        }
-                    }
-                }
+                Ok(true) => matched.push(i),
                 Err(failure) => {
-                    self.rt.rule_metrics.failures.get_or_create(&label()).inc();
+                    let rule = &set.rules()[i];
+                    self.rt
+                        .rule_metrics
+                        .failures
+                        .get_or_create(&RuleLabel {
+                            rule: rule.name.clone(),
+                        })
+                        .inc();
                     tracing::error!(rule = %rule.name, device_id = %self.device, topic = %event.topic, reason = %failure.0, "rule condition failed");
+                }
+            }
+        }
+        (!matched.is_empty()).then_some((set, matched))
+    }
+
+    /// Runs the actions of the `matched` rules of `set`, in order.
+    async fn run_actions(
+        &mut self,
+        event: RuleEvent,
+        set: Arc<RuleSet>,
+        matched: Vec<usize>,
+        started: Instant,
+    ) {
+        for i in matched {
+            let rule = &set.rules()[i];
+            let label = || RuleLabel {
+                rule: rule.name.clone(),
+            };
+            self.rt.rule_metrics.matches.get_or_create(&label()).inc();
+            for action in &rule.actions {
+                if let Err(reason) = self.execute(action, &event, &rule.name, started).await {
+                    self.rt.rule_metrics.failures.get_or_create(&label()).inc();
+                    self.rt.metrics.action_failures.inc();
+                    tracing::error!(rule = %rule.name, device_id = %self.device, topic = %event.topic, reason = %reason, "rule action failed");
                 }
             }
         }
