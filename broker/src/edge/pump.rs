@@ -114,7 +114,10 @@ impl<'a> Pump<'a> {
         W: AsyncWrite + Unpin,
     {
         let max = self.edge.settings.max_packet_size;
-        let mut to_router: Vec<Packet> = Vec::new();
+        // A Packet is ~400 bytes: room for one (the usual read) is kept between reads, more
+        // is given back after each batch (10,000 idle connections would otherwise each keep
+        // the largest batch they ever read).
+        let mut to_router: Vec<Packet> = Vec::with_capacity(1);
         let mut to_device = BytesMut::with_capacity(BUFFER);
         let mut downs: Vec<Box<Down>> = Vec::new();
         // Keep-alive: one timer for the connection, moved only when it fires (resetting it per
@@ -136,6 +139,7 @@ impl<'a> Pump<'a> {
                 tracing::warn!(device_id = %self.device, error = %e, "router uplink lost");
                 return DisconnectReason::ProtocolError;
             }
+            to_router.shrink_to(1);
             match self.acks.release(&mut to_device, self.codec.v5()) {
                 Ok(0) => {}
                 Ok(refused) => self.refused(refused),
