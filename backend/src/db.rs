@@ -85,6 +85,9 @@ impl Db {
                 })
             })
             .max_connections(max)
+            // A liveness round trip per acquire guards against servers that went away; an
+            // SQLite connection is a file and a thread in this process.
+            .test_before_acquire(!sqlite)
             .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
             .connect_with(options)
             .await

@@ -18,6 +18,8 @@ use companion_schema::{DeviceId, Telemetry, TopicKind};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, Connection};
 use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -229,12 +231,26 @@ impl Batcher {
     /// Writes everything pending in one transaction. On failure the rows are put back
     /// (unless newer values arrived meanwhile) for the next flush.
     pub async fn flush(&self, db: &Db) -> Result<usize, sqlx::Error> {
+        self.flush_on(db, &mut None).await
+    }
+
+    /// [`Batcher::flush`] on `conn`, the writer's own connection (taken from the pool when
+    /// `None`; given back after a failure, so a broken one is not used again).
+    async fn flush_on(
+        &self,
+        db: &Db,
+        conn: &mut Option<PoolConnection<Any>>,
+    ) -> Result<usize, sqlx::Error> {
         let batch = self.take();
         if batch.is_empty() {
             return Ok(0);
         }
         let n = batch.len();
-        match write(db, &batch).await {
+        let written = write(db, conn, &batch).await;
+        if written.is_err() {
+            *conn = None;
+        }
+        match written {
             Ok(()) => {
                 self.stored(&batch);
                 Ok(n)
@@ -354,9 +370,17 @@ fn bind_float<'q>(
     }
 }
 
-async fn write(db: &Db, batch: &HashMap<DeviceId, (Telemetry, i64)>) -> Result<(), sqlx::Error> {
+async fn write(
+    db: &Db,
+    conn: &mut Option<PoolConnection<Any>>,
+    batch: &HashMap<DeviceId, (Telemetry, i64)>,
+) -> Result<(), sqlx::Error> {
     let _gate = db.write_gate().await;
-    let mut tx = db.pool().begin().await?;
+    let conn = match conn {
+        Some(c) => c,
+        None => conn.insert(db.pool().acquire().await?),
+    };
+    let mut tx = conn.begin().await?;
     let mut rows = batch.iter();
     for size in chunks(batch.len()) {
         let mut q = sqlx::query(upsert_statement(size, db.kind()));
@@ -398,7 +422,13 @@ pub async fn last_seq(db: &Db, device: &DeviceId) -> Option<u64> {
 
 /// Writes pending telemetry as it arrives (at most every [`FLUSH_GAP`]; after a failure,
 /// retries with a growing pause up to [`RETRY_MAX`]) until `shutdown`, then once more.
+///
+/// The writer keeps one pooled connection for itself: on SQLite its page cache stays valid
+/// from one commit to the next (another connection's commit would invalidate it: every flush
+/// re-read the pages it updates), and no acquire (with its liveness round trip) per flush.
+/// It is given back when the writer stops, so the pool can close.
 pub async fn run_writer(batcher: std::sync::Arc<Batcher>, db: Db, shutdown: CancellationToken) {
+    let mut conn: Option<PoolConnection<Any>> = None;
     let mut retry: Option<Duration> = None;
     let mut last = tokio::time::Instant::now();
     loop {
@@ -413,7 +443,7 @@ pub async fn run_writer(batcher: std::sync::Arc<Batcher>, db: Db, shutdown: Canc
             tokio::time::sleep_until(last + FLUSH_GAP).await;
         }
         last = tokio::time::Instant::now();
-        match batcher.flush(&db).await {
+        match batcher.flush_on(&db, &mut conn).await {
             Ok(_) => retry = None,
             Err(e) => {
                 let next = retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX));
