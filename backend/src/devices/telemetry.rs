@@ -100,8 +100,10 @@ impl ReceiptBook {
                 i += 1;
             }
         }
-        if list.is_empty() {
-            self.waiting.remove(device);
+        // An emptied list stays (as `stored` does per device): the device's next message
+        // would otherwise allocate its key and list again.
+        if list.is_empty() && list.capacity() > 4 {
+            list.shrink_to(4);
         }
     }
 }
@@ -121,7 +123,11 @@ impl Receipts for Batcher {
             }
         }
         let (tx, rx) = oneshot::channel();
-        let list = book.waiting.entry(device.clone()).or_default();
+        // Looked up before inserting: `entry` would clone the id (an allocation) every time.
+        if !book.waiting.contains_key(device) {
+            book.waiting.insert(device.clone(), Vec::new());
+        }
+        let list = book.waiting.get_mut(device)?;
         // Acknowledgements of connections that ended are no longer awaited.
         let before = list.len();
         list.retain(|(_, tx)| !tx.is_closed());
@@ -213,7 +219,10 @@ impl Batcher {
         };
         for (device, (t, _)) in batch {
             let seq = t.seq;
-            let before = book.stored.insert(device.clone(), seq);
+            let before = match book.stored.get_mut(device) {
+                Some(stored) => Some(std::mem::replace(stored, seq)),
+                None => book.stored.insert(device.clone(), seq),
+            };
             // A restarted counter: what waited belonged to the old count.
             let restarted = before.is_some_and(|b| b > seq);
             book.settle(device, true, |s| restarted || s <= seq);
@@ -222,9 +231,14 @@ impl Batcher {
     }
 
     fn take(&self) -> HashMap<DeviceId, (Telemetry, i64)> {
+        // The next batch starts with room for as many devices as this one had (an empty map
+        // would grow, rehashing, from 4 to that size on every flush).
         self.pending
             .lock()
-            .map(|mut p| std::mem::take(&mut *p))
+            .map(|mut p| {
+                let room = p.len();
+                std::mem::replace(&mut *p, HashMap::with_capacity(room))
+            })
             .unwrap_or_default()
     }
 
