@@ -25,19 +25,22 @@ const READ_BUFFER: usize = 512;
 /// `pending` counts the connection as not yet authenticated until it is (or ends).
 pub(super) async fn run<S>(
     edge: Arc<Edge>,
-    mut stream: S,
+    stream: S,
     peer: SocketAddr,
     pending: super::admission::PendingGuard,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    // Split at once: the stream (over 1 KiB with TLS) then lives in one heap block and the
+    // futures of this function and the session hold two pointers to it, not copies of it.
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let max = edge.settings.max_packet_size;
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let timeout = Duration::from_millis(edge.settings.connect_timeout_ms);
     // Cases: shutdown; the first packet arrives, fails or times out.
     let first = tokio::select! {
         _ = edge.shutdown.cancelled() => return,
-        r = tokio::time::timeout(timeout, read_frame(&mut stream, &mut buf, max)) => r,
+        r = tokio::time::timeout(timeout, read_frame(&mut reader, &mut buf, max)) => r,
     };
     let frame = match first {
         Ok(Ok(Some((h, frame)))) if h.kind() == packet::CONNECT => frame,
@@ -73,7 +76,7 @@ pub(super) async fn run<S>(
         Ok(device) => device,
         Err(reason) => {
             edge.login_refused(&connect.client_id, peer, reason);
-            refuse(&mut stream, connect.v5()).await;
+            refuse(&mut writer, connect.v5()).await;
             return;
         }
     };
@@ -83,14 +86,14 @@ pub(super) async fn run<S>(
         if acl::may_publish(&device, topic).is_none() {
             edge.count_connect(result::ACL_DENIED);
             edge.acl_denied(&device, AclAction::Will, topic);
-            refuse(&mut stream, connect.v5()).await;
+            refuse(&mut writer, connect.v5()).await;
             return;
         }
     }
 
     let (control, mailbox) = edge.sessions.register(&device, &edge.shutdown).await;
     session::run(
-        &edge, stream, buf, &connect, &device, peer, &control, mailbox,
+        &edge, reader, writer, buf, &connect, &device, peer, &control, mailbox,
     )
     .await;
     edge.sessions.finish(&device, &control);

@@ -22,9 +22,10 @@ const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the session after authentication until the device is gone.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn run<S>(
+pub(super) async fn run<R, W>(
     edge: &Edge,
-    device_io: S,
+    mut dr: R,
+    mut dw: W,
     device_buf: BytesMut,
     connect: &ConnectInfo,
     device: &DeviceId,
@@ -32,9 +33,9 @@ pub(super) async fn run<S>(
     control: &Control,
     mut mailbox: mpsc::Receiver<Box<Down>>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
 {
-    let (mut dr, mut dw) = tokio::io::split(device_io);
     let connack = match connect.codec().connack_accepted(MAX_TOPIC_ALIASES) {
         Ok(c) => c,
         Err(e) => {
