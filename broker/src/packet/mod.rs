@@ -4,8 +4,14 @@
 //! SUBACK, UNSUBACK, acknowledgements, PUBLISH to a device, DISCONNECT). Payload bytes are
 //! never copied into new types.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rumqttd::protocol::{self, Packet, Protocol};
+
+mod encode;
+pub use encode::{
+    connack_refusal, disconnect_v5, puback_dropped, put_ack, put_publish, put_suback, put_unsuback,
+    PINGRESP,
+};
 
 pub const CONNECT: u8 = 1;
 pub const CONNACK: u8 = 2;
@@ -423,113 +429,6 @@ pub fn connect(frame: &Bytes, max_len: usize) -> Result<ConnectInfo, PacketError
         keep_alive: connect.keep_alive,
         packet,
     })
-}
-
-/// The answer to PINGREQ (the same in 3.1.1 and 5).
-pub const PINGRESP: [u8; 2] = [0xD0, 0x00];
-
-/// A CONNACK refusing the connection: 3.1.1 "not authorized" (0x05) or 5 "not authorized" (0x87).
-pub fn connack_refusal(v5: bool) -> Bytes {
-    if v5 {
-        Bytes::from_static(&[0x20, 0x03, 0x00, reason::NOT_AUTHORIZED, 0x00])
-    } else {
-        Bytes::from_static(&[0x20, 0x02, 0x00, reason::V4_NOT_AUTHORIZED])
-    }
-}
-
-/// An MQTT 5 server DISCONNECT with a reason code (3.1.1 has no server DISCONNECT).
-pub fn disconnect_v5(code: u8) -> Bytes {
-    Bytes::copy_from_slice(&[DISCONNECT << 4, 0x02, code, 0x00])
-}
-
-/// The acknowledgement for a QoS 1 PUBLISH the edge dropped.
-pub fn puback_dropped(packet_id: u16, v5: bool) -> Bytes {
-    let mut b = BytesMut::with_capacity(6);
-    b.put_u8(PUBACK << 4);
-    if v5 {
-        b.put_u8(4);
-        b.put_u16(packet_id);
-        b.put_u8(reason::QUOTA_EXCEEDED);
-        b.put_u8(0);
-    } else {
-        b.put_u8(2);
-        b.put_u16(packet_id);
-    }
-    b.freeze()
-}
-
-/// Appends a variable-length remaining length.
-fn put_remaining(out: &mut BytesMut, mut len: usize) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if len == 0 {
-            return;
-        }
-    }
-}
-
-/// Appends a PUBLISH to a device. `packet_id` is used for QoS 1.
-pub fn put_publish(
-    out: &mut BytesMut,
-    topic: &[u8],
-    payload: &[u8],
-    qos: u8,
-    packet_id: u16,
-    retain: bool,
-    v5: bool,
-) {
-    let qos = qos.min(1);
-    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + usize::from(v5) + payload.len();
-    out.reserve(len + 5);
-    out.put_u8((PUBLISH << 4) | (qos << 1) | u8::from(retain));
-    put_remaining(out, len);
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic);
-    if qos > 0 {
-        out.put_u16(packet_id);
-    }
-    if v5 {
-        out.put_u8(0); // no properties
-    }
-    out.put_slice(payload);
-}
-
-/// Appends a two-byte acknowledgement (PUBACK, PUBREC, PUBCOMP: reason "success" is implied
-/// in MQTT 5 when the remaining length is 2).
-pub fn put_ack(out: &mut BytesMut, kind: u8, packet_id: u16) {
-    let flags = if kind == PUBREL { 0b0010 } else { 0 };
-    out.put_u8((kind << 4) | flags);
-    out.put_u8(2);
-    out.put_u16(packet_id);
-}
-
-/// Appends a SUBACK granting `codes` (0 or 1 per filter, 0x80/0x87 for a refusal).
-pub fn put_suback(out: &mut BytesMut, packet_id: u16, codes: &[u8], v5: bool) {
-    put_remaining_packet(out, SUBACK, packet_id, codes, v5);
-}
-
-/// Appends an UNSUBACK for `count` filters.
-pub fn put_unsuback(out: &mut BytesMut, packet_id: u16, count: usize, v5: bool) {
-    if v5 {
-        put_remaining_packet(out, UNSUBACK, packet_id, &vec![0u8; count], true);
-    } else {
-        put_ack(out, UNSUBACK, packet_id);
-    }
-}
-
-fn put_remaining_packet(out: &mut BytesMut, kind: u8, packet_id: u16, codes: &[u8], v5: bool) {
-    out.put_u8(kind << 4);
-    put_remaining(out, 2 + usize::from(v5) + codes.len());
-    out.put_u16(packet_id);
-    if v5 {
-        out.put_u8(0);
-    }
-    out.put_slice(codes);
 }
 
 #[cfg(test)]
