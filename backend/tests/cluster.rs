@@ -321,7 +321,15 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     agent.wait_line("persona=pip").await;
     agent.button("persona press").await;
-    let line = agent.wait_line("persona=").await;
+    // The press's answer is the first persona other than pip: the state just set may arrive
+    // once more first (a QoS 1 retained state; seen in CI and under load, 170 ms after the
+    // first copy, before the owner had handled the press). A stale owner answers sage.
+    let line = loop {
+        let line = agent.wait_line("persona=").await;
+        if !line.contains("persona=pip") {
+            break line;
+        }
+    };
     assert!(
         line.contains("persona=aria"),
         "{victim_name} cycled from a stale persona: {line}"
