@@ -249,26 +249,9 @@ pub(super) fn device_value(d: &DeviceView) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Field, RuleSet, DEFAULT_RULES};
+    use super::super::tests::{button, personas};
+    use super::super::{RuleSet, DEFAULT_RULES};
     use super::*;
-    use crate::personas::PersonaSet;
-    use companion_schema::{DeviceId, Topic, TopicKind};
-
-    fn personas() -> PersonaSet {
-        PersonaSet::load(None, "aria").unwrap()
-    }
-
-    fn button(name: &str, action: &str) -> RuleEvent {
-        RuleEvent {
-            kind: EventKind::Button,
-            topic: Topic::new(DeviceId::parse("pi-1").unwrap(), TopicKind::Button),
-            fields: vec![
-                ("button", Field::Text(name.into())),
-                ("action", Field::Text(action.into())),
-                ("seq", Field::Int(1)),
-            ],
-        }
-    }
 
     #[test]
     fn only_the_event_fields_conditions_name_are_built_and_any_other_use_builds_all() {

@@ -392,11 +392,11 @@ mod tests {
     use super::*;
     use companion_schema::{DeviceId, Topic, TopicKind};
 
-    fn personas() -> PersonaSet {
+    pub(super) fn personas() -> PersonaSet {
         PersonaSet::load(None, "aria").unwrap()
     }
 
-    fn button(name: &str, action: &str) -> RuleEvent {
+    pub(super) fn button(name: &str, action: &str) -> RuleEvent {
         RuleEvent {
             kind: EventKind::Button,
             topic: Topic::new(DeviceId::parse("pi-1").unwrap(), TopicKind::Button),
