@@ -98,8 +98,19 @@ async fn failed_login(
     client_id: &str,
     tally: &LoginTally,
 ) {
+    failed_login_from(LOGINS_FROM, to, tls, client_id, tally).await
+}
+
+/// One failed login over TLS from `source`.
+async fn failed_login_from(
+    source: &str,
+    to: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    client_id: &str,
+    tally: &LoginTally,
+) {
     let attempt = async {
-        let tcp = connect_from(LOGINS_FROM, to).await.ok()?;
+        let tcp = connect_from(source, to).await.ok()?;
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let mut stream = tls.connect(name, tcp).await.ok()?;
         stream
@@ -159,6 +170,10 @@ async fn status(app: &TestApp, path: &str) -> u16 {
     resp.status().as_u16()
 }
 
+/// The tests of this file one at a time: the server runs in the test process, and one test
+/// reads that process's memory.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Connects the device again and again from 127.0.0.1 until `done` (and at least 5 times);
 /// how long each CONNACK took.
 async fn keep_connecting(
@@ -180,6 +195,7 @@ async fn keep_connecting(
 }
 
 async fn an_abusive_attacker_neither_locks_devices_out_nor_floods_the_audit_log(kind: DbKind) {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Some(app) = TestApp::start_with(kind, |s| {
         s.mqtt.max_connections = MAX_CONNECTIONS;
         s.mqtt.max_pending_per_ip = PENDING_PER_IP;
@@ -358,7 +374,10 @@ async fn an_abusive_attacker_neither_locks_devices_out_nor_floods_the_audit_log(
             "a secret in the audit: {text}"
         );
     }
-    assert_eq!(metric(&app, "backend_broker_events_dropped").await, 0.0);
+    assert_eq!(
+        metric(&app, "backend_broker_events_dropped_total").await,
+        0.0
+    );
     eprintln!(
         "attack of {attack:?}: {FAILED_LOGINS} failed logins ({refused} refused by CONNACK, \
          {closed} closed before one; {looked_up} reached the authenticator), {} audit rows \
@@ -390,6 +409,7 @@ on_both_databases!(an_abusive_attacker_neither_locks_devices_out_nor_floods_the_
 /// At shutdown the summaries of open windows are written, so no refused attempt goes
 /// uncounted in the audit log.
 async fn refused_logins_still_counted_are_written_at_shutdown(kind: DbKind) {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Some(app) = TestApp::start_with(kind, |s| {
         s.mqtt.auth_failure_window_s = 3_600;
     })
@@ -434,3 +454,231 @@ async fn refused_logins_still_counted_are_written_at_shutdown(kind: DbKind) {
     app.stop().await;
 }
 on_both_databases!(refused_logins_still_counted_are_written_at_shutdown);
+
+/// This process's resident memory (the server runs in it), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// Addresses of a distributed attacker: `127.0.<net>.1` … `127.0.<net>.<n>`.
+fn addresses(net: u8, n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("127.0.{net}.{i}")).collect()
+}
+
+const SPREAD_ADDRESSES: usize = 100;
+/// Slow sockets per address: 600 in all, each address under its pending cap (100), all of
+/// them under the global one (1,024): every one is admitted and must be reaped by a timeout.
+const SLOW_PER_ADDRESS: usize = 6;
+/// Failed logins per address: 1,500 in all, each address under the failed-login block (20),
+/// so every one reaches the authenticator.
+const LOGINS_PER_ADDRESS: usize = 15;
+const REAP_AFTER: Duration = Duration::from_millis(1_500);
+
+/// The attack spread over 200 addresses, each under every per-address limit, on the shipped
+/// defaults but for shorter handshake and CONNECT timeouts: the held sockets are closed by
+/// the server when their timeouts run out (not by the attacker), every failed login is
+/// counted and audited in rows bounded by the addresses rather than the attempts, the
+/// registered device connects within a second throughout, and memory stays bounded.
+async fn a_distributed_attacker_is_timed_out_and_summed_up(kind: DbKind) {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(app) = TestApp::start_with(kind, |s| {
+        s.mqtt.tls_handshake_timeout_ms = REAP_AFTER.as_millis() as u64;
+        s.mqtt.connect_timeout_ms = REAP_AFTER.as_millis() as u64;
+        s.mqtt.auth_failure_window_s = WINDOW_S;
+    })
+    .await
+    else {
+        return;
+    };
+    let (device, token) = app.register("legit").await;
+    let (victim, _) = app.register("victim").await;
+    Client::connect(app.device_tls(&device, &token))
+        .await
+        .expect("the device connects before the attack");
+    let rss_before = rss_kib();
+    let done = Arc::new(AtomicBool::new(false));
+    let legit_loop = tokio::spawn(keep_connecting(
+        app.device_tls(&device, &token),
+        done.clone(),
+    ));
+
+    // Slow sockets from 100 addresses: idle, half a ClientHello, a whole one.
+    let hello = client_hello(app.client_tls());
+    let mut slow = Vec::new();
+    for (a, source) in addresses(1, SPREAD_ADDRESSES).iter().enumerate() {
+        for i in 0..SLOW_PER_ADDRESS {
+            let mut s = connect_from(source, app.mqtts).await.expect("admitted");
+            let part = match (a + i) % 3 {
+                0 => 0,
+                1 => hello.len() / 2,
+                _ => hello.len(),
+            };
+            s.write_all(&hello[..part]).await.unwrap();
+            slow.push(s);
+        }
+    }
+    let held = slow.len();
+
+    // Failed logins from 100 other addresses, 16 at a time.
+    let tally = Arc::new(LoginTally::default());
+    let next = Arc::new(AtomicUsize::new(0));
+    let sources = Arc::new(addresses(2, SPREAD_ADDRESSES));
+    let connector = tokio_rustls::TlsConnector::from(app.client_tls());
+    let total = SPREAD_ADDRESSES * LOGINS_PER_ADDRESS;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (tally, next, connector, sources) = (
+            tally.clone(),
+            next.clone(),
+            connector.clone(),
+            sources.clone(),
+        );
+        let (to, victim) = (app.mqtts, victim.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                let source = &sources[i % SPREAD_ADDRESSES];
+                let id = if i % 2 == 0 {
+                    victim.clone()
+                } else {
+                    format!("ghost-{i}")
+                };
+                failed_login_from(source, to, connector.clone(), &id, &tally).await;
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let attack = started.elapsed();
+    let tally = Arc::into_inner(tally).unwrap();
+    assert_eq!(
+        tally.accepted.into_inner(),
+        0,
+        "no wrong credential accepted"
+    );
+    assert_eq!(
+        tally.refused.into_inner(),
+        total,
+        "each address stayed under the block: every login answered by CONNACK"
+    );
+
+    // The server, not the attacker, closes the held sockets when their timeouts run out.
+    let reaped = Instant::now();
+    let closed = futures::future::join_all(slow.iter_mut().map(|s| async move {
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // the ServerHello for a whole ClientHello
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }))
+    .await;
+    let open = closed.iter().filter(|c| !**c).count();
+    assert_eq!(
+        open, 0,
+        "{open} of {held} held sockets left open by the server"
+    );
+    let reap_took = reaped.elapsed();
+    // A socket silent or stopped inside its handshake is a TLS handshake timeout; one that
+    // finished it and sent no CONNECT, a connect timeout.
+    let handshakes = metric(
+        &app,
+        "broker_tls_handshake_failures_total{reason=\"timeout\"}",
+    )
+    .await;
+    let connects = metric(&app, "broker_connects_total{result=\"timeout\"}").await;
+    assert!(
+        handshakes + connects >= held as f64,
+        "{handshakes} handshake and {connects} CONNECT timeouts for {held} held sockets"
+    );
+    done.store(true, Ordering::Relaxed);
+    let tries = legit_loop.await.unwrap();
+    // Nothing left pending once the device's last connect is through (the held sockets'
+    // slots were given back when the server closed them).
+    assert_eq!(metric(&app, "broker_pending_connections").await, 0.0);
+    let slowest = tries
+        .iter()
+        .map(|t| match t {
+            Ok(took) => *took,
+            Err(e) => panic!("the device was refused under attack: {e}"),
+        })
+        .max()
+        .unwrap();
+    assert!(
+        slowest < LEGIT_CONNACK_WITHIN,
+        "the device's CONNACK took {slowest:?} under attack: {tries:?}"
+    );
+
+    // Every attempt counted once; the audit's rows sum to them, at most a first row and a
+    // summary per address, reason and window.
+    let counted = auth_failures(&app).await;
+    assert_eq!(counted, total as f64, "every attempt counted once");
+    let deadline = tokio::time::Instant::now() + DEADLINE + Duration::from_secs(2 * WINDOW_S);
+    let rows = loop {
+        let rows: Vec<Value> = app
+            .audit("mqtt.connect")
+            .await
+            .into_iter()
+            .filter(|r| {
+                r["remote_addr"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.0.2."))
+            })
+            .collect();
+        let sum: u64 = rows.iter().map(attempts_in).sum();
+        if sum == total as u64 {
+            break rows;
+        }
+        assert!(
+            sum < total as u64 && tokio::time::Instant::now() < deadline,
+            "the audit counts {sum} attempts, the broker refused {total}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let windows = attack.as_secs() / WINDOW_S + 2;
+    assert!(
+        rows.len() as u64 <= 2 * 2 * SPREAD_ADDRESSES as u64 * windows,
+        "{} audit rows for {total} attempts over {attack:?}",
+        rows.len()
+    );
+    assert!(
+        rows.len() < total / 2,
+        "{} rows for {total} attempts",
+        rows.len()
+    );
+
+    // Bounded: the tables hold the addresses, and memory does not grow with the attempts.
+    assert!(metric(&app, "broker_auth_throttle_addresses").await <= SPREAD_ADDRESSES as f64);
+    let rss_after = rss_kib();
+    let grew = rss_after.saturating_sub(rss_before);
+    assert!(
+        grew < 64 * 1024,
+        "memory grew by {grew} KiB over {held} held sockets and {total} failed logins"
+    );
+    eprintln!(
+        "distributed attack: {held} slow sockets from {SPREAD_ADDRESSES} addresses all closed by \
+         the server {reap_took:?} after the logins ended; {total} failed logins from \
+         {SPREAD_ADDRESSES} addresses in {attack:?}, {} audit rows; the device's slowest \
+         CONNACK of {} was {slowest:?}; RSS {rss_before} -> {rss_after} KiB",
+        rows.len(),
+        tries.len(),
+    );
+    assert_eq!(status(&app, "/ready").await, 200);
+    app.stop().await;
+}
+on_both_databases!(a_distributed_attacker_is_timed_out_and_summed_up);

@@ -40,7 +40,7 @@ fn config_dir() -> PathBuf {
 
 /// The schemathesis binary, or `None` (skip) outside CI when there is none.
 fn schemathesis_binary() -> Option<PathBuf> {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let ci = common::in_ci();
     if let Some(path) = std::env::var_os("SCHEMATHESIS") {
         let path = PathBuf::from(path);
         assert!(

@@ -10,7 +10,7 @@ mod voice_fake;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::agent::Agent;
 use common::{companion_command, fresh_pg_database, run_to_exit, ServerProcess};
@@ -190,7 +190,22 @@ async fn stored_seqs(node: &Node) -> HashMap<String, u64> {
             .await
             .unwrap();
         assert_eq!(check, "ok", "SQLite integrity_check after kill -9");
+        let orphans: Vec<(String,)> = sqlx::query_as("PRAGMA foreign_key_check")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert!(orphans.is_empty(), "rows without their device: {orphans:?}");
     }
+    // Both databases: no registration half written (every device has its token, so it can
+    // come back), every device row readable whole.
+    let tokenless: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM devices d LEFT JOIN device_tokens t ON t.device_id = d.device_id \
+         WHERE t.device_id IS NULL",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(tokenless, 0, "devices registered without a token");
     let rows: Vec<(String, i64)> = sqlx::query_as("SELECT device_id, seq FROM telemetry_latest")
         .fetch_all(&mut conn)
         .await
@@ -297,12 +312,17 @@ async fn kill_9_loses_nothing_acknowledged(db: Db) {
     // The agent comes back by itself and talks again: its half-finished utterance did not
     // leave it (or the server) stuck.
     agent.wait_line("connected").await;
-    // The utterance the kill interrupted ends: the new server answers what reached it of it
-    // (`idle`), or, when nothing of it did, the agent gives up waiting for the reply (its
-    // error blink).
-    agent
+    // The utterance the kill interrupted ends, and the new server says so: `idle` (it
+    // answered what reached it of the utterance, or a stop for a session it never opened,
+    // "unknown session"), or its error LED, #ff2828 (what reached it could not be answered).
+    let back = Instant::now();
+    let ended = agent
         .wait_line_with(&["state=Idle", "Blink #ff2828"], &mut server)
         .await;
+    eprintln!(
+        "the interrupted utterance ended {:.1?} after the agent reconnected: {ended}",
+        back.elapsed()
+    );
     agent.button("talk press").await;
     agent.wait_line("listening").await;
     let line = agent

@@ -230,14 +230,8 @@ impl Api {
     }
 }
 
-/// The value of the sample line that starts with `name` (0 when absent: a family with no
-/// samples yet).
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .or_else(|| text.lines().find(|l| l.starts_with(name)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    common::sample(text, name)
 }
 
 async fn a_60_s_black_hole_loses_no_telemetry(db: Db) {

@@ -123,12 +123,14 @@ async fn the_last_will_is_delivered_when_the_device_socket_dies() {
 }
 
 async fn assert_refused(app: &TestApp, id: &str, user: &str, token: &str, reason: DenyReason) {
+    let expected = match reason {
+        DenyReason::Unavailable | DenyReason::Throttled => ConnectReturnCode::ServiceUnavailable,
+        _ => ConnectReturnCode::NotAuthorized,
+    };
     let mut o = app.device_tls(id, token);
     o.set_credentials(user, token);
     match Client::connect(o).await {
-        Err(ConnectionError::ConnectionRefused(code)) => {
-            assert_eq!(code, ConnectReturnCode::NotAuthorized)
-        }
+        Err(ConnectionError::ConnectionRefused(code)) => assert_eq!(code, expected),
         Err(other) => panic!("expected a CONNACK refusal, got {other:?}"),
         Ok(_) => panic!("connection accepted"),
     }
@@ -175,13 +177,29 @@ async fn a_disabled_device_is_refused() {
 }
 
 #[tokio::test]
-async fn a_refused_mqtt_5_client_gets_reason_code_0x87() {
-    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code5;
+async fn credentials_that_cannot_be_checked_are_refused_with_server_unavailable() {
+    // Not "not authorized": the device's token may be fine, and it should try again later.
+    let app = TestApp::start().await;
+    assert_refused(
+        &app,
+        UNREACHABLE,
+        UNREACHABLE,
+        "any",
+        DenyReason::Unavailable,
+    )
+    .await;
+}
+
+/// The reason code an MQTT 5 client `id` with `token` is refused with.
+async fn v5_refusal(
+    app: &TestApp,
+    id: &str,
+    token: &str,
+) -> rumqttc::v5::mqttbytes::v5::ConnectReturnCode {
     use rumqttc::v5::{AsyncClient, ConnectionError as Error5, MqttOptions};
 
-    let app = TestApp::start().await;
-    let mut o = MqttOptions::new("a", "127.0.0.1", app.plain.port());
-    o.set_credentials("a", "wrong");
+    let mut o = MqttOptions::new(id, "127.0.0.1", app.plain.port());
+    o.set_credentials(id, token);
     let (_client, mut el) = AsyncClient::new(o, 16);
     let err = tokio::time::timeout(DEADLINE, async {
         loop {
@@ -192,9 +210,26 @@ async fn a_refused_mqtt_5_client_gets_reason_code_0x87() {
     })
     .await
     .unwrap();
-    assert!(
-        matches!(err, Error5::ConnectionRefused(Code5::NotAuthorized)),
-        "{err:?}"
+    match err {
+        Error5::ConnectionRefused(code) => code,
+        other => panic!("expected a CONNACK refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_refused_mqtt_5_client_gets_reason_code_0x87() {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code5;
+    let app = TestApp::start().await;
+    assert_eq!(v5_refusal(&app, "a", "wrong").await, Code5::NotAuthorized);
+}
+
+#[tokio::test]
+async fn an_unanswered_mqtt_5_login_gets_reason_code_0x88() {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code5;
+    let app = TestApp::start().await;
+    assert_eq!(
+        v5_refusal(&app, UNREACHABLE, "any").await,
+        Code5::ServerUnavailable
     );
 }
 

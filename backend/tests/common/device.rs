@@ -162,9 +162,7 @@ pub async fn metric(app: &TestApp, sample: &str) -> f64 {
         .text()
         .await
         .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
+    super::sample(&text, sample)
 }
 
 /// Waits until `f` is true, polling the server, with a deadline.

@@ -21,13 +21,49 @@ pub fn pg_admin_url() -> Option<String> {
     match std::env::var("DATABASE_URL") {
         Ok(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Some(url),
         _ => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true but DATABASE_URL is not a postgres:// URL: PostgreSQL tests are required in CI");
+            if in_ci() {
+                panic!("CI is set but DATABASE_URL is not a postgres:// URL: PostgreSQL tests are required in CI");
             }
             eprintln!("skipping PostgreSQL test: DATABASE_URL is not a postgres:// URL");
             None
         }
     }
+}
+
+/// The value of the sample `name` (with its labels, if any: `foo_total{kind="x"}`) in a
+/// Prometheus text exposition. 0 when its family is declared but has no such sample yet (a
+/// label set never counted); a name no family declares fails the test, so a misspelt metric
+/// cannot pass as zero.
+pub fn sample(text: &str, name: &str) -> f64 {
+    if let Some(v) = text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+    {
+        return v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: not a number: {v:?}"));
+    }
+    let base = name.split('{').next().unwrap_or(name);
+    let family = ["_total", "_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| base.strip_suffix(s))
+        .unwrap_or(base);
+    let declared = |f: &str| {
+        text.lines()
+            .any(|l| l.strip_prefix("# TYPE ").and_then(|t| t.split(' ').next()) == Some(f))
+    };
+    assert!(
+        declared(family) || declared(base),
+        "no metric family declares {name:?} in /metrics"
+    );
+    0.0
+}
+
+/// Whether the tests run in CI (`CI` set to anything but empty, `0` or `false`), where
+/// a missing dependency fails a test instead of skipping it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
 }
 
 /// Creates a fresh, uniquely named database and returns its URL.

@@ -15,7 +15,7 @@ use crate::acl;
 use crate::auth::{AuthDecision, AuthRequest, DenyReason};
 use crate::events::AclAction;
 use crate::metrics::result;
-use crate::packet::{self, ConnectInfo, PacketError};
+use crate::packet::{self, ConnectInfo, PacketError, Refusal};
 use crate::RESERVED_CLIENT_ID_PREFIX;
 
 /// Bound on writing a refusal before the socket is closed anyway.
@@ -76,7 +76,12 @@ pub(super) async fn run<S>(
         Ok(device) => device,
         Err(reason) => {
             edge.login_refused(&connect.client_id, peer, reason);
-            refuse(&mut writer, connect.v5()).await;
+            let why = match reason {
+                DenyReason::Unavailable => Refusal::Unavailable,
+                DenyReason::Throttled => Refusal::RateExceeded,
+                _ => Refusal::NotAuthorized,
+            };
+            refuse(&mut writer, connect.v5(), why).await;
             return;
         }
     };
@@ -86,7 +91,7 @@ pub(super) async fn run<S>(
         if acl::may_publish(&device, topic).is_none() {
             edge.count_connect(result::ACL_DENIED);
             edge.acl_denied(&device, AclAction::Will, topic);
-            refuse(&mut writer, connect.v5()).await;
+            refuse(&mut writer, connect.v5(), Refusal::NotAuthorized).await;
             return;
         }
     }
@@ -133,10 +138,10 @@ async fn authenticate(
     }
 }
 
-/// Answers CONNACK "not authorized" and closes.
-async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, v5: bool) {
+/// Answers a refusing CONNACK and closes.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, v5: bool, why: Refusal) {
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
-        stream.write_all(&packet::connack_refusal(v5)).await?;
+        stream.write_all(&packet::connack_refusal(v5, why)).await?;
         stream.flush().await?;
         stream.shutdown().await
     })

@@ -8,12 +8,33 @@ use super::{reason, DISCONNECT, PUBACK, PUBLISH, PUBREL, SUBACK, UNSUBACK};
 /// The answer to PINGREQ (the same in 3.1.1 and 5).
 pub const PINGRESP: [u8; 2] = [0xD0, 0x00];
 
-/// A CONNACK refusing the connection: 3.1.1 "not authorized" (0x05) or 5 "not authorized" (0x87).
-pub fn connack_refusal(v5: bool) -> Bytes {
+/// Why a CONNECT is refused, as the device is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wrong or unknown credentials, a disabled device, a Will outside its topics: 3.1.1
+    /// "not authorized" (0x05), 5 "not authorized" (0x87).
+    NotAuthorized,
+    /// The credentials could not be checked (the registry did not answer): try again later.
+    /// 3.1.1 "server unavailable" (0x03), 5 "server unavailable" (0x88).
+    Unavailable,
+    /// The source address is blocked after failed logins: 3.1.1 "server unavailable"
+    /// (0x03, it has nothing closer), 5 "connection rate exceeded" (0x9F).
+    RateExceeded,
+}
+
+/// A CONNACK refusing the connection.
+pub fn connack_refusal(v5: bool, why: Refusal) -> Bytes {
+    let code = match (v5, why) {
+        (true, Refusal::NotAuthorized) => reason::NOT_AUTHORIZED,
+        (true, Refusal::Unavailable) => reason::SERVER_UNAVAILABLE,
+        (true, Refusal::RateExceeded) => reason::CONNECTION_RATE_EXCEEDED,
+        (false, Refusal::NotAuthorized) => reason::V4_NOT_AUTHORIZED,
+        (false, Refusal::Unavailable | Refusal::RateExceeded) => reason::V4_SERVER_UNAVAILABLE,
+    };
     if v5 {
-        Bytes::from_static(&[0x20, 0x03, 0x00, reason::NOT_AUTHORIZED, 0x00])
+        Bytes::copy_from_slice(&[0x20, 0x03, 0x00, code, 0x00])
     } else {
-        Bytes::from_static(&[0x20, 0x02, 0x00, reason::V4_NOT_AUTHORIZED])
+        Bytes::copy_from_slice(&[0x20, 0x02, 0x00, code])
     }
 }
 

@@ -10,7 +10,7 @@ use rumqttd::protocol::{self, Packet, Protocol};
 mod encode;
 pub use encode::{
     connack_refusal, disconnect_v5, puback_dropped, put_ack, put_publish, put_suback, put_unsuback,
-    PINGRESP,
+    Refusal, PINGRESP,
 };
 
 pub const CONNECT: u8 = 1;
@@ -30,6 +30,8 @@ pub const DISCONNECT: u8 = 14;
 /// MQTT 5 reason codes the edge sends.
 pub mod reason {
     pub const NOT_AUTHORIZED: u8 = 0x87;
+    pub const SERVER_UNAVAILABLE: u8 = 0x88;
+    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
     pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     pub const SESSION_TAKEN_OVER: u8 = 0x8E;
@@ -40,6 +42,8 @@ pub mod reason {
     pub const PROTOCOL_ERROR: u8 = 0x82;
     /// MQTT 3.1.1 CONNACK return code "not authorized".
     pub const V4_NOT_AUTHORIZED: u8 = 0x05;
+    /// MQTT 3.1.1 CONNACK return code "server unavailable".
+    pub const V4_SERVER_UNAVAILABLE: u8 = 0x03;
 }
 
 /// Why bytes are not a valid MQTT packet.
@@ -434,6 +438,21 @@ pub fn connect(frame: &Bytes, max_len: usize) -> Result<ConnectInfo, PacketError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_tells_the_device_why() {
+        let cases = [
+            (false, Refusal::NotAuthorized, &[0x20, 2, 0, 0x05][..]),
+            (false, Refusal::Unavailable, &[0x20, 2, 0, 0x03][..]),
+            (false, Refusal::RateExceeded, &[0x20, 2, 0, 0x03][..]),
+            (true, Refusal::NotAuthorized, &[0x20, 3, 0, 0x87, 0][..]),
+            (true, Refusal::Unavailable, &[0x20, 3, 0, 0x88, 0][..]),
+            (true, Refusal::RateExceeded, &[0x20, 3, 0, 0x9F, 0][..]),
+        ];
+        for (v5, why, bytes) in cases {
+            assert_eq!(&connack_refusal(v5, why)[..], bytes, "{why:?}, v5 {v5}");
+        }
+    }
 
     fn frame(bytes: &[u8]) -> (Header, Bytes) {
         let mut buf = BytesMut::from(bytes);

@@ -27,9 +27,16 @@ pub struct StaticAuth {
     pub disabled: HashSet<String>,
 }
 
+/// The device whose credentials cannot be checked: the authenticator answers "unavailable".
+pub const UNREACHABLE: &str = "unreachable";
+
 #[async_trait::async_trait]
 impl Authenticator for StaticAuth {
     async fn authenticate(&self, req: &AuthRequest<'_>) -> AuthDecision {
+        if req.username == UNREACHABLE {
+            // A registry that did not answer.
+            return AuthDecision::Deny(DenyReason::Unavailable);
+        }
         let Some(token) = self.tokens.get(req.username) else {
             return AuthDecision::Deny(DenyReason::UnknownDevice);
         };
