@@ -229,6 +229,8 @@ struct Presence {
     change: PresenceChange,
 }
 
+const REPORTED_OFFLINE: &str = companion_broker::DisconnectReason::ReportedOffline.as_str();
+
 enum PresenceChange {
     /// `peer`: the device's address, unknown on an external broker.
     Online {
@@ -252,6 +254,20 @@ impl Presence {
             .bind(self.device.as_str())
             .bind(self.at_ms)
             .bind(peer.as_deref())
+            .execute(db.pool())
+            .await
+            .map(drop),
+            // A status saying offline may be news or an old retained one (this replica did
+            // not see the device go online: another had it): it ends an online row, and
+            // leaves an offline one, and its time, alone.
+            PresenceChange::Offline { reason } if *reason == REPORTED_OFFLINE => sqlx::query(
+                "UPDATE presence SET online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
+                    last_disconnect_reason = $3, connected_since_ms = NULL
+                 WHERE device_id = $1 AND online = 1",
+            )
+            .bind(self.device.as_str())
+            .bind(self.at_ms)
+            .bind(*reason)
             .execute(db.pool())
             .await
             .map(drop),
@@ -451,12 +467,13 @@ async fn write_presence(
 /// per change into the same writer as the edge's events.
 pub struct StatusPresence<I> {
     inner: I,
-    sink: Arc<ChannelSink>,
+    sink: Arc<dyn EventSink>,
+    /// Devices whose last status seen here said online.
     online: Mutex<std::collections::HashSet<DeviceId>>,
 }
 
 impl<I> StatusPresence<I> {
-    pub fn new(inner: I, sink: Arc<ChannelSink>) -> Self {
+    pub fn new(inner: I, sink: Arc<dyn EventSink>) -> Self {
         Self {
             inner,
             sink,
@@ -493,12 +510,16 @@ impl<I> StatusPresence<I> {
     fn note(&self, device: &DeviceId, payload: &companion_schema::Payload) {
         if let companion_schema::Payload::Status(s) = payload {
             // A retained status comes again after every reconnect of the backend: only
-            // changes count.
+            // changes to online count. Every offline status counts: what this replica last
+            // saw may be stale (the device went online while another replica owned it, or
+            // before this one started), and its presence would stay online for good. Its
+            // write changes only a row that says online.
             let changed = self.online.lock().is_ok_and(|mut set| {
                 if s.online {
                     set.insert(device.clone())
                 } else {
-                    set.remove(device)
+                    set.remove(device);
+                    true
                 }
             });
             if changed {
@@ -524,6 +545,113 @@ mod tests {
     use super::*;
     use crate::registry::model::{DeviceName, DeviceType};
     use crate::registry::{DeviceStore, NewDevice};
+
+    /// Collects what a [`StatusPresence`] reports.
+    #[derive(Default)]
+    struct Events(std::sync::Mutex<Vec<BrokerEvent>>);
+
+    impl EventSink for Events {
+        fn send(&self, event: BrokerEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    struct Nobody;
+
+    impl crate::bus::Inbox for Nobody {
+        fn deliver(&self, _: &DeviceId, _: companion_schema::Payload, _: std::time::Instant) {}
+        fn replay(&self, _: &DeviceId, _: Vec<(companion_schema::Payload, std::time::Instant)>) {}
+    }
+
+    fn status(online: bool) -> companion_schema::Payload {
+        companion_schema::Payload::Status(companion_schema::Status {
+            v: companion_schema::SCHEMA_VERSION,
+            online,
+            agent_version: "test".into(),
+            boot_id: "b".into(),
+            ts_ms: 1,
+        })
+    }
+
+    /// A replica that takes a device over (or starts) after it went online never saw that
+    /// status: its Will must still end the device's presence. Repeated online statuses (the
+    /// retained one after each reconnect of the backend) are reported once.
+    #[test]
+    fn an_offline_status_counts_even_from_a_device_not_seen_online_here() {
+        use crate::bus::Inbox;
+        let events = Arc::new(Events::default());
+        let presence = StatusPresence::new(Nobody, events.clone());
+        let device = DeviceId::parse("dev-1").unwrap();
+        let now = std::time::Instant::now();
+        presence.replay(&device, vec![(status(false), now)]);
+        presence.deliver(&device, status(true), now);
+        presence.deliver(&device, status(true), now);
+        presence.deliver(&device, status(false), now);
+        let got: Vec<&'static str> = events
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| match e {
+                BrokerEvent::Connected { .. } => "online",
+                BrokerEvent::Disconnected { .. } => "offline",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(got, ["offline", "online", "offline"]);
+    }
+
+    /// An offline status ends an online row, and leaves an offline one (and the time it went
+    /// offline) as it was: a retained one comes again after every reconnect.
+    #[tokio::test]
+    async fn a_reported_offline_changes_only_an_online_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::settings::Settings {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
+        let db = Db::connect(&settings).await.unwrap();
+        db.migrate().await.unwrap();
+        let (device, _) = DeviceStore::new(db.clone())
+            .create(&NewDevice {
+                device_id: None,
+                name: DeviceName::parse("Away").unwrap(),
+                device_type: DeviceType::Simulated,
+                capabilities: Default::default(),
+            })
+            .await
+            .unwrap();
+        let id = device.device_id.clone();
+        let change = |at_ms, change| Presence {
+            device: id.clone(),
+            at_ms,
+            change,
+        };
+        let row = || async {
+            sqlx::query_as::<_, (i64, Option<i64>)>(
+                "SELECT online, last_disconnect_ms FROM presence WHERE device_id = $1",
+            )
+            .bind(id.as_str())
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+        };
+        let offline = || PresenceChange::Offline {
+            reason: REPORTED_OFFLINE,
+        };
+        change(1, PresenceChange::Online { peer: None })
+            .write(&db)
+            .await
+            .unwrap();
+        change(2, offline()).write(&db).await.unwrap();
+        assert_eq!(row().await, (0, Some(2)));
+        change(3, offline()).write(&db).await.unwrap();
+        assert_eq!(
+            row().await,
+            (0, Some(2)),
+            "a repeated offline changed nothing"
+        );
+    }
 
     /// A presence change of a device deleted meanwhile used to fail on the foreign key, be
     /// kept for a retry that could never succeed, and hold every later change behind it.

@@ -41,6 +41,15 @@ mod ownership;
 
 pub use ownership::{Claim, Ownership};
 
+/// The replica among `replicas` that `device` hashes to: where rebalancing moves it once
+/// every one of them is settled and receiving (operators and tests can predict placement).
+pub fn preferred_replica<'a>(replicas: &'a [String], device: &DeviceId) -> Option<&'a String> {
+    replicas.iter().find(|r| {
+        let others = replicas.iter().filter(|o| o != r);
+        ownership::preferred(r, others, device)
+    })
+}
+
 /// The PostgreSQL channel announcing device changes: payload `<replica id> <device id>`.
 pub const CHANNEL: &str = "companion_devices";
 
