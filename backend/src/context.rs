@@ -156,6 +156,23 @@ impl ApiContext {
         let Some(api) = &self.broker_api else {
             return Kick::NotConnected;
         };
+        // The other replicas' hooks may take the old credentials for as long as they keep
+        // their answer: a device kicked now could be back in on them, for good. Once every
+        // such answer has expired, whatever is connected under this name is closed again (a
+        // device back with its new token meanwhile reconnects once more).
+        let (again, who) = (api.clone(), device.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::mqtt_hook::CACHE_TTL + Duration::from_millis(250)).await;
+            match again.disconnect(&who).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(device_id = %who, connections = n, "closed a connection made while the old credentials were still cached")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, device_id = %who, "the second kick on the external broker failed")
+                }
+            }
+        });
         match api.disconnect(device).await {
             Ok(0) => Kick::NotConnected,
             Ok(_) => Kick::Kicked,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::Agent;
-use common::rabbitmq::{self, RabbitMq};
+use common::rabbitmq::{self, mosquitto_pub, MosquittoSub, RabbitMq};
 use common::{companion_command, fresh_pg_database, ServerProcess};
 use companion_schema::*;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -25,9 +25,33 @@ const DEVICES: usize = 12;
 const ADMIN: &str = "cluster-test-admin-token-0123456789";
 /// Lease and heartbeat of the replicas (the defaults).
 const LEASE: Duration = Duration::from_secs(3);
+/// A registry change on one replica is refused by the other's hook within its 1 s cache
+/// (and the time a request takes).
+const REVOKED_WITHIN: Duration = Duration::from_millis(1_500);
 
-fn replica(dir: &Path, name: &str, pg: &str, broker_port: u16) -> tokio::process::Command {
+/// Replica `name`'s command: its broker is node 1 or 2 (`broker_port`); kicks go to node 1's
+/// management API on `management` (one API serves the whole cluster).
+fn replica(
+    dir: &Path,
+    name: &str,
+    pg: &str,
+    broker_port: u16,
+    management: u16,
+) -> tokio::process::Command {
     let mut cmd = companion_command(dir);
+    cmd.env("COMPANION_MQTT_HOOK__BROKER_API", "rabbitmq")
+        .env(
+            "COMPANION_MQTT_HOOK__BROKER_API_URL",
+            format!("http://127.0.0.1:{management}"),
+        )
+        .env(
+            "COMPANION_MQTT_HOOK__BROKER_API_USERNAME",
+            rabbitmq::BACKEND_USER,
+        )
+        .env(
+            "COMPANION_MQTT_HOOK__BROKER_API_PASSWORD",
+            rabbitmq::BACKEND_PASS,
+        );
     cmd.env("DATABASE_URL", pg)
         .env("COMPANION_ADMIN__TOKEN", ADMIN)
         .env("COMPANION_HTTP__RATE_LIMIT_PER_MINUTE", "1000000")
@@ -193,10 +217,11 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
     let pool = sqlx::PgPool::connect(&pg).await.unwrap();
     let http = reqwest::Client::new();
     let (port1, port2) = (RabbitMq::free_port(), RabbitMq::free_port());
+    let management = RabbitMq::free_port();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut servers = [
-        ServerProcess::start(replica(dir_a.path(), "a", &pg, port1)).await,
-        ServerProcess::start(replica(dir_b.path(), "b", &pg, port2)).await,
+        ServerProcess::start(replica(dir_a.path(), "a", &pg, port1, management)).await,
+        ServerProcess::start(replica(dir_b.path(), "b", &pg, port2, management)).await,
     ];
     let hook = format!(
         "http://{}",
@@ -206,13 +231,7 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
     // Node 1 also takes devices over TLS with replica a's certificate (the agent's way in).
     let tls_port = RabbitMq::free_port();
     let tls_dir = dir_a.path().join("tls");
-    let node1 = RabbitMq::start(
-        &hook,
-        port1,
-        RabbitMq::free_port(),
-        Some((tls_port, &tls_dir)),
-    )
-    .await;
+    let node1 = RabbitMq::start(&hook, port1, management, Some((tls_port, &tls_dir))).await;
     let node2 = RabbitMq::join(&node1, &hook, port2).await;
     eprintln!("two-node cluster up in {:.1?}", booting.elapsed());
     // Both replicas subscribed (each retries with backoff while the nodes boot): a replica
@@ -347,56 +366,9 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
         "{victim_name} cycled from a stale persona: {line}"
     );
 
-    // A rotation through one replica is honoured by the other's hook within its 1 s cache.
-    {
-        let resp = http
-            .post(servers[0].url("/api/v1/devices"))
-            .bearer_auth(ADMIN)
-            .json(&json!({ "name": "rotated", "device_type": "simulated", "capabilities": [] }))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = resp.json().await.unwrap();
-        let id = body["device_id"].as_str().unwrap().to_owned();
-        let old = body["auth_token"].as_str().unwrap().to_owned();
-        let login = |token: String| {
-            let form = [
-                ("username", id.clone()),
-                ("password", token),
-                ("vhost", "/".to_owned()),
-                ("client_id", id.clone()),
-            ];
-            let req = http
-                .post(servers[1].url("/api/v1/mqtt/rabbitmq/user"))
-                .form(&form);
-            async move { req.send().await.unwrap().text().await.unwrap() }
-        };
-        assert!(login(old.clone()).await.starts_with("allow"));
-        let resp = http
-            .post(servers[0].url(&format!("/api/v1/devices/{id}/token")))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let rotated = Instant::now();
-        let new = resp.json::<Value>().await.unwrap()["auth_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        while login(old.clone()).await.starts_with("allow") {
-            assert!(
-                rotated.elapsed() < Duration::from_secs(3),
-                "replica b still takes the rotated token"
-            );
-            tokio::task::yield_now().await;
-        }
-        eprintln!(
-            "rotated on a, refused by b's hook after {} ms",
-            rotated.elapsed().as_millis()
-        );
-        assert!(login(new).await.starts_with("allow"));
-    }
+    // Registry changes made on one replica reach the other's hook within its 1 s credential
+    // cache, and the broker applies them to live connections.
+    registry_changes_reach_every_replica(&http, &servers, &pool, port1, port2).await;
 
     // Rules put on one replica run on the other too (shared through the database).
     {
@@ -540,8 +512,14 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
     } else {
         (dir_b.path(), port2)
     };
-    servers[victim] =
-        ServerProcess::start(replica(victim_dir, &victim_name, &pg, victim_port)).await;
+    servers[victim] = ServerProcess::start(replica(
+        victim_dir,
+        &victim_name,
+        &pg,
+        victim_port,
+        management,
+    ))
+    .await;
     let back = loop {
         let owned = owners(&pool).await;
         let back: Vec<String> = owned
@@ -669,4 +647,177 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
     let _ = agent.child.kill().await;
     drop(node2);
     drop(node1);
+}
+
+/// Registers a device through `server`: its id and token.
+async fn register(http: &reqwest::Client, server: &ServerProcess, name: &str) -> (String, String) {
+    let resp = http
+        .post(server.url("/api/v1/devices"))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "name": name, "device_type": "simulated", "capabilities": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let body: Value = resp.json().await.unwrap();
+    (
+        body["device_id"].as_str().unwrap().to_owned(),
+        body["auth_token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// RabbitMQ's login question (`rabbitmq/user`) for `id` with `token`, put to `server`'s hook:
+/// whether it allows.
+async fn hook_allows(
+    http: &reqwest::Client,
+    server: &ServerProcess,
+    id: &str,
+    token: &str,
+) -> bool {
+    let form = [
+        ("username", id),
+        ("password", token),
+        ("vhost", "/"),
+        ("client_id", id),
+    ];
+    http.post(server.url("/api/v1/mqtt/rabbitmq/user"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .starts_with("allow")
+}
+
+/// Waits until `server`'s hook refuses `id` with `token` after a change made at `since`: how
+/// long it took (the other replica's cached answer lives 1 s).
+async fn refused_within(
+    http: &reqwest::Client,
+    server: &ServerProcess,
+    id: &str,
+    token: &str,
+    since: Instant,
+    what: &str,
+) -> Duration {
+    while hook_allows(http, server, id, token).await {
+        assert!(
+            since.elapsed() < REVOKED_WITHIN,
+            "{what}: the other replica's hook still allows after {:?}",
+            since.elapsed()
+        );
+        tokio::task::yield_now().await;
+    }
+    since.elapsed()
+}
+
+/// Rotation, disabling and deletion made on one replica: refused by the other's hook within
+/// its cache; a rotated device connected through node 2 is disconnected (through node 1's
+/// management API) and its old token refused at node 1, its new one taken. Through the
+/// cluster, a device reads its own topics and not another's (`mosquitto_sub`).
+async fn registry_changes_reach_every_replica(
+    http: &reqwest::Client,
+    servers: &[ServerProcess; 2],
+    pool: &sqlx::PgPool,
+    port1: u16,
+    port2: u16,
+) {
+    let (id, old) = register(http, &servers[0], "rotated").await;
+    let (other, other_token) = register(http, &servers[0], "other").await;
+    // Warm replica b's cache: the change must not be hidden by a cold one.
+    assert!(hook_allows(http, &servers[1], &id, &old).await);
+
+    // A device on node 2 reads its own topics: a persona set through replica b arrives.
+    let own = format!("devices/{id}/persona");
+    let mut sub = MosquittoSub::start(port2, &id, &old, &own);
+    sub.wait_line("received SUBACK").await;
+    let resp = http
+        .put(servers[1].url(&format!("/api/v1/devices/{id}/persona")))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "persona_id": "sage" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    sub.wait_line(&format!("message {own} ")).await;
+    // Another device cannot read them, through either node: refused and audited.
+    for port in [port1, port2] {
+        // RabbitMQ closes the connection; mosquitto_sub would come back and try again.
+        let mut spy = MosquittoSub::start_with(port, &other, &other_token, &own, &["-W", "3"]);
+        let (_, out) = spy.exit(Duration::from_secs(20)).await;
+        assert!(
+            !out.contains("message "),
+            "{other} read {own} through {port}: {out}"
+        );
+    }
+    let denied: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE action = 'mqtt.acl' AND target = $1 AND detail LIKE $2",
+    )
+    .bind(&other)
+    .bind(format!("% {own} (external broker)"))
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(denied >= 2, "{denied} audited refusals of {own} to {other}");
+
+    // Rotated through replica b: the connection on node 2 is closed, and the old token is
+    // refused when it comes back.
+    let resp = http
+        .post(servers[1].url(&format!("/api/v1/devices/{id}/token")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rotated = Instant::now();
+    let new = resp.json::<Value>().await.unwrap()["auth_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, out) = sub.exit(Duration::from_secs(20)).await;
+    eprintln!(
+        "rotated on b: the live connection on node 2 closed and its comeback refused after {:.1?}",
+        rotated.elapsed()
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("Connection Refused"), "{out}");
+    let kicked: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM audit_log WHERE action = 'device.token.rotate' AND target = $1 \
+         AND detail = 'kicked'",
+    )
+    .bind(&id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(kicked, 1, "the rotation kicked the device");
+    let took = refused_within(http, &servers[0], &id, &old, rotated, "rotation").await;
+    eprintln!(
+        "rotated on b, refused by a's hook after {} ms",
+        took.as_millis()
+    );
+    let (code, out) = mosquitto_pub(port1, &id, &old, &format!("devices/{id}/telemetry")).await;
+    assert_ne!(code, 0, "the old token at node 1: {out}");
+    let (code, out) = mosquitto_pub(port1, &id, &new, &format!("devices/{id}/telemetry")).await;
+    assert_eq!(code, 0, "the new token at node 1: {out}");
+
+    // Disabled, and deleted, through replica a: refused by b's hook within its cache.
+    for change in ["disable", "delete"] {
+        let (id, token) = register(http, &servers[0], change).await;
+        assert!(hook_allows(http, &servers[1], &id, &token).await);
+        let req = match change {
+            "disable" => http
+                .patch(servers[0].url(&format!("/api/v1/devices/{id}")))
+                .json(&json!({ "enabled": false })),
+            _ => http.delete(servers[0].url(&format!("/api/v1/devices/{id}"))),
+        };
+        let resp = req.bearer_auth(ADMIN).send().await.unwrap();
+        assert!(resp.status().is_success(), "{change}: {}", resp.status());
+        let at = Instant::now();
+        let took = refused_within(http, &servers[1], &id, &token, at, change).await;
+        eprintln!(
+            "{change}d on a, refused by b's hook after {} ms",
+            took.as_millis()
+        );
+    }
 }

@@ -511,6 +511,23 @@ async fn kicks_go_to_the_emqx_management_api() {
         .wait_audit("device.token.rotate", |r| r["target"] == id.as_str())
         .await;
     assert_eq!(row["detail"], "kicked");
+    // Once the other replicas' cached answers have expired, it is kicked again: a device back
+    // in on the old token meanwhile does not stay.
+    let rotated = std::time::Instant::now();
+    let uri = format!("/api/v5/clients/{id}");
+    while emqx.requests().iter().filter(|c| c.uri == uri).count() < 2 {
+        assert!(
+            rotated.elapsed() < std::time::Duration::from_secs(5),
+            "no second kick"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        // The hooks keep an answer for 1 s.
+        rotated.elapsed() >= std::time::Duration::from_millis(900),
+        "the second kick came before the cached answers expired: {:?}",
+        rotated.elapsed()
+    );
 
     // Not connected (404): said so; the management API failing: said so, and the device is
     // refused by the hooks all the same.
@@ -609,4 +626,79 @@ async fn refused_logins_through_the_hook_are_summed_up_in_the_audit_log() {
         ATTEMPTS,
         "every attempt counted: {rows:#?}\n{summary}"
     );
+}
+
+/// The hooks answer each broker address at most `mqtt_hook.requests_per_minute` times a
+/// minute (429 with Retry-After after that, other addresses unaffected), and keep a device's
+/// credentials for 1 s: a change that bypasses this replica (another replica's, made straight
+/// in the database) is honoured within that second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hooks_are_rate_limited_and_their_answers_live_one_second() {
+    const LIMIT: u32 = 30;
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        s.mqtt_hook.secret = Some(Secret::new(SECRET));
+        s.mqtt_hook.requests_per_minute = LIMIT;
+    })
+    .await
+    .unwrap();
+    let (id, token) = app.register("Limited").await;
+    let body = json!({ "clientid": id, "username": id, "password": token });
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    };
+    let ask = |client: reqwest::Client| {
+        let req = client
+            .post(app.url("/api/v1/mqtt/emqx/authn"))
+            .bearer_auth(SECRET)
+            .json(&body);
+        async move { req.send().await.unwrap() }
+    };
+
+    // Credentials changed behind this replica's back: the cached answer holds for at most 1 s.
+    let broker = from("127.0.0.1");
+    let resp = ask(broker.clone()).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["result"], "allow");
+    sqlx::query("UPDATE device_tokens SET token_hash = 'changed-elsewhere' WHERE device_id = $1")
+        .bind(&id)
+        .execute(app.app_ctx.db.pool())
+        .await
+        .unwrap();
+    let changed = std::time::Instant::now();
+    let resp = ask(broker.clone()).await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["result"],
+        "allow",
+        "answered from the cache"
+    );
+    let mut asked = 2;
+    loop {
+        let resp = ask(broker.clone()).await;
+        asked += 1;
+        assert_eq!(resp.status(), 200, "request {asked}");
+        if resp.json::<Value>().await.unwrap()["result"] == "deny" {
+            break;
+        }
+        assert!(asked < LIMIT, "still allowed after {:?}", changed.elapsed());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let took = changed.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(500)
+            && took < std::time::Duration::from_millis(1_500),
+        "the cached answer changed after {took:?}"
+    );
+
+    // Over the limit: 429 with Retry-After; another broker address is not limited.
+    for _ in asked..LIMIT {
+        assert_eq!(ask(broker.clone()).await.status(), 200);
+    }
+    let resp = ask(broker.clone()).await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after"), "{resp:?}");
+    assert_eq!(ask(from("127.0.0.2")).await.status(), 200);
+    app.stop().await;
 }

@@ -8,35 +8,13 @@ use std::time::{Duration, Instant};
 
 use common::app::{Client, DbKind, Seen, TestApp};
 use common::proxy::TcpProxy;
-use common::rabbitmq::{self, RabbitMq};
+use common::rabbitmq::{self, mosquitto_pub, RabbitMq};
 use companion_backend::settings::{BrokerApiKind, Secret};
 use companion_broker::settings::Redacted;
 use companion_schema::*;
 use reqwest::Method;
 use rumqttc::{MqttOptions, QoS};
 use serde_json::Value;
-
-/// `mosquitto_pub` once (MQTT 3.1.1, QoS 1); its exit status and what it printed.
-async fn mosquitto_pub(port: u16, id: &str, token: &str, topic: &str) -> (i32, String) {
-    let out = tokio::process::Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
-        .args(["-i", id, "-u", id, "-P", token, "-t", topic, "-q", "1"])
-        .args(["-m", "x"])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(20), out)
-        .await
-        .expect("mosquitto_pub ends")
-        .expect("mosquitto_pub is installed (Debian package mosquitto-clients)");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_on_rabbitmq_are_authenticated_and_confined_by_companion() {

@@ -227,3 +227,116 @@ fn shipped_config(
     }
     out
 }
+
+/// `mosquitto_pub` once (MQTT 3.1.1, QoS 1); its exit status and what it printed.
+pub async fn mosquitto_pub(port: u16, id: &str, token: &str, topic: &str) -> (i32, String) {
+    let out = tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
+        .args(["-i", id, "-u", id, "-P", token, "-t", topic, "-q", "1"])
+        .args(["-m", "x"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .expect("mosquitto_pub ends")
+        .expect("mosquitto_pub is installed (Debian package mosquitto-clients)");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Sends each line `from` prints (invalid UTF-8 replaced) until it ends.
+async fn forward_lines(
+    from: impl tokio::io::AsyncRead + Unpin,
+    to: tokio::sync::mpsc::UnboundedSender<String>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut r = tokio::io::BufReader::new(from);
+    let mut line = Vec::new();
+    while r.read_until(b'\n', &mut line).await.is_ok_and(|n| n > 0) {
+        let _ = to.send(String::from_utf8_lossy(&line).trim_end().to_owned());
+        line.clear();
+    }
+}
+
+/// A `mosquitto_sub` (MQTT 3.1.1, QoS 1, `-d`: it prints its packets) subscribed to `topic`
+/// as device `id`; killed on drop.
+pub struct MosquittoSub {
+    pub child: tokio::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl MosquittoSub {
+    pub fn start(port: u16, id: &str, token: &str, topic: &str) -> Self {
+        Self::start_with(port, id, token, topic, &[])
+    }
+
+    /// [`MosquittoSub::start`] with more arguments (`-W 5`: exit after 5 s).
+    pub fn start_with(port: u16, id: &str, token: &str, topic: &str, extra: &[&str]) -> Self {
+        // Through stdbuf: mosquitto_sub's stdout is block-buffered into a pipe.
+        let mut child = tokio::process::Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
+            .args([
+                "-i", id, "-u", id, "-P", token, "-t", topic, "-q", "1", "-d",
+            ])
+            // Each message as its topic and length (payloads are MessagePack).
+            .args(["-F", "message %t %l"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub is installed (Debian package mosquitto-clients)");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        tokio::spawn(forward_lines(out, tx));
+        tokio::spawn(forward_lines(err, tx2));
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 20 s) for a line containing `what`; returns it.
+    pub async fn wait_line(&mut self, what: &str) -> String {
+        let got = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(l) = self.lines.recv().await {
+                self.seen.push(l.clone());
+                if l.contains(what) {
+                    return Some(l);
+                }
+            }
+            None
+        })
+        .await;
+        match got {
+            Ok(Some(l)) => l,
+            _ => panic!(
+                "mosquitto_sub printed no {what:?}:\n{}",
+                self.seen.join("\n")
+            ),
+        }
+    }
+
+    /// What it printed until it exited (at most `within`), and its exit status.
+    pub async fn exit(&mut self, within: Duration) -> (i32, String) {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("mosquitto_sub still running:\n{}", self.seen.join("\n")))
+            .unwrap();
+        while let Some(l) = self.lines.recv().await {
+            self.seen.push(l);
+        }
+        (status.code().unwrap_or(-1), self.seen.join("\n"))
+    }
+}
