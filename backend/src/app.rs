@@ -221,6 +221,9 @@ impl App {
         // With an external broker the embedded one does not run; its listeners are closed, and
         // presence follows the devices' status messages instead of the edge's events.
         let status_sink = upstream.is_some().then(|| sink.clone());
+        let presence_sink = status_sink
+            .clone()
+            .map(|s| s as Arc<dyn companion_broker::EventSink>);
         let (broker, publisher, connection): (
             Option<BrokerHandle>,
             Box<dyn crate::bus::Publisher>,
@@ -371,6 +374,7 @@ impl App {
             hook_settings: settings.mqtt_hook.clone(),
             hook_limiter: KeyedLimiter::per_minute(settings.mqtt_hook.requests_per_minute),
             broker_api,
+            presence: presence_sink,
         });
         Ok(Self {
             ca_pem: tls.map(|t| t.ca_pem_path),

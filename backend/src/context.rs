@@ -59,6 +59,8 @@ pub struct ApiContext {
     pub hook_limiter: KeyedLimiter,
     /// The external broker's management API (`mqtt_hook.broker_api`), for kicks.
     pub broker_api: Option<Arc<crate::broker_api::BrokerApi>>,
+    /// With an external broker: where presence reported by it goes (EMQX's events).
+    pub presence: Option<Arc<dyn companion_broker::EventSink>>,
 }
 
 pub type Ctx = Arc<ApiContext>;

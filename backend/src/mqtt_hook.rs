@@ -330,6 +330,53 @@ impl Hook {
 
 /// An AMQP routing key (RabbitMQ's form of an MQTT topic: `.` and `/` swapped, `*` for `+`)
 /// as the MQTT topic or filter it stands for.
+/// A device's connect or disconnect as EMQX reports it (its `client.connected` and
+/// `client.disconnected` events, posted by a rule's HTTP action), in the edge's terms for the
+/// presence writer. `None` for anything else: another event, a client that is not a device
+/// (its client id and username differ, or are no device id), or a disconnect that is not the
+/// device leaving: `takenover` and `discarded` end an old connection of a device that has
+/// just connected again (EMQX may deliver that after the new connection's own event).
+pub fn emqx_presence(
+    event: &str,
+    client_id: Option<&str>,
+    username: &str,
+    peername: Option<&str>,
+    reason: Option<&str>,
+    proto_ver: Option<i64>,
+) -> Option<companion_broker::BrokerEvent> {
+    use companion_broker::{BrokerEvent, DisconnectReason as R};
+    if client_id.is_some_and(|c| !c.is_empty() && c != username)
+        || username.starts_with(RESERVED_CLIENT_ID_PREFIX)
+    {
+        return None;
+    }
+    let device = DeviceId::parse(username).ok()?;
+    match event {
+        "client.connected" => Some(BrokerEvent::Connected {
+            device,
+            peer: peername
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            protocol: proto_ver.and_then(|v| u8::try_from(v).ok()).unwrap_or(4),
+        }),
+        "client.disconnected" => {
+            let reason = match reason.unwrap_or("") {
+                "takenover" | "discarded" => return None,
+                "normal" => R::Clean,
+                "kicked" => R::Kicked,
+                "keepalive_timeout" => R::KeepaliveTimeout,
+                "not_authorized" => R::AclViolation,
+                "frame_too_large" | "packet_too_large" => R::PacketTooLarge,
+                "protocol_error" | "frame_error" | "malformed_packet" => R::ProtocolError,
+                "shutdown" => R::ServerShutdown,
+                _ => R::NetworkError,
+            };
+            Some(BrokerEvent::Disconnected { device, reason })
+        }
+        _ => None,
+    }
+}
+
 pub fn topic_from_routing_key(key: &str) -> String {
     key.chars()
         .map(|c| match c {
@@ -344,6 +391,53 @@ pub fn topic_from_routing_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emqx_events_become_presence_changes() {
+        use companion_broker::{BrokerEvent, DisconnectReason};
+        let connected = emqx_presence(
+            "client.connected",
+            Some("dev-1"),
+            "dev-1",
+            Some("198.51.100.7:52918"),
+            None,
+            Some(5),
+        );
+        assert!(
+            matches!(&connected, Some(BrokerEvent::Connected { device, peer, protocol: 5 })
+                if device.as_str() == "dev-1" && peer.to_string() == "198.51.100.7:52918"),
+            "{connected:?}"
+        );
+        let reason = |r: &str| match emqx_presence(
+            "client.disconnected",
+            None,
+            "dev-1",
+            None,
+            Some(r),
+            None,
+        ) {
+            Some(BrokerEvent::Disconnected { reason, .. }) => Some(reason),
+            _ => None,
+        };
+        assert_eq!(reason("normal"), Some(DisconnectReason::Clean));
+        assert_eq!(
+            reason("keepalive_timeout"),
+            Some(DisconnectReason::KeepaliveTimeout)
+        );
+        assert_eq!(reason("kicked"), Some(DisconnectReason::Kicked));
+        assert_eq!(reason("sock_closed"), Some(DisconnectReason::NetworkError));
+        // The device is on a newer connection: not offline.
+        assert_eq!(reason("takenover"), None);
+        assert_eq!(reason("discarded"), None);
+        // Not a device's, or not a presence event.
+        assert!(
+            emqx_presence("client.connected", Some("other"), "dev-1", None, None, None).is_none()
+        );
+        assert!(
+            emqx_presence("client.connected", None, "not a device!", None, None, None).is_none()
+        );
+        assert!(emqx_presence("session.subscribed", None, "dev-1", None, None, None).is_none());
+    }
 
     #[test]
     fn routing_keys_become_mqtt_topics() {

@@ -702,3 +702,96 @@ async fn the_hooks_are_rate_limited_and_their_answers_live_one_second() {
     assert_eq!(ask(from("127.0.0.2")).await.status(), 200);
     app.stop().await;
 }
+
+/// Presence from EMQX's events (a rule's HTTP action posting `client.connected` and
+/// `client.disconnected`, bodies as in EMQX 5's rule-engine documentation): the device shows
+/// online with its address, then offline with the reason; a session taken over (the device
+/// already on a newer connection) does not take it offline; other clients and events are
+/// ignored. Without an external broker the events change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emqx_events_feed_presence() {
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = TestApp::start_with(DbKind::Sqlite, |s| {
+        s.mqtt_hook.secret = Some(Secret::new(SECRET));
+        s.mqtt.upstream = format!("mqtt://{nowhere}");
+    })
+    .await
+    .unwrap();
+    let (id, _) = app.register("Evented").await;
+    let connected = json!({
+        "event": "client.connected", "clientid": id, "username": id,
+        "peername": "198.51.100.7:52918", "sockname": "0.0.0.0:1883", "proto_name": "MQTT",
+        "proto_ver": 4, "keepalive": 60, "clean_start": true, "expiry_interval": 0,
+        "is_bridge": false, "connected_at": 1_700_000_000_000_i64, "conn_props": {},
+        "timestamp": 1_700_000_000_001_i64, "node": "emqx@127.0.0.1", "metadata": { "rule_id": "presence" }
+    });
+    let disconnected = |reason: &str| {
+        json!({
+            "event": "client.disconnected", "clientid": id, "username": id, "reason": reason,
+            "peername": "198.51.100.7:52918", "sockname": "0.0.0.0:1883", "proto_name": "MQTT",
+            "proto_ver": 4, "disconnected_at": 1_700_000_060_000_i64, "disconn_props": {},
+            "timestamp": 1_700_000_060_001_i64, "node": "emqx@127.0.0.1"
+        })
+    };
+    let (status, body) = post_json(&app, "/api/v1/mqtt/emqx/events", connected.clone()).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"result":"ok"}"#));
+    let online = app
+        .wait_device(&id, |d| d["presence"]["online"] == true)
+        .await;
+    assert_eq!(online["presence"]["peer"], "198.51.100.7", "{online}");
+    // Taken over: the device is on its new connection.
+    let (_, body) = post_json(&app, "/api/v1/mqtt/emqx/events", disconnected("takenover")).await;
+    assert_eq!(body, r#"{"result":"ignored"}"#);
+    let (_, body) = post_json(
+        &app,
+        "/api/v1/mqtt/emqx/events",
+        disconnected("keepalive_timeout"),
+    )
+    .await;
+    assert_eq!(body, r#"{"result":"ok"}"#);
+    let offline = app
+        .wait_device(&id, |d| d["presence"]["online"] == false)
+        .await;
+    assert_eq!(
+        offline["presence"]["last_disconnect_reason"], "keepalive_timeout",
+        "{offline}"
+    );
+    // Not a device, not a presence event, a malformed one.
+    for ignored in [
+        json!({ "event": "client.connected", "clientid": "dashboard", "username": "admin" }),
+        json!({ "event": "session.subscribed", "clientid": id, "username": id, "topic": "t" }),
+    ] {
+        let (status, body) = post_json(&app, "/api/v1/mqtt/emqx/events", ignored).await;
+        assert_eq!((status, body.as_str()), (200, r#"{"result":"ignored"}"#));
+    }
+    let (status, _) = post_json(
+        &app,
+        "/api/v1/mqtt/emqx/events",
+        json!({ "event": "client.connected", "username": 7 }),
+    )
+    .await;
+    assert_eq!(status, 422);
+    // Only the broker may say so.
+    let resp = app
+        .client
+        .post(app.url("/api/v1/mqtt/emqx/events"))
+        .json(&connected)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    app.stop().await;
+
+    // The embedded broker reports presence itself.
+    let app = start(DbKind::Sqlite).await.unwrap();
+    let (id, _) = app.register("Embedded").await;
+    let mut event = connected;
+    event["clientid"] = json!(id);
+    event["username"] = json!(id);
+    let (_, body) = post_json(&app, "/api/v1/mqtt/emqx/events", event).await;
+    assert_eq!(body, r#"{"result":"ignored"}"#);
+    app.stop().await;
+}

@@ -84,6 +84,12 @@ fn add_routes(t: &mut RouteTable, ctx: &Ctx) {
     t.add(
         ctx,
         Method::POST,
+        "/api/v1/mqtt/emqx/events",
+        hook::emqx_events,
+    );
+    t.add(
+        ctx,
+        Method::POST,
         "/api/v1/mqtt/rabbitmq/user",
         hook::rabbitmq_user,
     );

@@ -222,6 +222,64 @@ pub async fn emqx_authz(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
     Ok(emqx(result, false))
 }
 
+/// `POST /api/v1/mqtt/emqx/events`: EMQX's `client.connected` and `client.disconnected`
+/// events (a rule `SELECT * FROM "$events/client_connected", "$events/client_disconnected"`
+/// with an HTTP action whose body is the event, `${.}`), for presence. Answered `{"result":
+/// "ok"}` when the event changed a device's presence, `"ignored"` otherwise (another event,
+/// a client that is not a device, a session taken over, or no external broker here).
+pub async fn emqx_events(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
+    admit(&ctx, &req).await?;
+    let value: Value = serde_json::from_slice(body(&req)?)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+    let Value::Object(ev) = value else {
+        return Err(ApiError::Unprocessable(
+            "the body must be a JSON object".into(),
+        ));
+    };
+    // Other members (EMQX sends many) are not read.
+    let text = |name: &str, required: bool| match ev.get(name) {
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        None if !required => Ok(None),
+        None => Err(ApiError::Unprocessable(format!("{name} is required"))),
+        Some(_) => Err(ApiError::Unprocessable(format!("{name} must be a string"))),
+    };
+    let proto_ver = match ev.get("proto_ver") {
+        None => None,
+        Some(Value::Number(n)) if n.as_f64().is_some_and(|f| f.fract() == 0.0) => n.as_i64(),
+        Some(_) => {
+            return Err(ApiError::Unprocessable(
+                "proto_ver must be an integer".into(),
+            ))
+        }
+    };
+    let (event, username) = (text("event", true)?, text("username", true)?);
+    let (clientid, peername, reason) = (
+        text("clientid", false)?,
+        text("peername", false)?,
+        text("reason", false)?,
+    );
+    let change = crate::mqtt_hook::emqx_presence(
+        event.unwrap_or_default(),
+        clientid,
+        username.unwrap_or_default(),
+        peername,
+        reason,
+        proto_ver,
+    );
+    let result = match (change, &ctx.presence) {
+        (Some(change), Some(sink)) => {
+            sink.send(change);
+            "ok"
+        }
+        (Some(_), None) => {
+            tracing::warn!("an EMQX presence event, but this server runs its own broker (mqtt.upstream is empty); ignored");
+            "ignored"
+        }
+        (None, _) => "ignored",
+    };
+    Ok(json_reply(StatusCode::OK, &json!({ "result": result })))
+}
+
 // ---- RabbitMQ rabbitmq_auth_backend_http ----
 
 fn rabbit(allow: bool) -> Response {

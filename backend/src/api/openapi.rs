@@ -484,6 +484,19 @@ fn hook_paths() -> Map<String, Value> {
         ),
     );
     paths.insert(
+        "/api/v1/mqtt/emqx/events".into(),
+        op(
+            "EMQX 5 client.connected / client.disconnected events (a rule's HTTP action, body ${.}): device presence",
+            json_body(json!({ "type": "object", "required": ["event", "username"], "properties": {
+                "event": { "type": "string" }, "username": { "type": "string" },
+                "clientid": { "type": "string" }, "peername": { "type": "string" },
+                "reason": { "type": "string" }, "proto_ver": { "type": "integer" } } })),
+            errors(json!({ "200": { "description": "ok: a device's presence changed; ignored: anything else",
+                "content": { "application/json": { "schema": { "type": "object", "required": ["result"],
+                "additionalProperties": false, "properties": { "result": { "enum": ["ok", "ignored"] } } } } } } })),
+        ),
+    );
+    paths.insert(
         "/api/v1/mqtt/rabbitmq/user".into(),
         op(
             "RabbitMQ auth_backend_http user_path (the login)",
