@@ -233,11 +233,17 @@ pub(crate) mod testkit {
         })
     }
 
+    /// The database the cluster tests share: a fresh PostgreSQL one where a server is
+    /// configured (`DATABASE_URL`; always in CI: cluster mode runs on PostgreSQL only, and
+    /// its claims and takeovers are compare-and-sets in its SQL), else a SQLite file in `dir`.
     pub async fn db(dir: &tempfile::TempDir) -> Db {
-        let settings = crate::settings::Settings {
+        let mut settings = crate::settings::Settings {
             data_dir: dir.path().to_owned(),
             ..Default::default()
         };
+        if let Some(url) = crate::db::test_pg::fresh_database().await {
+            settings.database.url = Some(crate::settings::Secret::new(url));
+        }
         let db = Db::connect(&settings).await.unwrap();
         db.migrate().await.unwrap();
         db
