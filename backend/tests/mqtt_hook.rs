@@ -1,7 +1,7 @@
 //! The external-broker hooks under `/api/v1/mqtt/`, driven with the request bodies the brokers'
 //! documentation gives (EMQX 5 HTTP authn/authz, RabbitMQ `rabbitmq_auth_backend_http` with
 //! POST, mosquitto-go-auth's HTTP backend in JSON and form mode), on SQLite and PostgreSQL.
-//! `rabbitmq_cluster.rs` drives the same hooks from a real RabbitMQ.
+//! `rabbitmq.rs` and `cluster.rs` drive the same hooks from a real RabbitMQ (one node, two nodes).
 
 mod common;
 mod voice_fake;
