@@ -27,7 +27,7 @@ const ADMIN: &str = "cluster-test-admin-token-0123456789";
 const LEASE: Duration = Duration::from_secs(3);
 /// A registry change on one replica is refused by the other's hook within its 1 s cache
 /// (and the time a request takes).
-const REVOKED_WITHIN: Duration = Duration::from_millis(1_500);
+const REVOKED_WITHIN: Duration = Duration::from_millis(1_800);
 /// From the kill of the talker's replica to the survivor's answer to its next question.
 const TALKER_BACK_WITHIN: Duration = Duration::from_secs(20);
 
