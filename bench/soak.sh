@@ -15,14 +15,15 @@
 #     token, which goes into the credentials file the same way.
 #
 # Flat: after WARMUP_S, the average of the last third of the samples is within FLAT_PCT % of
-# the average of the first third (descriptors: or within FD_SLACK, since a few devices are
-# always between connections). Exit status 1 when something is not flat.
+# the average of the first third, for the RSS, descriptors, `broker_router_client_ids` and
+# `backend_device_workers` (descriptors and workers: or within FD_SLACK, since a few devices
+# are always between connections). Exit status 1 when something is not flat.
 #
 #   bench/soak.sh                                  # 1,000 devices, 30 min (the README figures)
 #   DEVICES=200 DURATION=120 bench/soak.sh         # a short run
 #
 # Knobs: DEVICES (1000), DURATION (1800), RAMP (30), SAMPLE_S (60), WARMUP_S (300, at most a
-# quarter of DURATION), TELEMETRY_MS (5000), PERSONA_S (120), RECONNECT_S (600), CHURN_S (10),
+# quarter of DURATION), TELEMETRY_MS (5000), PERSONA_S (120), RECONNECT_S (300), CHURN_S (10),
 # ROTATE (5 per round), DELETE (2 per round), FLAT_PCT (10), FD_SLACK (25). Everything listens
 # on 127.0.0.1 (ports picked free); the run stops by itself. Tokens are never printed.
 set -euo pipefail
@@ -34,7 +35,7 @@ SAMPLE_S="${SAMPLE_S:-60}"
 WARMUP_S="${WARMUP_S:-300}"
 TELEMETRY_MS="${TELEMETRY_MS:-5000}"
 PERSONA_S="${PERSONA_S:-120}"
-RECONNECT_S="${RECONNECT_S:-600}"
+RECONNECT_S="${RECONNECT_S:-300}"
 CHURN_S="${CHURN_S:-10}"
 ROTATE="${ROTATE:-5}"
 DELETE="${DELETE:-2}"
@@ -176,8 +177,8 @@ churn_counts() { cat "$work/churn.count" 2>/dev/null || echo 0 0 0 0; }
 echo "== soak: $DEVICES TLS devices, ${DURATION}s after a ${RAMP}s ramp; telemetry every ${TELEMETRY_MS} ms," \
   "persona press every ${PERSONA_S}s, own reconnect every ~${RECONNECT_S}s, every ${CHURN_S}s" \
   "$ROTATE token rotations + $DELETE deletions (re-registered a round later) =="
-printf '%6s %8s %6s %10s %8s %10s %8s %6s %12s %10s\n' \
-  t_s rss_MiB fds router_ids active connected gaps lost "rot/del/rereg" sqlite_MiB
+printf '%6s %8s %6s %10s %8s %10s %8s %8s %6s %12s %10s\n' \
+  t_s rss_MiB fds router_ids active connected workers gaps lost "rot/del/rereg" sqlite_MiB
 samples="$work/samples.txt"
 start=$(date +%s)
 while kill -0 "$fleet_pid" 2>/dev/null; do
@@ -190,14 +191,16 @@ while kill -0 "$fleet_pid" 2>/dev/null; do
   ids="$(metric "$m" broker_router_client_ids)"
   active="$(metric "$m" active_devices)"
   connected="$(metric "$m" broker_connected_devices)"
+  # The backend's per-device workers: one per device with recent events, retired when idle.
+  workers="$(metric "$m" backend_device_workers)"
   gaps="$(metric "$m" telemetry_gaps_total)"
   lost="$(metric "$m" broker_messages_lost_total)"
   # What SQLite holds (page caches, statements): part of the RSS, bounded by its cache size.
   sqlite="$(metric "$m" backend_sqlite_memory_bytes | awk '{printf "%.1f", $1 / 1048576}')"
   read -r rot del rereg _ < <(churn_counts)
-  echo "$t $rss $fd $ids $active $connected $gaps $lost $sqlite" >>"$samples"
-  printf '%6s %8s %6s %10s %8s %10s %8s %6s %12s %10s\n' \
-    "$t" "$rss" "$fd" "$ids" "$active" "$connected" "$gaps" "$lost" "$rot/$del/$rereg" "$sqlite"
+  echo "$t $rss $fd $ids $active $connected $gaps $lost $sqlite $workers" >>"$samples"
+  printf '%6s %8s %6s %10s %8s %10s %8s %8s %6s %12s %10s\n' \
+    "$t" "$rss" "$fd" "$ids" "$active" "$connected" "$workers" "$gaps" "$lost" "$rot/$del/$rereg" "$sqlite"
 done
 wait "$fleet_pid" || true
 echo
@@ -208,21 +211,24 @@ echo "server log: $(grep -c . "$work/companion.log" || true) lines at warn or ab
   "$(grep -ci panic "$work/companion.log" || true) panics"
 
 # --- verdict --------------------------------------------------------------------------------
-# Columns: 2 RSS, 3 descriptors, 4 router client ids. After the warm-up, first third vs last.
+# Columns: 2 RSS, 3 descriptors, 4 router client ids, 10 device workers. After the warm-up,
+# first third vs last.
 verdict="$(awk -v warm="$((RAMP + WARMUP_S))" -v pct="$FLAT_PCT" -v fdslack="$FD_SLACK" '
-  $1 >= warm { n++; for (c = 2; c <= 4; c++) v[n, c] = $c; sq[n] = $9 }
+  $1 >= warm { n++; for (c = 2; c <= 4; c++) v[n, c] = $c; v[n, 10] = $10; sq[n] = $9 }
   END {
     if (n < 3) { print "TOO_SHORT " n " samples after the warm-up"; exit }
     k = int(n / 3); bad = 0
-    split("rss_MiB fds router_client_ids", name, " ")
-    for (c = 2; c <= 4; c++) {
+    split("2 3 4 10", cols, " ")
+    name[2] = "rss_MiB"; name[3] = "fds"; name[4] = "router_client_ids"; name[10] = "device_workers"
+    for (j = 1; j <= 4; j++) {
+      c = cols[j]
       a = 0; b = 0
       for (i = 1; i <= k; i++) { a += v[i, c]; b += v[n - k + i, c] }
       a /= k; b /= k
       growth = (a > 0) ? (b - a) / a * 100 : 0
-      ok = (growth <= pct) || (c == 3 && b - a <= fdslack)
+      ok = (growth <= pct) || ((c == 3 || c == 10) && b - a <= fdslack)
       if (!ok) bad = 1
-      printf "%s first third %.1f, last third %.1f (%+.1f %%) %s\n", name[c - 1], a, b, growth, ok ? "flat" : "GROWING"
+      printf "%s first third %.1f, last third %.1f (%+.1f %%) %s\n", name[c], a, b, growth, ok ? "flat" : "GROWING"
     }
     # Not part of the verdict: how much of the RSS change is SQLite (page caches fill up
     # to their size as the tables grow).
