@@ -221,9 +221,6 @@ impl App {
         // With an external broker the embedded one does not run; its listeners are closed, and
         // presence follows the devices' status messages instead of the edge's events.
         let status_sink = upstream.is_some().then(|| sink.clone());
-        let presence_sink = status_sink
-            .clone()
-            .map(|s| s as Arc<dyn companion_broker::EventSink>);
         let (broker, publisher, connection): (
             Option<BrokerHandle>,
             Box<dyn crate::bus::Publisher>,
@@ -291,6 +288,7 @@ impl App {
             Some(sink) => Box::new(mqtt_auth::StatusPresence::new(
                 dispatcher.clone(),
                 sink.clone(),
+                db.clone(),
             )),
             None => Box::new(dispatcher.clone()),
         };
@@ -374,7 +372,7 @@ impl App {
             hook_settings: settings.mqtt_hook.clone(),
             hook_limiter: KeyedLimiter::per_minute(settings.mqtt_hook.requests_per_minute),
             broker_api,
-            presence: presence_sink,
+            external_broker: status_sink.is_some(),
         });
         Ok(Self {
             ca_pem: tls.map(|t| t.ca_pem_path),

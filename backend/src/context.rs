@@ -59,8 +59,9 @@ pub struct ApiContext {
     pub hook_limiter: KeyedLimiter,
     /// The external broker's management API (`mqtt_hook.broker_api`), for kicks.
     pub broker_api: Option<Arc<crate::broker_api::BrokerApi>>,
-    /// With an external broker: where presence reported by it goes (EMQX's events).
-    pub presence: Option<Arc<dyn companion_broker::EventSink>>,
+    /// Devices are on an external broker (`mqtt.upstream`): presence it reports (EMQX's
+    /// events) is written; the embedded broker reports its own.
+    pub external_broker: bool,
 }
 
 pub type Ctx = Arc<ApiContext>;
@@ -159,12 +160,14 @@ impl ApiContext {
             return Kick::NotConnected;
         };
         // The other replicas' hooks may take the old credentials for as long as they keep
-        // their answer: a device kicked now could be back in on them, for good. Once every
-        // such answer has expired, whatever is connected under this name is closed again (a
-        // device back with its new token meanwhile reconnects once more).
+        // their answer (CACHE_TTL from when they asked the database), and a login they
+        // answered just before may still be on its way through the broker: a device kicked
+        // now could be back in on them, for good. After twice that, whatever is connected
+        // under this name is closed again (a device back with its new token meanwhile
+        // reconnects once more).
         let (again, who) = (api.clone(), device.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(crate::mqtt_hook::CACHE_TTL + Duration::from_millis(250)).await;
+            tokio::time::sleep(2 * crate::mqtt_hook::CACHE_TTL).await;
             match again.disconnect(&who).await {
                 Ok(0) => {}
                 Ok(n) => {

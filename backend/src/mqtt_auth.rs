@@ -468,16 +468,18 @@ async fn write_presence(
 pub struct StatusPresence<I> {
     inner: I,
     sink: Arc<dyn EventSink>,
-    /// Devices whose last status seen here said online.
-    online: Mutex<std::collections::HashSet<DeviceId>>,
+    db: Db,
+    /// The last status seen here of each device (online or not).
+    known: Mutex<HashMap<DeviceId, bool>>,
 }
 
 impl<I> StatusPresence<I> {
-    pub fn new(inner: I, sink: Arc<dyn EventSink>) -> Self {
+    pub fn new(inner: I, sink: Arc<dyn EventSink>, db: Db) -> Self {
         Self {
             inner,
             sink,
-            online: Mutex::new(std::collections::HashSet::new()),
+            db,
+            known: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -510,19 +512,26 @@ impl<I> StatusPresence<I> {
     fn note(&self, device: &DeviceId, payload: &companion_schema::Payload) {
         if let companion_schema::Payload::Status(s) = payload {
             // A retained status comes again after every reconnect of the backend: only
-            // changes to online count. Every offline status counts: what this replica last
-            // saw may be stale (the device went online while another replica owned it, or
-            // before this one started), and its presence would stay online for good. Its
-            // write changes only a row that says online.
-            let changed = self.online.lock().is_ok_and(|mut set| {
-                if s.online {
-                    set.insert(device.clone())
-                } else {
-                    set.remove(device);
-                    true
-                }
-            });
-            if changed {
+            // changes count.
+            let before = match self.known.lock() {
+                Ok(mut known) => known.insert(device.clone(), s.online),
+                Err(_) => return,
+            };
+            if !s.online && before.is_none() {
+                // Offline, from a device this replica has not seen online: it may have gone
+                // online while another replica owned it (or before this one started), and
+                // its presence would stay online for good. Written straight away, ending only
+                // a row that says online since before now (not through the event queue: at
+                // startup every offline device's retained status arrives at once).
+                let (db, device, at_ms) = (self.db.clone(), device.clone(), now_ms());
+                tokio::spawn(async move {
+                    if let Err(e) = end_reported_online(&db, &device, at_ms).await {
+                        tracing::warn!(error = %e, device_id = %device, "presence update failed; dropped");
+                    }
+                });
+                return;
+            }
+            if before != Some(s.online) {
                 self.sink.send(if s.online {
                     BrokerEvent::Connected {
                         device: device.clone(),
@@ -538,6 +547,68 @@ impl<I> StatusPresence<I> {
             }
         }
     }
+}
+
+/// Ends `device`'s presence as reported offline at `at_ms`, if its row says online and has
+/// seen nothing since (a device that came back meanwhile stays online). Whether it changed.
+pub async fn end_reported_online(
+    db: &Db,
+    device: &DeviceId,
+    at_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let _gate = db.write_gate().await;
+    let done = sqlx::query(
+        "UPDATE presence SET online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
+            last_disconnect_reason = $3, connected_since_ms = NULL
+         WHERE device_id = $1 AND online = 1 AND last_seen_ms <= $2",
+    )
+    .bind(device.as_str())
+    .bind(at_ms)
+    .bind(REPORTED_OFFLINE)
+    .execute(db.pool())
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Writes a connect or disconnect the external broker reported (EMQX's events), at the time
+/// the broker gives, unless the row already holds something newer: the broker may deliver its
+/// events out of order. Not through the event queue: nothing to dispatch (the device's owner
+/// learns from its status), nothing to count. Whether it changed the row.
+pub async fn write_broker_reported(
+    db: &Db,
+    event: &BrokerEvent,
+    at_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let _gate = db.write_gate().await;
+    let done =
+        match event {
+            BrokerEvent::Connected { device, peer, .. } => sqlx::query(
+                "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms, peer)
+                 SELECT $1, 1, $2, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $1)
+                 ON CONFLICT (device_id) DO UPDATE SET
+                    online = 1, last_seen_ms = $2, connected_since_ms = $2, peer = $3
+                 WHERE presence.last_seen_ms <= $2",
+            )
+            .bind(device.as_str())
+            .bind(at_ms)
+            .bind((!peer.ip().is_unspecified()).then(|| peer.ip().to_string()))
+            .execute(db.pool())
+            .await?,
+            BrokerEvent::Disconnected { device, reason } => {
+                sqlx::query(
+                    "UPDATE presence SET online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
+                    last_disconnect_reason = $3, connected_since_ms = NULL
+                 WHERE device_id = $1 AND last_seen_ms <= $2",
+                )
+                .bind(device.as_str())
+                .bind(at_ms)
+                .bind(reason.as_str())
+                .execute(db.pool())
+                .await?
+            }
+            _ => return Ok(false),
+        };
+    Ok(done.rows_affected() > 0)
 }
 
 #[cfg(test)]
@@ -573,17 +644,61 @@ mod tests {
         })
     }
 
+    async fn test_db(dir: &tempfile::TempDir) -> (Db, DeviceId) {
+        let settings = crate::settings::Settings {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
+        let db = Db::connect(&settings).await.unwrap();
+        db.migrate().await.unwrap();
+        let (device, _) = DeviceStore::new(db.clone())
+            .create(&NewDevice {
+                device_id: None,
+                name: DeviceName::parse("Watched").unwrap(),
+                device_type: DeviceType::Simulated,
+                capabilities: Default::default(),
+            })
+            .await
+            .unwrap();
+        (db, device.device_id)
+    }
+
+    async fn online_in_db(db: &Db, device: &DeviceId) -> i64 {
+        sqlx::query_scalar("SELECT online FROM presence WHERE device_id = $1")
+            .bind(device.as_str())
+            .fetch_one(db.pool())
+            .await
+            .unwrap()
+    }
+
     /// A replica that takes a device over (or starts) after it went online never saw that
-    /// status: its Will must still end the device's presence. Repeated online statuses (the
-    /// retained one after each reconnect of the backend) are reported once.
-    #[test]
-    fn an_offline_status_counts_even_from_a_device_not_seen_online_here() {
+    /// status: its Will must still end the device's presence, written straight away. Known
+    /// changes go through the event queue once each: repeated statuses (the retained one after
+    /// each reconnect of the backend) are not reported again.
+    #[tokio::test]
+    async fn an_offline_status_counts_even_from_a_device_not_seen_online_here() {
         use crate::bus::Inbox;
+        let dir = tempfile::tempdir().unwrap();
+        let (db, device) = test_db(&dir).await;
+        // Online, as another replica wrote it.
+        Presence {
+            device: device.clone(),
+            at_ms: now_ms() - 1_000,
+            change: PresenceChange::Online { peer: None },
+        }
+        .write(&db)
+        .await
+        .unwrap();
         let events = Arc::new(Events::default());
-        let presence = StatusPresence::new(Nobody, events.clone());
-        let device = DeviceId::parse("dev-1").unwrap();
+        let presence = StatusPresence::new(Nobody, events.clone(), db.clone());
         let now = std::time::Instant::now();
         presence.replay(&device, vec![(status(false), now)]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while online_in_db(&db, &device).await == 1 {
+            assert!(std::time::Instant::now() < deadline, "still online");
+            tokio::task::yield_now().await;
+        }
+        presence.deliver(&device, status(false), now);
         presence.deliver(&device, status(true), now);
         presence.deliver(&device, status(true), now);
         presence.deliver(&device, status(false), now);
@@ -598,7 +713,30 @@ mod tests {
                 _ => "other",
             })
             .collect();
-        assert_eq!(got, ["offline", "online", "offline"]);
+        assert_eq!(got, ["online", "offline"]);
+    }
+
+    /// EMQX's events are written at the broker's time: one that arrives after a newer one
+    /// changes nothing.
+    #[tokio::test]
+    async fn broker_reported_presence_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, device) = test_db(&dir).await;
+        let connected = BrokerEvent::Connected {
+            device: device.clone(),
+            peer: std::net::SocketAddr::from(([198, 51, 100, 7], 1)),
+            protocol: 4,
+        };
+        let gone = BrokerEvent::Disconnected {
+            device: device.clone(),
+            reason: companion_broker::DisconnectReason::Clean,
+        };
+        assert!(write_broker_reported(&db, &connected, 2_000).await.unwrap());
+        // The disconnect of an earlier connection, delivered late.
+        assert!(!write_broker_reported(&db, &gone, 1_000).await.unwrap());
+        assert_eq!(online_in_db(&db, &device).await, 1);
+        assert!(write_broker_reported(&db, &gone, 3_000).await.unwrap());
+        assert_eq!(online_in_db(&db, &device).await, 0);
     }
 
     /// An offline status ends an online row, and leaves an offline one (and the time it went

@@ -179,6 +179,9 @@ impl Hook {
                 return Ok(c.credential.clone());
             }
         }
+        // Stamped before the read: the answer is as old as the moment it was asked for, so
+        // a change committed while the read was under way is honoured within CACHE_TTL too.
+        let asked = Instant::now();
         let credential = self
             .devices
             .credential(device)
@@ -192,7 +195,7 @@ impl Hook {
                 device.clone(),
                 Cached {
                     credential: credential.clone(),
-                    at: Instant::now(),
+                    at: asked,
                 },
             );
         }
@@ -328,11 +331,9 @@ impl Hook {
     }
 }
 
-/// An AMQP routing key (RabbitMQ's form of an MQTT topic: `.` and `/` swapped, `*` for `+`)
-/// as the MQTT topic or filter it stands for.
 /// A device's connect or disconnect as EMQX reports it (its `client.connected` and
 /// `client.disconnected` events, posted by a rule's HTTP action), in the edge's terms for the
-/// presence writer. `None` for anything else: another event, a client that is not a device
+/// presence table. `None` for anything else: another event, a client that is not a device
 /// (its client id and username differ, or are no device id), or a disconnect that is not the
 /// device leaving: `takenover` and `discarded` end an old connection of a device that has
 /// just connected again (EMQX may deliver that after the new connection's own event).
@@ -377,6 +378,8 @@ pub fn emqx_presence(
     }
 }
 
+/// An AMQP routing key (RabbitMQ's form of an MQTT topic: `.` and `/` swapped, `*` for `+`)
+/// as the MQTT topic or filter it stands for.
 pub fn topic_from_routing_key(key: &str) -> String {
     key.chars()
         .map(|c| match c {

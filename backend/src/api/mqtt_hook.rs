@@ -266,16 +266,24 @@ pub async fn emqx_events(ctx: Ctx, req: Req) -> Result<Response, ApiError> {
         reason,
         proto_ver,
     );
-    let result = match (change, &ctx.presence) {
-        (Some(change), Some(sink)) => {
-            sink.send(change);
+    // The broker's own time of the event: its events may arrive out of order.
+    let at_ms = ["connected_at", "disconnected_at", "timestamp"]
+        .iter()
+        .find_map(|k| ev.get(*k).and_then(Value::as_i64))
+        .filter(|t| *t > 0)
+        .unwrap_or_else(crate::db::now_ms);
+    let result = match change {
+        Some(change) if ctx.external_broker => {
+            crate::mqtt_auth::write_broker_reported(&ctx.db, &change, at_ms)
+                .await
+                .map_err(ApiError::from)?;
             "ok"
         }
-        (Some(_), None) => {
+        Some(_) => {
             tracing::warn!("an EMQX presence event, but this server runs its own broker (mqtt.upstream is empty); ignored");
             "ignored"
         }
-        (None, _) => "ignored",
+        None => "ignored",
     };
     Ok(json_reply(StatusCode::OK, &json!({ "result": result })))
 }
