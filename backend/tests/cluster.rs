@@ -659,23 +659,6 @@ async fn killing_a_replica_loses_no_telemetry_and_the_other_takes_its_devices() 
     drop(node1);
 }
 
-/// Registers a device through `server`: its id and token.
-async fn register(http: &reqwest::Client, server: &ServerProcess, name: &str) -> (String, String) {
-    let resp = http
-        .post(server.url("/api/v1/devices"))
-        .bearer_auth(ADMIN)
-        .json(&json!({ "name": name, "device_type": "simulated", "capabilities": [] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let body: Value = resp.json().await.unwrap();
-    (
-        body["device_id"].as_str().unwrap().to_owned(),
-        body["auth_token"].as_str().unwrap().to_owned(),
-    )
-}
-
 /// RabbitMQ's login question (`rabbitmq/user`) for `id` with `token`, put to `server`'s hook:
 /// whether it allows.
 async fn hook_allows(
@@ -733,8 +716,8 @@ async fn registry_changes_reach_every_replica(
     port1: u16,
     port2: u16,
 ) {
-    let (id, old) = register(http, &servers[0], "rotated").await;
-    let (other, other_token) = register(http, &servers[0], "other").await;
+    let (id, old) = servers[0].register(http, ADMIN, "rotated").await;
+    let (other, other_token) = servers[0].register(http, ADMIN, "other").await;
     // Warm replica b's cache: the change must not be hidden by a cold one.
     assert!(hook_allows(http, &servers[1], &id, &old).await);
 
@@ -813,7 +796,7 @@ async fn registry_changes_reach_every_replica(
 
     // Disabled, and deleted, through replica a: refused by b's hook within its cache.
     for change in ["disable", "delete"] {
-        let (id, token) = register(http, &servers[0], change).await;
+        let (id, token) = servers[0].register(http, ADMIN, change).await;
         assert!(hook_allows(http, &servers[1], &id, &token).await);
         let req = match change {
             "disable" => http

@@ -16,7 +16,6 @@ use common::agent::Agent;
 use common::{companion_command, fresh_pg_database, run_to_exit, ServerProcess};
 use companion_schema::{encode, DeviceId, Telemetry, Topic, TopicKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 const DEVICES: usize = 100;
@@ -65,27 +64,6 @@ fn admin_token(data: &Path) -> String {
         .unwrap()
         .trim()
         .to_owned()
-}
-
-async fn register(
-    http: &reqwest::Client,
-    server: &ServerProcess,
-    token: &str,
-    name: &str,
-) -> (String, String) {
-    let resp = http
-        .post(server.url("/api/v1/devices"))
-        .bearer_auth(token)
-        .json(&json!({ "name": name, "device_type": "simulated", "capabilities": ["leds", "buttons"] }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let body: Value = resp.json().await.unwrap();
-    (
-        body["device_id"].as_str().unwrap().to_owned(),
-        body["auth_token"].as_str().unwrap().to_owned(),
-    )
 }
 
 fn telemetry(seq: u64) -> Vec<u8> {
@@ -242,7 +220,7 @@ async fn kill_9_loses_nothing_acknowledged(db: Db) {
     );
 
     // The agent, connected and mid-utterance.
-    let (agent_id, agent_token) = register(&http, &server, &token, "talker").await;
+    let (agent_id, agent_token) = server.register(&http, &token, "talker").await;
     let agent_dir = dir.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let mut agent = Agent::start(
@@ -261,7 +239,7 @@ async fn kill_9_loses_nothing_acknowledged(db: Db) {
     let (progress, mut progress_rx) = mpsc::unbounded_channel();
     let mut devices = Vec::new();
     for i in 0..DEVICES {
-        let (id, tok) = register(&http, &server, &token, &format!("pub-{i}")).await;
+        let (id, tok) = server.register(&http, &token, &format!("pub-{i}")).await;
         devices.push(tokio::spawn(publisher(
             common::device_tls_options(&ca, mqtts, &id, &tok),
             id,

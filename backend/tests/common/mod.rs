@@ -204,6 +204,29 @@ impl ServerProcess {
         format!("http://{}{}", self.http, path)
     }
 
+    /// Registers a device named `name` through this server's API with `admin_token`: its id
+    /// and token.
+    pub async fn register(
+        &self,
+        http: &reqwest::Client,
+        admin_token: &str,
+        name: &str,
+    ) -> (String, String) {
+        let resp = http
+            .post(self.url("/api/v1/devices"))
+            .bearer_auth(admin_token)
+            .json(&serde_json::json!({ "name": name, "device_type": "simulated", "capabilities": ["leds", "buttons"] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        (
+            body["device_id"].as_str().unwrap().to_owned(),
+            body["auth_token"].as_str().unwrap().to_owned(),
+        )
+    }
+
     /// Sends SIGTERM and waits for the exit, returning the status and how long it took.
     pub async fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
         let pid = self.child.id().expect("running").to_string();

@@ -24,6 +24,9 @@ use crate::login_digest::LoginDigest;
 use crate::registry::tokens::verify;
 use crate::registry::DeviceStore;
 
+mod status;
+pub use status::{write_broker_reported, StatusPresence};
+
 /// How long a positive lookup is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
 /// Most cached devices; the cache is emptied when it would grow past this.
@@ -241,50 +244,89 @@ enum PresenceChange {
     },
 }
 
+/// The upsert of an online row; with " WHERE presence.last_seen_ms <= $2" appended, only over
+/// an older one.
+macro_rules! online_upsert {
+    () => {
+        "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms, peer)
+         SELECT $1, 1, $2, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $1)
+         ON CONFLICT (device_id) DO UPDATE SET
+            online = 1, last_seen_ms = $2, connected_since_ms = $2, peer = $3"
+    };
+}
+
+/// Setting a row offline; `WHERE` clauses follow.
+macro_rules! offline_update {
+    () => {
+        "UPDATE presence SET online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
+            last_disconnect_reason = $3, connected_since_ms = NULL
+         WHERE device_id = $1 AND last_seen_ms <= $2"
+    };
+}
+
 impl Presence {
+    /// The presence change an edge (or external broker) event stands for, at `at_ms`.
+    fn from_event(event: &BrokerEvent, at_ms: i64) -> Option<Self> {
+        let (device, change) = match event {
+            BrokerEvent::Connected { device, peer, .. } => (
+                device,
+                PresenceChange::Online {
+                    peer: (!peer.ip().is_unspecified()).then(|| peer.ip().to_string()),
+                },
+            ),
+            BrokerEvent::Disconnected { device, reason } => (
+                device,
+                PresenceChange::Offline {
+                    reason: reason.as_str(),
+                },
+            ),
+            _ => return None,
+        };
+        Some(Self {
+            device: device.clone(),
+            at_ms,
+            change,
+        })
+    }
+
     async fn write(&self, db: &Db) -> Result<(), sqlx::Error> {
+        self.apply(db, false).await.map(drop)
+    }
+
+    /// Applies the change. `newer_only`: only over a row that has seen nothing since (the
+    /// source may deliver out of order). A status saying offline (`reported_offline`) may be
+    /// news or an old retained one, so it only ever ends a row that says online. Whether a
+    /// row changed.
+    async fn apply(&self, db: &Db, newer_only: bool) -> Result<bool, sqlx::Error> {
         let _gate = db.write_gate().await;
-        match &self.change {
-            PresenceChange::Online { peer } => sqlx::query(
-                "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms, peer)
-                 SELECT $1, 1, $2, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $1)
-                 ON CONFLICT (device_id) DO UPDATE SET
-                    online = 1, last_seen_ms = $2, connected_since_ms = $2, peer = $3",
-            )
-            .bind(self.device.as_str())
-            .bind(self.at_ms)
-            .bind(peer.as_deref())
-            .execute(db.pool())
-            .await
-            .map(drop),
-            // A status saying offline may be news or an old retained one (this replica did
-            // not see the device go online: another had it): it ends an online row, and
-            // leaves an offline one, and its time, alone.
-            PresenceChange::Offline { reason } if *reason == REPORTED_OFFLINE => sqlx::query(
-                "UPDATE presence SET online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
-                    last_disconnect_reason = $3, connected_since_ms = NULL
-                 WHERE device_id = $1 AND online = 1",
-            )
-            .bind(self.device.as_str())
-            .bind(self.at_ms)
-            .bind(*reason)
-            .execute(db.pool())
-            .await
-            .map(drop),
-            PresenceChange::Offline { reason } => sqlx::query(
+        let sql = match (&self.change, newer_only) {
+            (PresenceChange::Online { .. }, false) => online_upsert!(),
+            (PresenceChange::Online { .. }, true) => {
+                concat!(online_upsert!(), " WHERE presence.last_seen_ms <= $2")
+            }
+            (PresenceChange::Offline { reason }, _) if *reason == REPORTED_OFFLINE => {
+                concat!(offline_update!(), " AND online = 1")
+            }
+            (PresenceChange::Offline { .. }, true) => offline_update!(),
+            (PresenceChange::Offline { .. }, false) => {
                 "INSERT INTO presence (device_id, online, last_seen_ms, last_disconnect_ms, last_disconnect_reason)
                  SELECT $1, 0, $2, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $1)
                  ON CONFLICT (device_id) DO UPDATE SET
                     online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
-                    last_disconnect_reason = $3, connected_since_ms = NULL",
-            )
+                    last_disconnect_reason = $3, connected_since_ms = NULL"
+            }
+        };
+        let third = match &self.change {
+            PresenceChange::Online { peer } => peer.as_deref(),
+            PresenceChange::Offline { reason } => Some(*reason),
+        };
+        let done = sqlx::query(sql)
             .bind(self.device.as_str())
             .bind(self.at_ms)
-            .bind(*reason)
+            .bind(third)
             .execute(db.pool())
-            .await
-            .map(drop),
-        }
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 }
 
@@ -394,29 +436,11 @@ async fn handle_event(
     unwritten: &mut Unwritten,
     metrics: &PresenceMetrics,
 ) {
-    let presence = |device: DeviceId, change| Presence {
-        device,
-        at_ms: now_ms(),
-        change,
-    };
     match event {
-        BrokerEvent::Connected { device, peer, .. } => {
-            let p = presence(
-                device,
-                PresenceChange::Online {
-                    peer: (!peer.ip().is_unspecified()).then(|| peer.ip().to_string()),
-                },
-            );
-            write_presence(db, p, unwritten, metrics).await;
-        }
-        BrokerEvent::Disconnected { device, reason } => {
-            let p = presence(
-                device,
-                PresenceChange::Offline {
-                    reason: reason.as_str(),
-                },
-            );
-            write_presence(db, p, unwritten, metrics).await;
+        BrokerEvent::Connected { .. } | BrokerEvent::Disconnected { .. } => {
+            if let Some(p) = Presence::from_event(&event, now_ms()) {
+                write_presence(db, p, unwritten, metrics).await;
+            }
         }
         // Written through the digest by `write_events`.
         BrokerEvent::AuthFailed { .. } => {}
@@ -462,189 +486,13 @@ async fn write_presence(
     }
 }
 
-/// With an external broker there are no edge events: presence follows each device's status
-/// (`devices/{id}/status`, retained, and its Last Will with `online: false`), reported once
-/// per change into the same writer as the edge's events.
-pub struct StatusPresence<I> {
-    inner: I,
-    sink: Arc<dyn EventSink>,
-    db: Db,
-    /// The last status seen here of each device (online or not).
-    known: Mutex<HashMap<DeviceId, bool>>,
-}
-
-impl<I> StatusPresence<I> {
-    pub fn new(inner: I, sink: Arc<dyn EventSink>, db: Db) -> Self {
-        Self {
-            inner,
-            sink,
-            db,
-            known: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl<I: crate::bus::Inbox> crate::bus::Inbox for StatusPresence<I> {
-    fn deliver(
-        &self,
-        device: &DeviceId,
-        payload: companion_schema::Payload,
-        arrived: std::time::Instant,
-    ) {
-        self.note(device, &payload);
-        self.inner.deliver(device, payload, arrived);
-    }
-
-    fn replay(
-        &self,
-        device: &DeviceId,
-        events: Vec<(companion_schema::Payload, std::time::Instant)>,
-    ) {
-        for (payload, _) in &events {
-            self.note(device, payload);
-        }
-        self.inner.replay(device, events);
-    }
-}
-
-impl<I> StatusPresence<I> {
-    /// A status that changes the device's presence is reported to the presence writer.
-    fn note(&self, device: &DeviceId, payload: &companion_schema::Payload) {
-        if let companion_schema::Payload::Status(s) = payload {
-            // A retained status comes again after every reconnect of the backend: only
-            // changes count.
-            let before = match self.known.lock() {
-                Ok(mut known) => known.insert(device.clone(), s.online),
-                Err(_) => return,
-            };
-            if !s.online && before.is_none() {
-                // Offline, from a device this replica has not seen online: it may have gone
-                // online while another replica owned it (or before this one started), and
-                // its presence would stay online for good. Written straight away, ending only
-                // a row that says online since before now (not through the event queue: at
-                // startup every offline device's retained status arrives at once).
-                let (db, device, at_ms) = (self.db.clone(), device.clone(), now_ms());
-                tokio::spawn(async move {
-                    if let Err(e) = end_reported_online(&db, &device, at_ms).await {
-                        tracing::warn!(error = %e, device_id = %device, "presence update failed; dropped");
-                    }
-                });
-                return;
-            }
-            if before != Some(s.online) {
-                self.sink.send(if s.online {
-                    BrokerEvent::Connected {
-                        device: device.clone(),
-                        peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-                        protocol: 4,
-                    }
-                } else {
-                    BrokerEvent::Disconnected {
-                        device: device.clone(),
-                        reason: companion_broker::DisconnectReason::ReportedOffline,
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// Ends `device`'s presence as reported offline at `at_ms`, if its row says online and has
-/// seen nothing since (a device that came back meanwhile stays online). Whether it changed.
-pub async fn end_reported_online(
-    db: &Db,
-    device: &DeviceId,
-    at_ms: i64,
-) -> Result<bool, sqlx::Error> {
-    let _gate = db.write_gate().await;
-    let done = sqlx::query(
-        "UPDATE presence SET online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
-            last_disconnect_reason = $3, connected_since_ms = NULL
-         WHERE device_id = $1 AND online = 1 AND last_seen_ms <= $2",
-    )
-    .bind(device.as_str())
-    .bind(at_ms)
-    .bind(REPORTED_OFFLINE)
-    .execute(db.pool())
-    .await?;
-    Ok(done.rows_affected() > 0)
-}
-
-/// Writes a connect or disconnect the external broker reported (EMQX's events), at the time
-/// the broker gives, unless the row already holds something newer: the broker may deliver its
-/// events out of order. Not through the event queue: nothing to dispatch (the device's owner
-/// learns from its status), nothing to count. Whether it changed the row.
-pub async fn write_broker_reported(
-    db: &Db,
-    event: &BrokerEvent,
-    at_ms: i64,
-) -> Result<bool, sqlx::Error> {
-    let _gate = db.write_gate().await;
-    let done =
-        match event {
-            BrokerEvent::Connected { device, peer, .. } => sqlx::query(
-                "INSERT INTO presence (device_id, online, last_seen_ms, connected_since_ms, peer)
-                 SELECT $1, 1, $2, $2, $3 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = $1)
-                 ON CONFLICT (device_id) DO UPDATE SET
-                    online = 1, last_seen_ms = $2, connected_since_ms = $2, peer = $3
-                 WHERE presence.last_seen_ms <= $2",
-            )
-            .bind(device.as_str())
-            .bind(at_ms)
-            .bind((!peer.ip().is_unspecified()).then(|| peer.ip().to_string()))
-            .execute(db.pool())
-            .await?,
-            BrokerEvent::Disconnected { device, reason } => {
-                sqlx::query(
-                    "UPDATE presence SET online = 0, last_seen_ms = $2, last_disconnect_ms = $2,
-                    last_disconnect_reason = $3, connected_since_ms = NULL
-                 WHERE device_id = $1 AND last_seen_ms <= $2",
-                )
-                .bind(device.as_str())
-                .bind(at_ms)
-                .bind(reason.as_str())
-                .execute(db.pool())
-                .await?
-            }
-            _ => return Ok(false),
-        };
-    Ok(done.rows_affected() > 0)
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::registry::model::{DeviceName, DeviceType};
     use crate::registry::{DeviceStore, NewDevice};
 
-    /// Collects what a [`StatusPresence`] reports.
-    #[derive(Default)]
-    struct Events(std::sync::Mutex<Vec<BrokerEvent>>);
-
-    impl EventSink for Events {
-        fn send(&self, event: BrokerEvent) {
-            self.0.lock().unwrap().push(event);
-        }
-    }
-
-    struct Nobody;
-
-    impl crate::bus::Inbox for Nobody {
-        fn deliver(&self, _: &DeviceId, _: companion_schema::Payload, _: std::time::Instant) {}
-        fn replay(&self, _: &DeviceId, _: Vec<(companion_schema::Payload, std::time::Instant)>) {}
-    }
-
-    fn status(online: bool) -> companion_schema::Payload {
-        companion_schema::Payload::Status(companion_schema::Status {
-            v: companion_schema::SCHEMA_VERSION,
-            online,
-            agent_version: "test".into(),
-            boot_id: "b".into(),
-            ts_ms: 1,
-        })
-    }
-
-    async fn test_db(dir: &tempfile::TempDir) -> (Db, DeviceId) {
+    pub(super) async fn test_db(dir: &tempfile::TempDir) -> (Db, DeviceId) {
         let settings = crate::settings::Settings {
             data_dir: dir.path().to_owned(),
             ..Default::default()
@@ -663,103 +511,12 @@ mod tests {
         (db, device.device_id)
     }
 
-    async fn online_in_db(db: &Db, device: &DeviceId) -> i64 {
-        sqlx::query_scalar("SELECT online FROM presence WHERE device_id = $1")
-            .bind(device.as_str())
-            .fetch_one(db.pool())
-            .await
-            .unwrap()
-    }
-
-    /// A replica that takes a device over (or starts) after it went online never saw that
-    /// status: its Will must still end the device's presence, written straight away. Known
-    /// changes go through the event queue once each: repeated statuses (the retained one after
-    /// each reconnect of the backend) are not reported again.
-    #[tokio::test]
-    async fn an_offline_status_counts_even_from_a_device_not_seen_online_here() {
-        use crate::bus::Inbox;
-        let dir = tempfile::tempdir().unwrap();
-        let (db, device) = test_db(&dir).await;
-        // Online, as another replica wrote it.
-        Presence {
-            device: device.clone(),
-            at_ms: now_ms() - 1_000,
-            change: PresenceChange::Online { peer: None },
-        }
-        .write(&db)
-        .await
-        .unwrap();
-        let events = Arc::new(Events::default());
-        let presence = StatusPresence::new(Nobody, events.clone(), db.clone());
-        let now = std::time::Instant::now();
-        presence.replay(&device, vec![(status(false), now)]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while online_in_db(&db, &device).await == 1 {
-            assert!(std::time::Instant::now() < deadline, "still online");
-            tokio::task::yield_now().await;
-        }
-        presence.deliver(&device, status(false), now);
-        presence.deliver(&device, status(true), now);
-        presence.deliver(&device, status(true), now);
-        presence.deliver(&device, status(false), now);
-        let got: Vec<&'static str> = events
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|e| match e {
-                BrokerEvent::Connected { .. } => "online",
-                BrokerEvent::Disconnected { .. } => "offline",
-                _ => "other",
-            })
-            .collect();
-        assert_eq!(got, ["online", "offline"]);
-    }
-
-    /// EMQX's events are written at the broker's time: one that arrives after a newer one
-    /// changes nothing.
-    #[tokio::test]
-    async fn broker_reported_presence_keeps_the_newest() {
-        let dir = tempfile::tempdir().unwrap();
-        let (db, device) = test_db(&dir).await;
-        let connected = BrokerEvent::Connected {
-            device: device.clone(),
-            peer: std::net::SocketAddr::from(([198, 51, 100, 7], 1)),
-            protocol: 4,
-        };
-        let gone = BrokerEvent::Disconnected {
-            device: device.clone(),
-            reason: companion_broker::DisconnectReason::Clean,
-        };
-        assert!(write_broker_reported(&db, &connected, 2_000).await.unwrap());
-        // The disconnect of an earlier connection, delivered late.
-        assert!(!write_broker_reported(&db, &gone, 1_000).await.unwrap());
-        assert_eq!(online_in_db(&db, &device).await, 1);
-        assert!(write_broker_reported(&db, &gone, 3_000).await.unwrap());
-        assert_eq!(online_in_db(&db, &device).await, 0);
-    }
-
     /// An offline status ends an online row, and leaves an offline one (and the time it went
     /// offline) as it was: a retained one comes again after every reconnect.
     #[tokio::test]
     async fn a_reported_offline_changes_only_an_online_row() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = crate::settings::Settings {
-            data_dir: dir.path().to_owned(),
-            ..Default::default()
-        };
-        let db = Db::connect(&settings).await.unwrap();
-        db.migrate().await.unwrap();
-        let (device, _) = DeviceStore::new(db.clone())
-            .create(&NewDevice {
-                device_id: None,
-                name: DeviceName::parse("Away").unwrap(),
-                device_type: DeviceType::Simulated,
-                capabilities: Default::default(),
-            })
-            .await
-            .unwrap();
-        let id = device.device_id.clone();
+        let (db, id) = test_db(&dir).await;
         let change = |at_ms, change| Presence {
             device: id.clone(),
             at_ms,
@@ -796,21 +553,7 @@ mod tests {
     #[tokio::test]
     async fn a_deleted_devices_presence_does_not_hold_up_the_others() {
         let dir = tempfile::tempdir().unwrap();
-        let settings = crate::settings::Settings {
-            data_dir: dir.path().to_owned(),
-            ..Default::default()
-        };
-        let db = Db::connect(&settings).await.unwrap();
-        db.migrate().await.unwrap();
-        let (device, _) = DeviceStore::new(db.clone())
-            .create(&NewDevice {
-                device_id: None,
-                name: DeviceName::parse("Kept").unwrap(),
-                device_type: DeviceType::Simulated,
-                capabilities: Default::default(),
-            })
-            .await
-            .unwrap();
+        let (db, device) = test_db(&dir).await;
         let metrics = PresenceMetrics::register(&mut Registry::default());
         let mut unwritten = Unwritten::default();
         let gone = Presence {
@@ -820,7 +563,7 @@ mod tests {
         };
         write_presence(&db, gone, &mut unwritten, &metrics).await;
         let kept = Presence {
-            device: device.device_id.clone(),
+            device: device.clone(),
             at_ms: 2,
             change: PresenceChange::Online { peer: None },
         };
@@ -828,7 +571,7 @@ mod tests {
         assert!(unwritten.latest.is_empty(), "nothing waits for a retry");
         let online: Option<i64> =
             sqlx::query_scalar("SELECT online FROM presence WHERE device_id = $1")
-                .bind(device.device_id.as_str())
+                .bind(device.as_str())
                 .fetch_optional(db.pool())
                 .await
                 .unwrap();
