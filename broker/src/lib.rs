@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! device --MQTT(+TLS)--> edge ==local link==> rumqttd router <==local link== backend
+//!                          \____________ up topics, direct (UpSink) ___________/^
 //! ```
 //!
 //! What [`start`] runs (all on the caller's tokio runtime, tracked by its `TaskTracker`,
@@ -13,7 +14,9 @@
 //!   connection doing TLS handshake, CONNECT, authentication ([`Authenticator`]), then the
 //!   pump: the device's MQTT session, packets decoded once, ACL checks ([`acl`]), size and
 //!   rate limits. Publishes go into the router through one shared uplink link
-//!   ([`link::Uplink`]); one downlink task holds the router link subscribed to every device's
+//!   ([`link::Uplink`]), or straight to the in-process backend when it registered as the
+//!   [`UpSink`] (no device may read an up topic, so the router would only pass them on to
+//!   it); one downlink task holds the router link subscribed to every device's
 //!   down topics and queues each message in its device's bounded mailbox. The router keeps no
 //!   per-device state (rumqttd 0.20's per-filter bookkeeping is quadratic in filters and
 //!   topics; one filter per device topic stopped connects past a few thousand devices).
@@ -46,7 +49,7 @@ use tokio_util::task::TaskTracker;
 
 pub use auth::{AuthDecision, AuthRequest, Authenticator, DenyReason};
 pub use events::{AclAction, BrokerEvent, DisconnectReason, EventSink, NullSink};
-pub use link::{RouterLinkError, RouterPort};
+pub use link::{RouterLinkError, RouterPort, UpSink};
 pub use local::{LocalClient, LocalEvent};
 pub use receipts::{Receipt, Receipts};
 pub use settings::{MqttSettings, RateSettings, TlsFiles};
@@ -134,6 +137,13 @@ impl BrokerHandle {
     /// Devices currently connected through the edge.
     pub fn connected_devices(&self) -> usize {
         usize::try_from(self.edge.metrics.connected_devices.get()).unwrap_or(0)
+    }
+
+    /// Hands every device up-topic publish to `sink` instead of the router, until it is set
+    /// to `None` (see [`UpSink`]). Subscribers of up topics on the router (in-process clients)
+    /// see none of them meanwhile.
+    pub fn set_up_sink(&self, sink: Option<Arc<dyn UpSink>>) {
+        self.edge.uplink.set_sink(sink);
     }
 
     /// An in-process client of the router under the reserved id

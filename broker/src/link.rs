@@ -234,14 +234,28 @@ impl Link {
     }
 }
 
+/// The in-process reader of every device up topic: the embedded backend. While one is set
+/// (`BrokerHandle::set_up_sink`) the edge hands device publishes, Wills included, straight to
+/// it instead of through the router. The ACL lets no device subscribe to an up topic, so the
+/// router would have this one reader only, and the hop cost a router-thread wake-up (a futex
+/// round trip), a commit-log append and a notification to the reader's task per message: a
+/// fifth of the server's CPU at 10,000 telemetry messages/s.
+pub trait UpSink: Send + Sync {
+    /// A publish from a device (authenticated, ACL-checked, aliases resolved). Called on the
+    /// device's connection task: must not wait.
+    fn deliver(&self, topic: &[u8], payload: &[u8]);
+}
+
 /// The edge's shared way in: every device's publishes go into the router through this one
 /// link (the edge has already authenticated and checked them; the router needs no
-/// per-device state for them). A batch announces itself with an event only when the link's
-/// buffer was empty: otherwise the router has an event pending that will take it too.
+/// per-device state for them), or to the [`UpSink`] while one is set. A batch announces
+/// itself with an event only when the link's buffer was empty: otherwise the router has an
+/// event pending that will take it too.
 pub struct Uplink {
     port: Arc<RouterPort>,
     tx: std::sync::Mutex<Option<LinkTx>>,
     client_id: String,
+    sink: std::sync::RwLock<Option<Arc<dyn UpSink>>>,
 }
 
 impl Uplink {
@@ -255,13 +269,31 @@ impl Uplink {
             port: port.clone(),
             tx: std::sync::Mutex::new(Some(tx)),
             client_id: client_id.to_owned(),
+            sink: std::sync::RwLock::new(None),
         });
         Ok((uplink, rx))
+    }
+
+    /// Sends up topics to `sink` from now on (`None`: through the router again).
+    pub(crate) fn set_sink(&self, sink: Option<Arc<dyn UpSink>>) {
+        *self.sink.write().unwrap_or_else(|p| p.into_inner()) = sink;
+    }
+
+    fn sink(&self) -> Option<Arc<dyn UpSink>> {
+        self.sink.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Hands `packets` (drained) to the router.
     pub async fn push(&self, packets: &mut Vec<Packet>) -> Result<(), RouterLinkError> {
         if packets.is_empty() {
+            return Ok(());
+        }
+        if let Some(sink) = self.sink() {
+            for packet in packets.drain(..) {
+                if let Packet::Publish(publish, _) = packet {
+                    sink.deliver(&publish.topic, &publish.payload);
+                }
+            }
             return Ok(());
         }
         // The only await; nothing is taken from `packets` before it (cancel-safe).

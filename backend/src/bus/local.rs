@@ -1,10 +1,15 @@
-//! The backend on the embedded router, in process: a rumqttd local link ([`LocalClient`])
-//! owned by one task, which takes publishes from a bounded queue in batches and dispatches
-//! what the router forwards. No socket, no MQTT encoding, no credentials to leak.
+//! The backend on the embedded broker, in process. Device messages come straight from the
+//! edge: the backend is its [`UpSink`], called on each device's connection task (no device
+//! may read an up topic, so routing them would only pass them on to the backend). What the
+//! backend publishes goes into the router through a rumqttd local link ([`LocalClient`])
+//! owned by one task, which takes publishes from a bounded queue in batches; the edge's
+//! downlink takes them from there. No socket, no MQTT encoding, no credentials to leak.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use companion_broker::{BrokerHandle, LocalClient, LocalEvent, RouterLinkError};
-use companion_schema::{Direction, Qos, TopicKind};
+use companion_broker::{BrokerHandle, LocalClient, LocalEvent, RouterLinkError, UpSink};
+use companion_schema::Qos;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -50,22 +55,22 @@ pub fn connect(broker: BrokerHandle) -> (LocalPublisher, LocalConnection) {
     (LocalPublisher(tx), LocalConnection { broker, queue })
 }
 
-/// Every device up topic, one filter per kind. One backend per router: no share groups, so
-/// the router reads each filter's log in runs instead of a message at a time.
-fn filters() -> Vec<String> {
-    TopicKind::ALL
-        .into_iter()
-        .filter(|k| k.direction() == Direction::Up)
-        .map(|k| k.all_devices_filter())
-        .collect()
+/// The backend as the edge's reader of device up topics.
+struct Sink(Arc<OnPublish>);
+
+impl UpSink for Sink {
+    fn deliver(&self, topic: &[u8], payload: &[u8]) {
+        deliver(topic, payload, &*self.0);
+    }
 }
 
-async fn open(broker: &BrokerHandle) -> Result<LocalClient, RouterLinkError> {
-    let mut client = broker.local_client(CLIENT_NAME).await?;
-    let filters = filters();
-    let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
-    client.subscribe(&filters).await?;
-    Ok(client)
+/// Takes the edge's up topics back from the backend when the connection task ends.
+struct Registered<'a>(&'a BrokerHandle);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.set_up_sink(None);
+    }
 }
 
 #[async_trait::async_trait]
@@ -73,13 +78,18 @@ impl Connection for LocalConnection {
     async fn run(
         mut self: Box<Self>,
         metrics: BusMetrics,
-        mut on_publish: Box<OnPublish>,
+        on_publish: Arc<OnPublish>,
         shutdown: CancellationToken,
     ) {
+        // Device messages arrive through the sink from now on, whatever the router link does.
+        self.broker
+            .set_up_sink(Some(Arc::new(Sink(on_publish.clone()))));
+        let broker = self.broker.clone();
+        let _registered = Registered(&broker);
         let mut backoff = BACKOFF_MIN;
         let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
         loop {
-            let failed = match open(&self.broker).await {
+            let failed = match self.broker.local_client(CLIENT_NAME).await {
                 Ok(mut client) => {
                     backoff = BACKOFF_MIN;
                     tracing::info!("backend connected to the embedded router");
@@ -87,7 +97,7 @@ impl Connection for LocalConnection {
                         &mut client,
                         &mut self.queue,
                         &mut batch,
-                        &mut *on_publish,
+                        &*on_publish,
                         &shutdown,
                     )
                     .await
@@ -110,14 +120,14 @@ impl Connection for LocalConnection {
     }
 }
 
-/// Moves publishes to the router and deliveries to `on_publish` until shutdown (`Ok`) or the
-/// link fails. Publishes still queued stay queued for the next link; a batch the router did
+/// Moves publishes to the router until shutdown (`Ok`) or the link fails (what the router
+/// forwards, should anything on it publish to an up topic, goes to `on_publish`). Publishes still queued stay queued for the next link; a batch the router did
 /// not take is kept in `batch` and sent first on the next one.
 async fn pump(
     client: &mut LocalClient,
     queue: &mut mpsc::Receiver<Outgoing>,
     batch: &mut Vec<Outgoing>,
-    on_publish: &mut OnPublish,
+    on_publish: &OnPublish,
     shutdown: &CancellationToken,
 ) -> Result<(), RouterLinkError> {
     loop {
@@ -141,7 +151,7 @@ async fn pump(
     }
 }
 
-fn deliver(topic: &[u8], payload: &[u8], on_publish: &mut OnPublish) {
+fn deliver(topic: &[u8], payload: &[u8], on_publish: &OnPublish) {
     // Device topics passed the edge's ACL, so they are UTF-8; anything else is counted as an
     // invalid topic by the handler.
     on_publish(std::str::from_utf8(topic).unwrap_or(""), payload);

@@ -129,8 +129,10 @@ pub trait Inbox: Send + Sync {
     }
 }
 
-/// What the connection task does with each delivery: `(topic, payload)`.
-pub type OnPublish = dyn for<'t, 'p> FnMut(&'t str, &'p [u8]) + Send;
+/// What is done with each delivery: `(topic, payload)`. Must not wait: on the embedded
+/// broker it is called on the publishing device's connection task (see
+/// `companion_broker::UpSink`), elsewhere on the connection task.
+pub type OnPublish = dyn for<'t, 'p> Fn(&'t str, &'p [u8]) + Send + Sync;
 
 /// The owning half of a transport: runs the connection until `shutdown`, subscribed to every
 /// device up topic, calling `on_publish(topic, payload)` for what arrives and reconnecting
@@ -140,7 +142,7 @@ pub trait Connection: Send {
     async fn run(
         self: Box<Self>,
         metrics: BusMetrics,
-        on_publish: Box<OnPublish>,
+        on_publish: Arc<OnPublish>,
         shutdown: CancellationToken,
     );
 }
@@ -225,12 +227,12 @@ pub async fn run(
     inbox: Box<dyn Inbox>,
     shutdown: CancellationToken,
 ) {
-    let mut invalid_log = InvalidLog {
+    let invalid_log = std::sync::Mutex::new(InvalidLog {
         last: HashMap::new(),
-    };
+    });
     let metrics = bus.metrics.clone();
-    let on_publish = Box::new(move |topic: &str, payload: &[u8]| {
-        handle_publish(topic, payload, &metrics, inbox.as_ref(), &mut invalid_log)
+    let on_publish = Arc::new(move |topic: &str, payload: &[u8]| {
+        handle_publish(topic, payload, &metrics, inbox.as_ref(), &invalid_log)
     });
     connection
         .run(bus.metrics.clone(), on_publish, shutdown)
@@ -242,7 +244,7 @@ fn handle_publish(
     payload: &[u8],
     metrics: &BusMetrics,
     inbox: &dyn Inbox,
-    invalid_log: &mut InvalidLog,
+    invalid_log: &std::sync::Mutex<InvalidLog>,
 ) {
     let topic = match Topic::parse(topic) {
         Ok(t) if t.kind.direction() == companion_schema::Direction::Up => t,
@@ -263,7 +265,11 @@ fn handle_publish(
         Ok(payload) => inbox.deliver(&topic.device, payload, arrived),
         Err(e) => {
             metrics.invalid.get_or_create(&label).inc();
-            if invalid_log.should_log(topic.device.as_str()) {
+            let log = invalid_log
+                .lock()
+                .map(|mut l| l.should_log(topic.device.as_str()))
+                .unwrap_or(false);
+            if log {
                 tracing::warn!(device_id = %topic.device, kind = topic.kind.label(), error = %e, "undecodable payload dropped (logged once a minute per device)");
             }
         }

@@ -6,6 +6,7 @@
 //! so that several backend replicas split the fleet's messages.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use companion_schema::{Qos, TopicKind, MAX_PAYLOAD};
@@ -107,7 +108,7 @@ impl Connection for ClientConnection {
     async fn run(
         self: Box<Self>,
         metrics: BusMetrics,
-        mut on_publish: Box<OnPublish>,
+        on_publish: Arc<OnPublish>,
         shutdown: CancellationToken,
     ) {
         drive(
