@@ -9,8 +9,12 @@
 #   bench/compare.sh                       # 1,000 devices x 10 msg/s for 60 s, then 10,000 devices
 #   DEVICES=200 SECS=20 FLEET_DEVICES=0 bench/compare.sh   # a short throughput run only
 #   DEVICES=0 bench/compare.sh                              # the scale run only
+#   ROUNDS=5 DEVICES=1000 SECS=30 FLEET_DEVICES=0 bench/compare.sh  # 5 paired rounds, median
 #
-# Knobs: DEVICES (1000), INTERVAL_MS (100: 10 msg/s each), SECS (60), RAMP (10),
+# Knobs: DEVICES (1000), INTERVAL_MS (100: 10 msg/s each), SECS (60), RAMP (10), ROUNDS (1:
+# the throughput run is repeated, Mosquitto then Companion each round, and the median ratio
+# printed: on a shared 2-core VM one server's CPU per message varies by +-20 % from run to
+# run, the ratio within a round much less),
 # FLEET_DEVICES (10000), FLEET_RAMP (50), FLEET_SECS (60), FLEET_TELEMETRY_MS (30000),
 # FLEET_PERSONA_S (60), FLEET_TRANSPORTS ("mqtts"; "mqtts wss" runs the scale run once per
 # transport, wss being MQTT over WebSocket over TLS). Everything listens on 127.0.0.1 (ports
@@ -21,6 +25,7 @@ DEVICES="${DEVICES:-1000}"
 INTERVAL_MS="${INTERVAL_MS:-100}"
 SECS="${SECS:-60}"
 RAMP="${RAMP:-10}"
+ROUNDS="${ROUNDS:-1}"
 FLEET_DEVICES="${FLEET_DEVICES:-10000}"
 FLEET_RAMP="${FLEET_RAMP:-50}"
 FLEET_SECS="${FLEET_SECS:-60}"
@@ -99,6 +104,13 @@ max_devices=$(( DEVICES > FLEET_DEVICES ? DEVICES : FLEET_DEVICES ))
 "$companion" devices bulk-create --count "$max_devices" --out "$work/creds.csv" >/dev/null
 
 start_companion() {
+  # Every run starts from the same data: the fleet's sequence numbers start at 1 each run, and
+  # a server that stored higher ones from an earlier run acknowledges them as copies without
+  # storing them (a round after the first measured that instead of the store path).
+  if [ -d "$work/pristine" ]; then
+    rm -rf "$COMPANION_DATA_DIR"
+    cp -a "$work/pristine" "$COMPANION_DATA_DIR"
+  fi
   "$companion" serve >"$work/companion.log" 2>&1 &
   companion_pid=$!
   pids+=("$companion_pid")
@@ -112,6 +124,7 @@ stop_companion() {
 # --- Mosquitto over TLS, with the same certificate, plus a loopback listener for the subscriber
 start_companion
 stop_companion # it generated data/tls/ (CA and server certificate) for both servers
+cp -a "$COMPANION_DATA_DIR" "$work/pristine"
 tls="$COMPANION_DATA_DIR/tls"
 mq_tls="$(free_port)"
 mq_plain="$(free_port)"
@@ -141,45 +154,61 @@ fleet() { # fleet OUT URL DEVICES INTERVAL SECS RAMP PERSONA [observer args...]
     --credentials "$work/creds.csv" --url "$url" --ca-cert "$tls/ca.pem" --quiet "$@" >"$out" 2>&1
 }
 
+ratios=()
+throughput_round() {
+  "$MOSQUITTO" -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
+  mq_pid=$!
+  pids+=("$mq_pid")
+  wait_tcp "$mq_tls"
+  mq_cpu0="$(cpu_s "$mq_pid")"
+  fleet "$work/fleet-mosquitto.txt" "mqtts://localhost:$mq_tls" "$DEVICES" "$INTERVAL_MS" "$SECS" "$RAMP" 0 \
+    --observe-addr "127.0.0.1:$mq_plain" --observe-user bench --observe-pass bench
+  mq_cpu="$(awk -v a="$mq_cpu0" -v b="$(cpu_s "$mq_pid")" 'BEGIN {printf "%.2f", b - a}')"
+  mq_rss="$(rss_kib "$mq_pid")"
+  mq_acked="$(field "$work/fleet-mosquitto.txt" "telemetry (puback)" 4)"
+  mq_seen="$(field "$work/fleet-mosquitto.txt" "telemetry (observed)" 4)"
+  kill "$mq_pid"
+  wait "$mq_pid" 2>/dev/null || true
+
+  start_companion
+  url="http://127.0.0.1:$http_port/metrics"
+  c_rss0="$(rss_kib "$companion_pid")"
+  c_cpu0="$(cpu_s "$companion_pid")"
+  c_recv0="$(metric "$url" 'backend_messages_received_total{kind="telemetry"}')"
+  fleet "$work/fleet-companion.txt" "mqtts://localhost:$mqtts_port" "$DEVICES" "$INTERVAL_MS" "$SECS" "$RAMP" 0
+  c_cpu="$(awk -v a="$c_cpu0" -v b="$(cpu_s "$companion_pid")" 'BEGIN {printf "%.2f", b - a}')"
+  c_rss="$(rss_kib "$companion_pid")"
+  c_acked="$(field "$work/fleet-companion.txt" "telemetry (puback)" 4)"
+  c_seen=$(( $(metric "$url" 'backend_messages_received_total{kind="telemetry"}') - c_recv0 ))
+  c_gaps="$(metric "$url" 'telemetry_gaps_total')"
+  c_lost="$(metric "$url" 'broker_messages_lost_total')"
+  stop_companion
+
+  per_m() { awk -v c="$1" -v n="$2" 'BEGIN {if (n > 0) printf "%.1f", c / n * 1e6; else print "n/a"}'; }
+  mq_per_m="$(per_m "$mq_cpu" "$mq_acked")"
+  c_per_m="$(per_m "$c_cpu" "$c_acked")"
+  printf '%-22s %12s %12s %12s %14s %10s\n' server acked delivered "cpu s" "cpu s/M msg" "rss MiB"
+  printf '%-22s %12s %12s %12s %14s %10s\n' "mosquitto (TLS)" "$mq_acked" "$mq_seen" "$mq_cpu" "$mq_per_m" "$((mq_rss / 1024))"
+  printf '%-22s %12s %12s %12s %14s %10s\n' "companion serve" "$c_acked" "$c_seen" "$c_cpu" "$c_per_m" "$((c_rss / 1024))"
+  awk -v a="$c_per_m" -v b="$mq_per_m" 'BEGIN {if (b > 0) printf "ratio companion / mosquitto: %.2f CPU per message\n", a / b}'
+  echo "companion: telemetry_gaps_total $c_gaps, broker_messages_lost_total $c_lost, RSS at start $((c_rss0 / 1024)) MiB"
+  ratios+=("$(awk -v a="$c_per_m" -v b="$mq_per_m" 'BEGIN {if (b > 0) printf "%.3f", a / b; else print "nan"}')")
+  echo "fleet reports: $work/fleet-*.txt (kept until exit)"
+  sed -n '1,4p;/latency/,$p' "$work/fleet-companion.txt"
+}
+
 if [ "$DEVICES" -gt 0 ]; then
 echo "== throughput: $DEVICES TLS devices x $(( 1000 / INTERVAL_MS )) msg/s QoS 1 telemetry for ${SECS}s (${RAMP}s ramp) =="
-"$MOSQUITTO" -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
-mq_pid=$!
-pids+=("$mq_pid")
-wait_tcp "$mq_tls"
-mq_cpu0="$(cpu_s "$mq_pid")"
-fleet "$work/fleet-mosquitto.txt" "mqtts://localhost:$mq_tls" "$DEVICES" "$INTERVAL_MS" "$SECS" "$RAMP" 0 \
-  --observe-addr "127.0.0.1:$mq_plain" --observe-user bench --observe-pass bench
-mq_cpu="$(awk -v a="$mq_cpu0" -v b="$(cpu_s "$mq_pid")" 'BEGIN {printf "%.2f", b - a}')"
-mq_rss="$(rss_kib "$mq_pid")"
-mq_acked="$(field "$work/fleet-mosquitto.txt" "telemetry (puback)" 4)"
-mq_seen="$(field "$work/fleet-mosquitto.txt" "telemetry (observed)" 4)"
-kill "$mq_pid"
-
-start_companion
-url="http://127.0.0.1:$http_port/metrics"
-c_rss0="$(rss_kib "$companion_pid")"
-c_cpu0="$(cpu_s "$companion_pid")"
-c_recv0="$(metric "$url" 'backend_messages_received_total{kind="telemetry"}')"
-fleet "$work/fleet-companion.txt" "mqtts://localhost:$mqtts_port" "$DEVICES" "$INTERVAL_MS" "$SECS" "$RAMP" 0
-c_cpu="$(awk -v a="$c_cpu0" -v b="$(cpu_s "$companion_pid")" 'BEGIN {printf "%.2f", b - a}')"
-c_rss="$(rss_kib "$companion_pid")"
-c_acked="$(field "$work/fleet-companion.txt" "telemetry (puback)" 4)"
-c_seen=$(( $(metric "$url" 'backend_messages_received_total{kind="telemetry"}') - c_recv0 ))
-c_gaps="$(metric "$url" 'telemetry_gaps_total')"
-c_lost="$(metric "$url" 'broker_messages_lost_total')"
-stop_companion
-
-per_m() { awk -v c="$1" -v n="$2" 'BEGIN {if (n > 0) printf "%.1f", c / n * 1e6; else print "n/a"}'; }
-mq_per_m="$(per_m "$mq_cpu" "$mq_acked")"
-c_per_m="$(per_m "$c_cpu" "$c_acked")"
-printf '%-22s %12s %12s %12s %14s %10s\n' server acked delivered "cpu s" "cpu s/M msg" "rss MiB"
-printf '%-22s %12s %12s %12s %14s %10s\n' "mosquitto (TLS)" "$mq_acked" "$mq_seen" "$mq_cpu" "$mq_per_m" "$((mq_rss / 1024))"
-printf '%-22s %12s %12s %12s %14s %10s\n' "companion serve" "$c_acked" "$c_seen" "$c_cpu" "$c_per_m" "$((c_rss / 1024))"
-awk -v a="$c_per_m" -v b="$mq_per_m" 'BEGIN {if (b > 0) printf "ratio companion / mosquitto: %.2f CPU per message\n", a / b}'
-echo "companion: telemetry_gaps_total $c_gaps, broker_messages_lost_total $c_lost, RSS at start $((c_rss0 / 1024)) MiB"
-echo "fleet reports: $work/fleet-*.txt (kept until exit)"
-sed -n '1,4p;/latency/,$p' "$work/fleet-companion.txt"
+for round in $(seq 1 "$ROUNDS"); do
+  [ "$ROUNDS" -gt 1 ] && echo "-- round $round of $ROUNDS"
+  throughput_round
+done
+if [ "$ROUNDS" -gt 1 ]; then
+  printf '%s\n' "${ratios[@]}" | sort -g | awk '{r[NR] = $1} END {
+    m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
+    printf "ratio companion / mosquitto over %d rounds: median %.2f (min %.2f, max %.2f)\n", NR, m, r[1], r[NR]
+  }'
+fi
 fi
 
 if [ "$FLEET_DEVICES" -gt 0 ]; then
