@@ -231,40 +231,67 @@ pub async fn run(
         last: HashMap::new(),
     });
     let metrics = bus.metrics.clone();
+    let counters = IntakeCounters::new(&metrics);
     let on_publish = Arc::new(move |topic: &str, payload: &[u8]| {
-        handle_publish(topic, payload, &metrics, inbox.as_ref(), &invalid_log)
+        handle_publish(topic, payload, &counters, inbox.as_ref(), &invalid_log)
     });
     connection
         .run(bus.metrics.clone(), on_publish, shutdown)
         .await;
 }
 
+/// The intake counters of every kind, looked up once: a `Family` lookup per message takes a
+/// lock and hashes the label, on every device task at once.
+struct IntakeCounters {
+    /// By `TopicKind as usize`: (received, invalid).
+    by_kind: Vec<(Counter, Counter)>,
+    bad_topic: Counter,
+}
+
+impl IntakeCounters {
+    fn new(metrics: &BusMetrics) -> Self {
+        Self {
+            by_kind: TopicKind::ALL
+                .into_iter()
+                .map(|kind| {
+                    let label = KindLabel { kind: kind.label() };
+                    (
+                        metrics.received.get_or_create(&label).clone(),
+                        metrics.invalid.get_or_create(&label).clone(),
+                    )
+                })
+                .collect(),
+            bad_topic: metrics
+                .invalid
+                .get_or_create(&KindLabel { kind: "topic" })
+                .clone(),
+        }
+    }
+}
+
 fn handle_publish(
     topic: &str,
     payload: &[u8],
-    metrics: &BusMetrics,
+    counters: &IntakeCounters,
     inbox: &dyn Inbox,
     invalid_log: &std::sync::Mutex<InvalidLog>,
 ) {
     let topic = match Topic::parse(topic) {
         Ok(t) if t.kind.direction() == companion_schema::Direction::Up => t,
         _ => {
-            metrics
-                .invalid
-                .get_or_create(&KindLabel { kind: "topic" })
-                .inc();
+            counters.bad_topic.inc();
             return;
         }
     };
-    let label = KindLabel {
-        kind: topic.kind.label(),
+    let Some((received, invalid)) = counters.by_kind.get(topic.kind as usize) else {
+        return;
     };
-    metrics.received.get_or_create(&label).inc();
+    received.inc();
     let arrived = Instant::now();
     match Payload::decode(topic.kind, payload) {
         Ok(payload) => inbox.deliver(&topic.device, payload, arrived),
         Err(e) => {
-            metrics.invalid.get_or_create(&label).inc();
+            invalid.inc();
             let log = invalid_log
                 .lock()
                 .map(|mut l| l.should_log(topic.device.as_str()))

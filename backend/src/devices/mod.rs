@@ -224,7 +224,9 @@ impl Dispatcher {
         let Ok(mut workers) = self.workers.lock() else {
             return false;
         };
-        let tx = self.sender(&mut workers, device);
+        let Some(tx) = self.sender(&mut workers, device) else {
+            return false;
+        };
         match tx.try_send(Box::new(event)) {
             Ok(()) => true,
             Err(e) => {
@@ -255,27 +257,33 @@ impl Dispatcher {
             let Ok(mut workers) = self.workers.lock() else {
                 return false;
             };
-            self.sender(&mut workers, device)
+            match self.sender(&mut workers, device) {
+                Some(tx) => tx.clone(),
+                None => return false,
+            }
         };
         tx.send(Box::new(DeviceEvent::Command(command)))
             .await
             .is_ok()
     }
 
-    fn sender(
+    /// The device's worker queue, starting a worker if it has none. Borrowed, not cloned:
+    /// a clone and its drop are two atomic read-modify-writes on the channel per message.
+    fn sender<'w>(
         self: &Arc<Self>,
-        workers: &mut HashMap<DeviceId, EventTx>,
+        workers: &'w mut HashMap<DeviceId, EventTx>,
         device: &DeviceId,
-    ) -> EventTx {
-        if let Some(tx) = workers.get(device).filter(|tx| !tx.is_closed()) {
-            return tx.clone();
+    ) -> Option<&'w EventTx> {
+        let live = workers.get(device).is_some_and(|tx| !tx.is_closed());
+        if !live {
+            let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+            workers.insert(device.clone(), tx);
+            self.runtime.metrics.workers.inc();
+            let worker = worker::Worker::new(device.clone(), self.runtime.clone(), self.clone());
+            self.tracker.spawn(worker.run(rx, self.shutdown.clone()));
         }
-        let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
-        workers.insert(device.clone(), tx.clone());
-        self.runtime.metrics.workers.inc();
-        let worker = worker::Worker::new(device.clone(), self.runtime.clone(), self.clone());
-        self.tracker.spawn(worker.run(rx, self.shutdown.clone()));
-        tx
+        // Present: found live above or just inserted.
+        workers.get(device)
     }
 
     /// Queues a reload for `device`'s worker, if it has one here (a new one loads anyway).

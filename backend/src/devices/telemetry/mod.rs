@@ -30,8 +30,12 @@ pub use store::last_seq;
 use store::write;
 
 /// Pending telemetry is written as soon as it arrives, but no more often than this: what
-/// arrives meanwhile goes into the same transaction.
-pub const FLUSH_GAP: Duration = Duration::from_millis(10);
+/// arrives meanwhile goes into the same transaction. A commit's cost is mostly fixed (thread
+/// hand-offs, a WAL frame per touched page, the statements' setup), so the gap trades CPU for
+/// acknowledgement latency: at 10,000 msg/s, 20 ms rather than 10 ms cut the whole server's
+/// CPU per message by ~8 % (paired `bench/compare.sh` rounds) and moved the PUBACK p50 from
+/// ~8 to ~15 ms.
+pub const FLUSH_GAP: Duration = Duration::from_millis(20);
 /// A sequence number this far below the last one means the device started over.
 pub const RESET_DISTANCE: u64 = 10_000;
 
@@ -163,7 +167,14 @@ impl Batcher {
 
     pub fn put(&self, device: &DeviceId, t: Telemetry) {
         if let Ok(mut p) = self.pending.lock() {
-            p.insert(device.clone(), (t, now_ms()));
+            // Replaced in place when the device has a row pending: `insert` would clone the
+            // id (an allocation) every time.
+            match p.get_mut(device) {
+                Some(row) => *row = (t, now_ms()),
+                None => {
+                    p.insert(device.clone(), (t, now_ms()));
+                }
+            }
         }
         self.work.notify_one();
     }
