@@ -51,7 +51,7 @@ pub use auth::{AuthDecision, AuthRequest, Authenticator, DenyReason};
 pub use events::{AclAction, BrokerEvent, DisconnectReason, EventSink, NullSink};
 pub use link::{RouterLinkError, RouterPort, UpSink};
 pub use local::{LocalClient, LocalEvent};
-pub use receipts::{Receipt, Receipts};
+pub use receipts::{Ledger, Receipt, Receipts, Settled};
 pub use settings::{MqttSettings, RateSettings, TlsFiles};
 
 /// Client ids starting with this belong to the platform (the backend's router clients); the

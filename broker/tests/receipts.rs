@@ -4,35 +4,46 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::*;
-use companion_broker::{Receipt, Receipts};
+use companion_broker::{Ledger, Receipt, Receipts};
 use companion_schema::{DeviceId, TopicKind};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 
-/// Holds every telemetry publish; the test settles them by hand.
+/// Holds every telemetry publish (its payload is its mark, in decimal); the test settles them
+/// through the device's ledger by hand.
 #[derive(Default)]
 struct Held {
-    waiting: Mutex<Vec<(DeviceId, Bytes, oneshot::Sender<bool>)>>,
+    ledgers: Mutex<HashMap<DeviceId, Arc<Ledger>>>,
+    held: Mutex<Vec<Bytes>>,
     notify: Notify,
 }
 
 impl Receipts for Held {
-    fn hold(&self, device: &DeviceId, kind: TopicKind, payload: &Bytes) -> Option<Receipt> {
+    fn ledger(&self, device: &DeviceId) -> Arc<Ledger> {
+        self.ledgers
+            .lock()
+            .unwrap()
+            .entry(device.clone())
+            .or_insert_with(|| Arc::new(Ledger::new(Gauge::default())))
+            .clone()
+    }
+
+    fn hold(&self, ledger: &Arc<Ledger>, kind: TopicKind, payload: &Bytes) -> Option<Receipt> {
         if kind != TopicKind::Telemetry {
             return None;
         }
-        let (tx, rx) = oneshot::channel();
-        self.waiting
-            .lock()
-            .unwrap()
-            .push((device.clone(), payload.clone(), tx));
+        let mark: u64 = std::str::from_utf8(payload).ok()?.parse().ok()?;
+        let receipt = ledger.hold(mark, |stored| stored.is_some_and(|s| s >= mark));
+        self.held.lock().unwrap().push(payload.clone());
         self.notify.notify_one();
-        Some(rx)
+        receipt
     }
 }
 
@@ -43,9 +54,9 @@ impl Held {
             loop {
                 let notified = self.notify.notified();
                 {
-                    let w = self.waiting.lock().unwrap();
+                    let w = self.held.lock().unwrap();
                     if w.len() >= n {
-                        return w.iter().map(|(_, p, _)| p.clone()).collect();
+                        return w.clone();
                     }
                 }
                 notified.await;
@@ -55,16 +66,8 @@ impl Held {
         .expect("the edge holds the publishes")
     }
 
-    /// Settles the held message with this payload.
-    fn settle(&self, payload: &[u8], stored: bool) {
-        let mut w = self.waiting.lock().unwrap();
-        let at = w.iter().position(|(_, p, _)| p == payload).expect("held");
-        let (_, _, tx) = w.remove(at);
-        tx.send(stored).expect("the edge waits");
-    }
-
-    fn drop_all(&self) {
-        self.waiting.lock().unwrap().clear();
+    fn device(&self, device: &str) -> Arc<Ledger> {
+        self.ledger(&DeviceId::parse(device).unwrap())
     }
 }
 
@@ -106,16 +109,13 @@ async fn start() -> (TestApp, Arc<Held>, TcpStream) {
 async fn the_puback_waits_for_the_receipt_and_keeps_the_publish_order() {
     let (app, held, mut s) = start().await;
     let mut out = Vec::new();
-    out.extend(publish_q1("devices/a/telemetry", 1, b"one"));
+    out.extend(publish_q1("devices/a/telemetry", 1, b"1"));
     // Not held itself, but acknowledged after 1 (PUBACKs go out in order).
     out.extend(publish_q1("devices/a/status", 2, b"{\"online\":true}"));
-    out.extend(publish_q1("devices/a/telemetry", 3, b"three"));
+    out.extend(publish_q1("devices/a/telemetry", 3, b"3"));
     out.extend(PINGREQ);
     s.write_all(&out).await.unwrap();
-    assert_eq!(
-        held.wait(2).await,
-        vec![Bytes::from("one"), Bytes::from("three")]
-    );
+    assert_eq!(held.wait(2).await, vec![Bytes::from("1"), Bytes::from("3")]);
     // The edge answered the PINGREQ sent after the publishes, and no PUBACK came before it.
     assert_eq!(
         read_n(&mut s, 2).await,
@@ -123,29 +123,44 @@ async fn the_puback_waits_for_the_receipt_and_keeps_the_publish_order() {
         "no PUBACK before the receipt"
     );
 
-    held.settle(b"three", true);
+    // 3 is refused first, but its acknowledgement waits behind 1's.
+    let ledger = held.device("a");
+    ledger.refuse(3);
     s.write_all(&PINGREQ).await.unwrap();
     assert_eq!(read_n(&mut s, 2).await, PINGRESP, "3 waits behind 1");
 
-    held.settle(b"one", true);
+    ledger.store(1);
     let acks = read_n(&mut s, 12).await;
     assert_eq!(
         acks,
         [0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3],
-        "PUBACK 1, 2, 3 in order"
+        "PUBACK 1, 2, 3 in order (3.1.1 has no negative acknowledgement)"
     );
-    assert_eq!(app.metric("broker_messages_lost_total"), 0.0);
+    assert_eq!(
+        app.metric("broker_messages_lost_total"),
+        1.0,
+        "3 was refused"
+    );
+
+    // A copy of what is stored is acknowledged at once; a new mark waits for its store.
+    let mut out = publish_q1("devices/a/telemetry", 4, b"1");
+    out.extend(publish_q1("devices/a/telemetry", 5, b"6"));
+    out.extend(PINGREQ);
+    s.write_all(&out).await.unwrap();
+    assert_eq!(read_n(&mut s, 6).await, [0x40, 2, 0, 4, 0xD0, 0]);
+    ledger.store(7);
+    assert_eq!(read_n(&mut s, 4).await, [0x40, 2, 0, 5]);
     app.shutdown.cancel();
 }
 
 #[tokio::test]
 async fn a_refused_message_is_acknowledged_as_dropped_and_counted() {
     let (app, held, mut s) = start().await;
-    s.write_all(&publish_q1("devices/a/telemetry", 7, b"x"))
+    s.write_all(&publish_q1("devices/a/telemetry", 7, b"7"))
         .await
         .unwrap();
     held.wait(1).await;
-    held.settle(b"x", false);
+    held.device("a").refuse(7);
     // MQTT 3.1.1 has no negative acknowledgement: a PUBACK, and the loss is counted.
     assert_eq!(read_n(&mut s, 4).await, [0x40, 2, 0, 7]);
     assert_eq!(
@@ -159,11 +174,11 @@ async fn a_refused_message_is_acknowledged_as_dropped_and_counted() {
 #[tokio::test]
 async fn a_lost_receipt_closes_the_connection_without_an_acknowledgement() {
     let (app, held, mut s) = start().await;
-    s.write_all(&publish_q1("devices/a/telemetry", 9, b"y"))
+    s.write_all(&publish_q1("devices/a/telemetry", 9, b"9"))
         .await
         .unwrap();
     held.wait(1).await;
-    held.drop_all();
+    held.device("a").close();
     // The socket closes and nothing was acknowledged: the device will send it again.
     let mut rest = Vec::new();
     tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))

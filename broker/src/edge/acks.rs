@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use bytes::BytesMut;
 
 use crate::packet;
-use crate::receipts::Receipt;
+use crate::receipts::{Receipt, Settled};
 
 /// Acknowledgements waiting at most; past it the edge stops reading from the device until
 /// some are settled (backpressure instead of memory).
@@ -19,7 +19,7 @@ enum Entry {
     Refused(u16),
     /// Waiting for the receipt.
     Wait(u16, Receipt),
-    /// The receipt's sender is gone: nothing may be acknowledged any more.
+    /// The receipt was lost (the store went away): nothing may be acknowledged any more.
     Lost,
 }
 
@@ -60,12 +60,12 @@ impl Acks {
     }
 
     /// Waits for the first receipt. Cancel-safe: the outcome is recorded in the same poll that
-    /// takes it from the channel.
+    /// takes it.
     pub async fn settle_first(&mut self) {
         if let Some(front) = self.queue.front_mut() {
             if let Entry::Wait(id, receipt) = front {
                 let id = *id;
-                *front = settled(id, receipt.await.ok());
+                *front = settled(id, receipt.settled().await);
             }
         }
     }
@@ -76,9 +76,9 @@ impl Acks {
         while let Some(front) = self.queue.front_mut() {
             if let Entry::Wait(id, receipt) = front {
                 let id = *id;
-                *front = match receipt.try_recv() {
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                    r => settled(id, r.ok()),
+                *front = match receipt.try_settled() {
+                    None => break,
+                    Some(s) => settled(id, s),
                 };
             }
             match self.queue.pop_front() {
@@ -95,19 +95,21 @@ impl Acks {
     }
 }
 
-/// What a receipt's outcome (`None`: its sender is gone) makes of the acknowledgement.
-fn settled(id: u16, stored: Option<bool>) -> Entry {
-    match stored {
-        Some(true) => Entry::Ack(id),
-        Some(false) => Entry::Refused(id),
-        None => Entry::Lost,
+/// What a receipt's outcome makes of the acknowledgement.
+fn settled(id: u16, outcome: Settled) -> Entry {
+    match outcome {
+        Settled::Stored => Entry::Ack(id),
+        Settled::Refused => Entry::Refused(id),
+        Settled::Lost => Entry::Lost,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::oneshot;
+    use crate::receipts::Ledger;
+    use prometheus_client::metrics::gauge::Gauge;
+    use std::sync::Arc;
 
     fn acked_ids(out: &BytesMut) -> Vec<(u8, u16)> {
         // PUBACK 3.1.1: 0x40 0x02 id; MQTT 5 with a reason: 0x40 0x04 id reason 0.
@@ -133,8 +135,9 @@ mod tests {
     #[tokio::test]
     async fn acknowledgements_keep_their_order_behind_a_receipt() {
         let mut acks = Acks::default();
-        let (first, r1) = oneshot::channel();
-        let (second, r2) = oneshot::channel();
+        let ledger = Arc::new(Ledger::new(Gauge::default()));
+        let r1 = ledger.hold(1, |_| false).unwrap();
+        let r2 = ledger.hold(2, |_| false).unwrap();
         assert!(!acks.ack(1, Some(r1)));
         assert!(!acks.ack(2, None), "waits behind 1");
         assert!(!acks.ack(3, None));
@@ -143,11 +146,11 @@ mod tests {
         assert_eq!(acks.release(&mut out, true), Ok(0));
         assert!(out.is_empty(), "nothing before 1 is stored");
 
-        second.send(false).unwrap();
+        ledger.refuse(2);
         assert_eq!(acks.release(&mut out, true), Ok(0));
         assert!(out.is_empty(), "4 is settled but 1 is not");
 
-        first.send(true).unwrap();
+        ledger.store(1);
         assert!(acks.waiting());
         acks.settle_first().await;
         assert_eq!(acks.release(&mut out, true), Ok(1), "4 was refused");
@@ -162,10 +165,10 @@ mod tests {
     #[test]
     fn a_lost_receipt_acknowledges_nothing_after_it() {
         let mut acks = Acks::default();
-        let (gone, r) = oneshot::channel::<bool>();
-        assert!(!acks.ack(1, Some(r)));
+        let ledger = Arc::new(Ledger::new(Gauge::default()));
+        assert!(!acks.ack(1, ledger.hold(1, |_| false)));
         assert!(!acks.ack(2, None));
-        drop(gone);
+        ledger.close();
         let mut out = BytesMut::new();
         assert_eq!(acks.release(&mut out, false), Err(ReceiptLost));
         assert!(out.is_empty());

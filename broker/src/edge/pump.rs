@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -27,6 +28,7 @@ use crate::acl;
 use crate::events::{AclAction, DisconnectReason};
 use crate::metrics::{ClassLabel, ReasonLabel};
 use crate::packet::{self, Codec, PacketError};
+use crate::receipts::Ledger;
 #[cfg(doc)]
 use crate::receipts::Receipts;
 
@@ -63,6 +65,8 @@ pub(super) struct Pump<'a> {
     next_packet_id: u16,
     /// Acknowledgements of the device's QoS 1 publishes that wait for a receipt.
     acks: Acks,
+    /// The device's receipt ledger, where a [`Receipts`] hook holds acknowledgements.
+    ledger: Option<Arc<Ledger>>,
 }
 
 /// The outcome of a batch of packets.
@@ -78,7 +82,6 @@ impl<'a> Pump<'a> {
     pub(super) fn new(edge: &'a Edge, device: DeviceId, codec: Codec) -> Self {
         Self {
             edge,
-            device,
             codec,
             aliases: HashMap::new(),
             limits: PublishLimits::new(&edge.settings.rate),
@@ -96,6 +99,8 @@ impl<'a> Pump<'a> {
             inflight: HashSet::new(),
             next_packet_id: 0,
             acks: Acks::default(),
+            ledger: edge.receipts.as_ref().map(|r| r.ledger(&device)),
+            device,
         }
     }
 
@@ -223,10 +228,12 @@ impl<'a> Pump<'a> {
                         Ok(Some((kind, publish, props))) => {
                             match (qos, packet_id) {
                                 (1, Some(id)) => {
-                                    let receipt =
-                                        self.edge.receipts.as_ref().and_then(|r| {
-                                            r.hold(&self.device, kind, &publish.payload)
-                                        });
+                                    let receipt = match (&self.edge.receipts, &self.ledger) {
+                                        (Some(r), Some(ledger)) => {
+                                            r.hold(ledger, kind, &publish.payload)
+                                        }
+                                        _ => None,
+                                    };
                                     if self.acks.ack(id, receipt) {
                                         packet::put_ack(to_device, packet::PUBACK, id);
                                     }

@@ -9,18 +9,18 @@
 //! away the acknowledgements wait (the device keeps its messages) instead of being dropped.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use companion_broker::{Receipt, Receipts};
+use companion_broker::{Ledger, Receipt, Receipts};
 use companion_schema::{DeviceId, Telemetry, TopicKind};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use sqlx::pool::PoolConnection;
 use sqlx::Any;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{now_ms, Db};
@@ -63,15 +63,37 @@ pub fn classify(last: Option<u64>, seq: u64) -> SeqVerdict {
     }
 }
 
+/// A row waiting for the writer: the latest telemetry of a device and when it arrived.
+type Row = (Telemetry, i64);
+
 /// Latest telemetry per device, waiting to be written, and the acknowledgements that wait
 /// for it.
 #[derive(Default)]
 pub struct Batcher {
-    pending: Mutex<HashMap<DeviceId, (Telemetry, i64)>>,
-    receipts: Mutex<ReceiptBook>,
+    /// Every device seen, with its slot (kept: the next message finds it again).
+    slots: Mutex<HashMap<DeviceId, Arc<Slot>>>,
+    /// Slots with a row waiting for the writer, each once.
+    pending: Mutex<Vec<Arc<Slot>>>,
     /// Rung by [`Batcher::put`]: the writer has work.
     work: Notify,
     metrics: StoreMetrics,
+}
+
+/// One device's place in the batcher, held by its worker and (through its ledger) by its
+/// connection, so that a message needs no lookup by device id: the row waiting for the writer
+/// and the ledger the held acknowledgements settle through.
+pub struct Slot {
+    device: DeviceId,
+    /// `Some` while the slot is in `Batcher::pending` (or in the batch being taken from it).
+    row: Mutex<Option<Row>>,
+    ledger: Arc<Ledger>,
+}
+
+impl Slot {
+    fn row(&self) -> std::sync::MutexGuard<'_, Option<Row>> {
+        // One plain value, replaced whole: a panic elsewhere cannot leave it half-written.
+        self.row.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What the telemetry store shows on `/metrics`.
@@ -82,72 +104,34 @@ struct StoreMetrics {
     write_failures: Counter,
 }
 
-/// Per device: the last stored sequence number, and the held acknowledgements by sequence.
-#[derive(Default)]
-struct ReceiptBook {
-    stored: HashMap<DeviceId, u64>,
-    waiting: HashMap<DeviceId, Vec<(u64, oneshot::Sender<bool>)>>,
-    /// Entries in `waiting`.
-    held: usize,
-}
-
-impl ReceiptBook {
-    /// Settles `device`'s waiters that `pick` selects with `stored`.
-    fn settle(&mut self, device: &DeviceId, stored: bool, pick: impl Fn(u64) -> bool) {
-        let Some(list) = self.waiting.get_mut(device) else {
-            return;
-        };
-        let mut i = 0;
-        while i < list.len() {
-            if pick(list[i].0) {
-                let (_, tx) = list.swap_remove(i);
-                self.held -= 1;
-                let _ = tx.send(stored);
-            } else {
-                i += 1;
-            }
-        }
-        // An emptied list stays (as `stored` does per device): the device's next message
-        // would otherwise allocate its key and list again.
-        if list.is_empty() && list.capacity() > 4 {
-            list.shrink_to(4);
-        }
-    }
-}
-
 impl Receipts for Batcher {
-    fn hold(&self, device: &DeviceId, kind: TopicKind, payload: &Bytes) -> Option<Receipt> {
+    fn ledger(&self, device: &DeviceId) -> Arc<Ledger> {
+        self.slot(device).ledger.clone()
+    }
+
+    fn hold(&self, ledger: &Arc<Ledger>, kind: TopicKind, payload: &Bytes) -> Option<Receipt> {
         if kind != TopicKind::Telemetry {
             return None;
         }
         // Undecodable: the backend counts it invalid and stores nothing; nothing to wait for.
         let seq = companion_schema::decode::<Telemetry>(payload).ok()?.seq;
-        let mut book = self.receipts.lock().ok()?;
-        if let Some(&stored) = book.stored.get(device) {
-            // A copy of what is stored already (a resend after a lost PUBACK).
-            if seq <= stored && stored - seq < RESET_DISTANCE {
-                return None;
-            }
-        }
-        let (tx, rx) = oneshot::channel();
-        // Looked up before inserting: `entry` would clone the id (an allocation) every time.
-        if !book.waiting.contains_key(device) {
-            book.waiting.insert(device.clone(), Vec::new());
-        }
-        let list = book.waiting.get_mut(device)?;
-        // Acknowledgements of connections that ended are no longer awaited.
-        let before = list.len();
-        list.retain(|(_, tx)| !tx.is_closed());
-        list.push((seq, tx));
-        let after = list.len();
-        book.held = book.held + after - before;
-        self.metrics.unstored.set(gauge_value(book.held));
-        Some(rx)
+        // A copy of what is stored already (a resend after a lost PUBACK) is acknowledged now.
+        ledger.hold(seq, |stored| {
+            stored.is_some_and(|stored| seq <= stored && stored - seq < RESET_DISTANCE)
+        })
     }
 }
 
-fn gauge_value(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+impl Drop for Batcher {
+    /// Nothing will be stored any more: held acknowledgements are lost (the connections end
+    /// unacknowledged and the devices send again).
+    fn drop(&mut self) {
+        if let Ok(slots) = self.slots.get_mut() {
+            for slot in slots.values() {
+                slot.ledger.close();
+            }
+        }
+    }
 }
 
 impl Batcher {
@@ -165,95 +149,87 @@ impl Batcher {
         );
     }
 
-    pub fn put(&self, device: &DeviceId, t: Telemetry) {
-        if let Ok(mut p) = self.pending.lock() {
-            // Replaced in place when the device has a row pending: `insert` would clone the
-            // id (an allocation) every time.
-            match p.get_mut(device) {
-                Some(row) => *row = (t, now_ms()),
-                None => {
-                    p.insert(device.clone(), (t, now_ms()));
-                }
-            }
+    /// `device`'s slot, created on first use.
+    pub fn slot(&self, device: &DeviceId) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.get(device) {
+            return slot.clone();
+        }
+        let slot = Arc::new(Slot {
+            device: device.clone(),
+            row: Mutex::new(None),
+            ledger: Arc::new(Ledger::new(self.metrics.unstored.clone())),
+        });
+        slots.insert(device.clone(), slot.clone());
+        slot
+    }
+
+    /// `t` is the device's latest telemetry: written by the next flush (replacing a row still
+    /// waiting).
+    pub fn put(&self, slot: &Arc<Slot>, t: Telemetry) {
+        let queued = slot.row().replace((t, now_ms())).is_some();
+        if !queued {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(slot.clone());
         }
         self.work.notify_one();
     }
 
     /// The device's last stored sequence number, read from the database when its worker
     /// starts: copies of it need no write.
-    pub fn known(&self, device: &DeviceId, seq: u64) {
-        if let Ok(mut book) = self.receipts.lock() {
-            let stored = book.stored.entry(device.clone()).or_insert(seq);
-            *stored = (*stored).max(seq);
-        }
-    }
-
-    /// A message with this sequence number was a duplicate of one already accepted: its
-    /// acknowledgement goes out once that one is stored (now, unless it is still pending).
-    pub fn duplicate(&self, device: &DeviceId, seq: u64) {
-        let pending = self
-            .pending
-            .lock()
-            .map(|p| p.contains_key(device))
-            .unwrap_or(false);
-        if pending {
-            return; // the flush that stores the newer one settles it
-        }
-        if let Ok(mut book) = self.receipts.lock() {
-            book.settle(device, true, |s| s <= seq);
-            self.metrics.unstored.set(gauge_value(book.held));
-        }
+    pub fn known(&self, slot: &Slot, seq: u64) {
+        slot.ledger.raise(seq);
     }
 
     /// A message with this sequence number was not handled (the device's queue was full): it
     /// is acknowledged as dropped and counted by the edge.
     pub fn refused(&self, device: &DeviceId, seq: u64) {
-        if let Ok(mut book) = self.receipts.lock() {
-            book.settle(device, false, |s| s == seq);
-            self.metrics.unstored.set(gauge_value(book.held));
-        }
+        self.slot(device).ledger.refuse(seq);
     }
 
     /// Acknowledgements waiting for a write, over all devices.
     #[cfg(test)]
-    fn held(&self) -> usize {
-        let held = self
-            .receipts
-            .lock()
-            .map(|b| b.waiting.values().map(Vec::len).sum())
-            .unwrap_or(0);
-        assert_eq!(self.metrics.unstored.get(), gauge_value(held));
-        held
+    fn held(&self) -> i64 {
+        self.metrics.unstored.get()
     }
 
     /// After a commit: everything up to each stored sequence number is acknowledged.
-    fn stored(&self, batch: &HashMap<DeviceId, (Telemetry, i64)>) {
-        let Ok(mut book) = self.receipts.lock() else {
-            return;
-        };
-        for (device, (t, _)) in batch {
-            let seq = t.seq;
-            let before = match book.stored.get_mut(device) {
-                Some(stored) => Some(std::mem::replace(stored, seq)),
-                None => book.stored.insert(device.clone(), seq),
-            };
-            // A restarted counter: what waited belonged to the old count.
-            let restarted = before.is_some_and(|b| b > seq);
-            book.settle(device, true, |s| restarted || s <= seq);
+    fn stored(batch: &[(Arc<Slot>, Row)]) {
+        for (slot, (t, _)) in batch {
+            slot.ledger.store(t.seq);
         }
-        self.metrics.unstored.set(gauge_value(book.held));
     }
 
-    fn take(&self) -> HashMap<DeviceId, (Telemetry, i64)> {
-        // The next batch starts with room for as many devices as this one had (an empty map
-        // would grow, rehashing, from 4 to that size on every flush).
-        self.pending
-            .lock()
-            .map(|mut p| {
-                let room = p.len();
-                std::mem::replace(&mut *p, HashMap::with_capacity(room))
+    /// The rows waiting, each device once, taken from their slots.
+    fn take(&self) -> Vec<(Arc<Slot>, Row)> {
+        // The next batch starts with room for as many devices as this one had.
+        let slots = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let room = p.len();
+            std::mem::replace(&mut *p, Vec::with_capacity(room))
+        };
+        slots
+            .into_iter()
+            .filter_map(|slot| {
+                let row = slot.row().take()?;
+                Some((slot, row))
             })
-            .unwrap_or_default()
+            .collect()
+    }
+
+    /// Puts rows a failed write took back, unless newer values arrived meanwhile.
+    fn put_back(&self, batch: Vec<(Arc<Slot>, Row)>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for (slot, row) in batch {
+            let mut current = slot.row();
+            if current.is_none() {
+                *current = Some(row);
+                drop(current);
+                pending.push(slot);
+            }
+        }
     }
 
     /// Writes everything pending in one transaction. On failure the rows are put back
@@ -280,16 +256,12 @@ impl Batcher {
         }
         match written {
             Ok(()) => {
-                self.stored(&batch);
+                Self::stored(&batch);
                 Ok(n)
             }
             Err(e) => {
                 self.metrics.write_failures.inc();
-                if let Ok(mut p) = self.pending.lock() {
-                    for (k, v) in batch {
-                        p.entry(k).or_insert(v);
-                    }
-                }
+                self.put_back(batch);
                 Err(e)
             }
         }
@@ -345,69 +317,108 @@ mod tests {
 
     fn hold(b: &Batcher, device: &DeviceId, seq: u64) -> Option<Receipt> {
         let payload = Bytes::from(companion_schema::encode(&telemetry(seq)).unwrap());
-        b.hold(device, TopicKind::Telemetry, &payload)
+        b.hold(&b.ledger(device), TopicKind::Telemetry, &payload)
     }
+
+    use companion_broker::Settled;
 
     #[test]
     fn receipts_settle_on_the_commit_that_stores_their_sequence_number() {
         let b = Batcher::default();
         let d = DeviceId::parse("dev-1").unwrap();
+        let ledger = b.ledger(&d);
         assert!(b
-            .hold(&d, TopicKind::Button, &Bytes::from_static(b"x"))
+            .hold(&ledger, TopicKind::Button, &Bytes::from_static(b"x"))
             .is_none());
         assert!(
             b.hold(
-                &d,
+                &ledger,
                 TopicKind::Telemetry,
                 &Bytes::from_static(b"not msgpack")
             )
             .is_none(),
             "undecodable: nothing will be stored, nothing to wait for"
         );
-        let mut r1 = hold(&b, &d, 1).unwrap();
-        let mut r2 = hold(&b, &d, 2).unwrap();
-        let mut r3 = hold(&b, &d, 3).unwrap();
+        let r1 = hold(&b, &d, 1).unwrap();
+        let r2 = hold(&b, &d, 2).unwrap();
+        let r3 = hold(&b, &d, 3).unwrap();
         assert_eq!(b.held(), 3);
-        let batch: HashMap<_, _> = [(d.clone(), (telemetry(2), 0))].into();
-        b.stored(&batch);
-        assert_eq!(r1.try_recv(), Ok(true));
-        assert_eq!(r2.try_recv(), Ok(true));
-        assert!(r3.try_recv().is_err(), "3 is not stored yet");
+        let slot = b.slot(&d);
+        b.put(&slot, telemetry(2));
+        let batch = b.take();
+        assert_eq!(batch.len(), 1);
+        Batcher::stored(&batch);
+        assert_eq!(r1.try_settled(), Some(Settled::Stored));
+        assert_eq!(r2.try_settled(), Some(Settled::Stored));
+        assert_eq!(r3.try_settled(), None, "3 is not stored yet");
         // Copies of stored messages are acknowledged at once.
         assert!(hold(&b, &d, 2).is_none());
         // A message the device's queue could not take is refused.
         b.refused(&d, 3);
-        assert_eq!(r3.try_recv(), Ok(false));
+        assert_eq!(r3.try_settled(), Some(Settled::Refused));
+        drop((r1, r2, r3));
         assert_eq!(b.held(), 0);
     }
 
     #[test]
-    fn a_duplicate_waits_for_its_original_only_while_that_is_pending() {
+    fn a_duplicate_waits_for_its_original_while_that_is_pending() {
         let b = Batcher::default();
         let d = DeviceId::parse("dev-2").unwrap();
-        b.known(&d, 10); // from the database
+        let slot = b.slot(&d);
+        b.known(&slot, 10); // from the database
         assert!(hold(&b, &d, 9).is_none(), "stored before the restart");
-        b.put(&d, telemetry(11));
-        let mut copy = hold(&b, &d, 11).unwrap();
-        b.duplicate(&d, 11);
-        assert!(copy.try_recv().is_err(), "11 is still pending");
+        b.put(&slot, telemetry(11));
+        let copy = hold(&b, &d, 11).unwrap();
+        assert_eq!(copy.try_settled(), None, "11 is still pending");
         let batch = b.take();
-        b.stored(&batch);
-        assert_eq!(copy.try_recv(), Ok(true));
+        Batcher::stored(&batch);
+        assert_eq!(copy.try_settled(), Some(Settled::Stored));
         let far = 11 + RESET_DISTANCE + 5;
-        let mut later = hold(&b, &d, far).unwrap();
-        b.stored(&[(d.clone(), (telemetry(far), 0))].into());
-        assert_eq!(later.try_recv(), Ok(true));
-        let mut later = hold(&b, &d, far + 1).unwrap();
-        let mut restart = hold(&b, &d, 1).unwrap();
-        let batch: HashMap<_, _> = [(d.clone(), (telemetry(1), 0))].into();
-        b.stored(&batch);
-        assert_eq!(restart.try_recv(), Ok(true));
+        let later = hold(&b, &d, far).unwrap();
+        b.put(&slot, telemetry(far));
+        Batcher::stored(&b.take());
+        assert_eq!(later.try_settled(), Some(Settled::Stored));
+        let later = hold(&b, &d, far + 1).unwrap();
+        let restart = hold(&b, &d, 1).unwrap();
+        b.put(&slot, telemetry(1));
+        Batcher::stored(&b.take());
+        assert_eq!(restart.try_settled(), Some(Settled::Stored));
         assert_eq!(
-            later.try_recv(),
-            Ok(true),
+            later.try_settled(),
+            Some(Settled::Stored),
             "a restarted counter settles what waited"
         );
+    }
+
+    #[test]
+    fn a_device_is_in_a_batch_once_with_its_latest_row() {
+        let b = Batcher::default();
+        let (d1, d2) = (
+            DeviceId::parse("dev-a").unwrap(),
+            DeviceId::parse("dev-b").unwrap(),
+        );
+        let (s1, s2) = (b.slot(&d1), b.slot(&d2));
+        assert!(Arc::ptr_eq(&s1, &b.slot(&d1)), "one slot per device");
+        b.put(&s1, telemetry(1));
+        b.put(&s2, telemetry(5));
+        b.put(&s1, telemetry(2));
+        let batch = b.take();
+        let seqs: Vec<(&str, u64)> = batch
+            .iter()
+            .map(|(s, (t, _))| (s.device.as_str(), t.seq))
+            .collect();
+        assert_eq!(seqs, vec![("dev-a", 2), ("dev-b", 5)]);
+        assert!(b.take().is_empty());
+        // A failed write puts its rows back, except where a newer row arrived meanwhile.
+        b.put(&s2, telemetry(6));
+        b.put_back(batch);
+        let mut seqs: Vec<(String, u64)> = b
+            .take()
+            .iter()
+            .map(|(s, (t, _))| (s.device.to_string(), t.seq))
+            .collect();
+        seqs.sort();
+        assert_eq!(seqs, vec![("dev-a".to_owned(), 2), ("dev-b".to_owned(), 6)]);
     }
 
     /// 300 devices in one flush (chunks of 256, 32, 8 and 4), one of them unknown, then again
@@ -442,9 +453,9 @@ mod tests {
                 t.cpu_temp_c = (round == 2).then_some(41.5);
                 t.rssi_dbm = (i % 2 == 0).then_some(-60);
                 t.extra.insert("round".into(), round as f64);
-                b.put(d, t);
+                b.put(&b.slot(d), t);
             }
-            b.put(&unknown, telemetry(round));
+            b.put(&b.slot(&unknown), telemetry(round));
             assert_eq!(b.flush(&db).await.unwrap(), 300);
             type Row = (
                 String,

@@ -1,12 +1,13 @@
 //! Telemetry storage: the multi-row upsert into `telemetry_latest` a flush is written with,
 //! and the last stored sequence number of a device.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
-use companion_schema::{DeviceId, Telemetry};
+use companion_schema::DeviceId;
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, Connection};
 
+use super::{Row, Slot};
 use crate::db::Db;
 use crate::settings::DatabaseKind;
 
@@ -115,7 +116,7 @@ fn bind_float<'q>(
 pub(super) async fn write(
     db: &Db,
     conn: &mut Option<PoolConnection<Any>>,
-    batch: &HashMap<DeviceId, (Telemetry, i64)>,
+    batch: &[(Arc<Slot>, Row)],
 ) -> Result<(), sqlx::Error> {
     let _gate = db.write_gate().await;
     let conn = match conn {
@@ -126,14 +127,14 @@ pub(super) async fn write(
     let mut rows = batch.iter();
     for size in chunks(batch.len()) {
         let mut q = sqlx::query(upsert_statement(size, db.kind()));
-        for (device, (t, received)) in rows.by_ref().take(size) {
+        for (slot, (t, received)) in rows.by_ref().take(size) {
             let extra = if t.extra.is_empty() {
                 None
             } else {
                 serde_json::to_string(&t.extra).ok()
             };
             q = q
-                .bind(device.as_str())
+                .bind(slot.device.as_str())
                 .bind(i64::try_from(t.seq).unwrap_or(i64::MAX))
                 .bind(i64::try_from(t.ts_ms).unwrap_or(i64::MAX))
                 .bind(*received)

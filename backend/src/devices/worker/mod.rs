@@ -12,7 +12,7 @@ mod conversation;
 
 use super::persona::{self, Actor};
 use super::session::Session;
-use super::telemetry::{classify, last_seq, SeqVerdict};
+use super::telemetry::{classify, last_seq, SeqVerdict, Slot};
 use super::turn::{Internal, INTERNAL_QUEUE};
 use super::{Command, DeviceEvent, Dispatcher, Runtime, IDLE_EXIT};
 use crate::db::now_ms;
@@ -37,12 +37,15 @@ pub struct Worker {
     session: Session,
     internal_tx: mpsc::Sender<Box<Internal>>,
     internal_rx: mpsc::Receiver<Box<Internal>>,
+    /// The device's place in the telemetry batcher.
+    slot: Arc<Slot>,
 }
 
 impl Worker {
     pub fn new(device: DeviceId, rt: Arc<Runtime>, dispatcher: Arc<Dispatcher>) -> Self {
         let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         Self {
+            slot: rt.telemetry.slot(&device),
             device,
             persona: rt.personas.default_persona().clone(),
             rt,
@@ -72,7 +75,7 @@ impl Worker {
                 .await;
         if let Some(seq) = last_seq(&self.rt.db, &self.device).await {
             self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
-            self.rt.telemetry.known(&self.device, seq);
+            self.rt.telemetry.known(&self.slot, seq);
         }
         match (persona, cfg) {
             (Ok((p, at, trigger)), Ok(cfg)) => {
@@ -268,8 +271,9 @@ impl Worker {
     fn telemetry_event(&mut self, t: Telemetry) -> Option<RuleEvent> {
         match classify(self.last_seq, t.seq) {
             SeqVerdict::Duplicate => {
+                // Its acknowledgement, if held, goes out once the original is stored (the
+                // ledger's watermark reaches it).
                 self.rt.metrics.telemetry_duplicates.inc();
-                self.rt.telemetry.duplicate(&self.device, t.seq);
                 return None;
             }
             SeqVerdict::Accept { gap } => {
@@ -315,7 +319,7 @@ impl Worker {
             topic: self.topic(TopicKind::Telemetry),
             fields,
         };
-        self.rt.telemetry.put(&self.device, t);
+        self.rt.telemetry.put(&self.slot, t);
         Some(event)
     }
 
