@@ -9,9 +9,14 @@
 //!                                                       └─ session state machine ──▶ turn task (voice)
 //! ```
 //!
+//! Telemetry usually skips the worker: the dispatcher checks its sequence, hands it to the
+//! batch writer and evaluates its rules inline ([`intake`]); only matched rules' actions go to
+//! the worker.
+//!
 //! A worker exits after [`IDLE_EXIT`] without events or a session, and is recreated on the
 //! next event (its state reloads from the database).
 
+mod intake;
 pub mod metrics;
 pub mod persona;
 pub mod session;
@@ -67,6 +72,8 @@ pub enum DeviceEvent {
     /// Events another replica's death left unhandled (a takeover's shadow), in order, in one
     /// queue slot: the backlog can be longer than the queue.
     Replay(Vec<DeviceEvent>),
+    /// Telemetry handled outside the worker whose rules matched: their actions.
+    Matched(Box<intake::Matched>),
 }
 
 impl DeviceEvent {
@@ -81,6 +88,7 @@ impl DeviceEvent {
             DeviceEvent::Command(_) => "command",
             DeviceEvent::Reload => "reload",
             DeviceEvent::Replay(_) => "replay",
+            DeviceEvent::Matched(_) => "telemetry",
         }
     }
 
@@ -218,8 +226,26 @@ impl Dispatcher {
         &self.runtime
     }
 
-    /// Queues `event` for `device` without waiting; a full queue drops it (counted).
+    /// Hands `event` for `device` on without waiting: telemetry is handled inline where it
+    /// can be ([`intake`]), everything else is queued for the device's worker; a full queue
+    /// drops it (counted).
     pub fn dispatch(self: &Arc<Self>, device: &DeviceId, event: DeviceEvent) -> bool {
+        match event {
+            DeviceEvent::Telemetry(t) => self.telemetry(device, t),
+            DeviceEvent::Replay(events) => {
+                // It may hold telemetry: queued under the sequence lock with the inline path
+                // closed, like a single message.
+                let slot = self.runtime.telemetry.slot(device);
+                let mut state = slot.seq();
+                state.inline = false;
+                self.enqueue(device, DeviceEvent::Replay(events))
+            }
+            event => self.enqueue(device, event),
+        }
+    }
+
+    /// Queues `event` for `device`'s worker without waiting; a full queue drops it (counted).
+    fn enqueue(self: &Arc<Self>, device: &DeviceId, event: DeviceEvent) -> bool {
         let label = event.label();
         let Ok(mut workers) = self.workers.lock() else {
             return false;
@@ -414,8 +440,27 @@ mod tests {
         settle(|| rt.metrics.telemetry_duplicates.get() == 1).await;
         assert_eq!(rt.metrics.workers.get(), 1);
         tokio::time::advance(IDLE_EXIT - Duration::from_secs(10)).await;
+        // Telemetry skips an idle worker now (it is handled inline: no event for the worker);
+        // a status event reaches it, and the shipped rules log an offline device.
         dispatcher.deliver(&id, telemetry(1), Instant::now());
         settle(|| rt.metrics.telemetry_duplicates.get() == 2).await;
+        let offline = Payload::Status(Status {
+            v: 1,
+            online: false,
+            agent_version: "test".into(),
+            boot_id: "b".into(),
+            ts_ms: 0,
+        });
+        dispatcher.deliver(&id, offline, Instant::now());
+        let logged = || {
+            rt.rule_metrics
+                .matches
+                .get_or_create(&crate::rules::store::RuleLabel {
+                    rule: "offline device is logged".into(),
+                })
+                .get()
+        };
+        settle(|| logged() == 1).await;
         // Past the first event's exit time; 20 s after the last event.
         tokio::time::advance(Duration::from_secs(20)).await;
         for _ in 0..1_000 {
@@ -424,6 +469,66 @@ mod tests {
         assert_eq!(rt.metrics.workers.get(), 1, "an event 20 s ago keeps it");
         tokio::time::advance(IDLE_EXIT).await;
         settle(|| rt.metrics.workers.get() == 0).await;
+        shutdown.cancel();
+    }
+
+    /// Telemetry goes through the worker until the worker has read the stored sequence and
+    /// emptied its queue, then is handled inline (accepted before `deliver` returns); only a
+    /// message whose rules match sends the worker their actions. A replay closes the inline
+    /// path until the worker has handled it, so nothing overtakes it.
+    #[tokio::test]
+    async fn telemetry_skips_the_worker_once_it_has_caught_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dispatcher, shutdown) = dispatcher(&dir).await;
+        let id = new_device(&dispatcher).await;
+        let rt = dispatcher.runtime.clone();
+        let slot = rt.telemetry.slot(&id);
+        let now = Instant::now();
+        dispatcher.deliver(&id, telemetry(1), now);
+        assert_eq!(slot.seq().last, None, "queued for the new worker");
+        let give_up = std::time::Instant::now() + Duration::from_secs(20);
+        while !slot.seq().inline {
+            assert!(std::time::Instant::now() < give_up, "the worker caught up");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(slot.seq().last, Some(1));
+
+        dispatcher.deliver(&id, telemetry(3), now);
+        assert_eq!(slot.seq().last, Some(3), "accepted inline");
+        assert_eq!(rt.metrics.telemetry_gaps.get(), 1);
+        dispatcher.deliver(&id, telemetry(3), now);
+        assert_eq!(rt.metrics.telemetry_duplicates.get(), 1);
+
+        // Low battery: the shipped rule matches, and the worker runs its action.
+        let matched = || {
+            rt.rule_metrics
+                .matches
+                .get_or_create(&crate::rules::store::RuleLabel {
+                    rule: "low battery pulses amber".into(),
+                })
+                .get()
+        };
+        let mut low = crate::cluster::testkit::telemetry_sample(4);
+        low.battery_pct = Some(5.0);
+        dispatcher.deliver(&id, Payload::Telemetry(low), now);
+        assert_eq!(slot.seq().battery, Some(5.0));
+        settle(|| matched() == 1).await;
+
+        // A replay queues; telemetry after it waits behind it, in order.
+        dispatcher.replay(&id, vec![(telemetry(5), now)]);
+        assert!(!slot.seq().inline);
+        dispatcher.deliver(&id, telemetry(6), now);
+        assert_eq!(slot.seq().last, Some(4), "both wait for the worker");
+        settle(|| slot.seq().last == Some(6)).await;
+        assert_eq!(rt.metrics.telemetry_gaps.get(), 1, "5 then 6, no gap");
+        assert_eq!(rt.metrics.telemetry_duplicates.get(), 1);
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while telemetry::last_seq(&rt.db, &id).await != Some(6) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("stored");
         shutdown.cancel();
     }
 

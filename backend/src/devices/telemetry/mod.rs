@@ -87,12 +87,38 @@ pub struct Slot {
     /// `Some` while the slot is in `Batcher::pending` (or in the batch being taken from it).
     row: Mutex<Option<Row>>,
     ledger: Arc<Ledger>,
+    /// Sequence tracking, shared by the device's worker and the dispatcher's inline path.
+    seq: Mutex<SeqState>,
+}
+
+/// A device's telemetry sequence, as far as accepted.
+#[derive(Debug, Default)]
+pub struct SeqState {
+    /// Telemetry may be handled without the device's worker: it read the stored sequence
+    /// number and has no telemetry waiting in its queue. Cleared (under this lock) whenever
+    /// telemetry is queued for the worker, set again by the worker once its queue is empty,
+    /// so telemetry is always accepted in the order it arrived.
+    pub inline: bool,
+    /// The last accepted sequence number.
+    pub last: Option<u64>,
+    /// The battery reading of the last accepted message (rules read it as `device.battery_pct`).
+    pub battery: Option<f64>,
 }
 
 impl Slot {
     fn row(&self) -> std::sync::MutexGuard<'_, Option<Row>> {
         // One plain value, replaced whole: a panic elsewhere cannot leave it half-written.
         self.row.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device's sequence state, locked.
+    pub fn seq(&self) -> std::sync::MutexGuard<'_, SeqState> {
+        // Plain fields, each written whole: a panic elsewhere cannot leave them inconsistent.
+        self.seq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn device(&self) -> &DeviceId {
+        &self.device
     }
 }
 
@@ -159,6 +185,7 @@ impl Batcher {
             device: device.clone(),
             row: Mutex::new(None),
             ledger: Arc::new(Ledger::new(self.metrics.unstored.clone())),
+            seq: Mutex::new(SeqState::default()),
         });
         slots.insert(device.clone(), slot.clone());
         slot

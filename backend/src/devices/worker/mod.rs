@@ -12,9 +12,9 @@ mod conversation;
 
 use super::persona::{self, Actor};
 use super::session::Session;
-use super::telemetry::{classify, last_seq, SeqVerdict, Slot};
+use super::telemetry::{last_seq, Slot};
 use super::turn::{Internal, INTERNAL_QUEUE};
-use super::{Command, DeviceEvent, Dispatcher, Runtime, IDLE_EXIT};
+use super::{intake, Command, DeviceEvent, Dispatcher, Runtime, IDLE_EXIT};
 use crate::db::now_ms;
 use crate::personas::Persona;
 use crate::rules::store::RuleLabel;
@@ -28,8 +28,6 @@ pub struct Worker {
     persona_at: u64,
     persona_trigger: String,
     online: bool,
-    last_seq: Option<u64>,
-    battery: Option<f64>,
     config: DeviceConfig,
     /// Persona and config were read from the database (not defaults standing in for a
     /// database that did not answer).
@@ -53,8 +51,6 @@ impl Worker {
             persona_at: 0,
             persona_trigger: "default".into(),
             online: false,
-            last_seq: None,
-            battery: None,
             config: DeviceConfig::default(),
             loaded: false,
             session: Session::default(),
@@ -74,7 +70,10 @@ impl Worker {
                 .fetch_optional(self.rt.db.pool())
                 .await;
         if let Some(seq) = last_seq(&self.rt.db, &self.device).await {
-            self.last_seq = Some(self.last_seq.map_or(seq, |s| s.max(seq)));
+            {
+                let mut state = self.slot.seq();
+                state.last = Some(state.last.map_or(seq, |s| s.max(seq)));
+            }
             self.rt.telemetry.known(&self.slot, seq);
         }
         match (persona, cfg) {
@@ -130,6 +129,7 @@ impl Worker {
                             }
                             ev => Box::pin(self.handle(ev)).await,
                         }
+                        self.reopen_inline(&rx);
                     }
                     None => break,
                 },
@@ -217,6 +217,15 @@ impl Worker {
                     Box::pin(self.handle(ev)).await;
                 }
             }
+            DeviceEvent::Matched(m) => {
+                let intake::Matched {
+                    event,
+                    set,
+                    rules,
+                    started,
+                } = *m;
+                self.run_actions(event, set, rules, started).await;
+            }
         }
     }
 
@@ -229,7 +238,7 @@ impl Worker {
             id: self.device.to_string(),
             persona: self.persona.id.to_string(),
             online: self.online,
-            battery_pct: self.battery,
+            battery_pct: self.slot.seq().battery,
         }
     }
 
@@ -266,61 +275,19 @@ impl Worker {
         }
     }
 
-    /// Telemetry up to the rules, without an await: sequence check (gaps counted, duplicates
-    /// dropped: `None`), handed to the batch writer; the event for the rules.
+    /// Telemetry up to the rules, without an await ([`intake::accept`]).
     fn telemetry_event(&mut self, t: Telemetry) -> Option<RuleEvent> {
-        match classify(self.last_seq, t.seq) {
-            SeqVerdict::Duplicate => {
-                // Its acknowledgement, if held, goes out once the original is stored (the
-                // ledger's watermark reaches it).
-                self.rt.metrics.telemetry_duplicates.inc();
-                return None;
-            }
-            SeqVerdict::Accept { gap } => {
-                if gap > 0 {
-                    self.rt.metrics.telemetry_gaps.inc_by(gap);
-                }
-            }
-            SeqVerdict::Reset => {
-                tracing::info!(device_id = %self.device, seq = t.seq, "telemetry sequence restarted");
-            }
+        let mut state = self.slot.seq();
+        intake::accept(&self.rt, &self.slot, &mut state, t)
+    }
+
+    /// Lets telemetry skip this worker again once none waits in its queue (checked under the
+    /// sequence lock the dispatcher queues telemetry under, so none can slip in between).
+    fn reopen_inline(&self, rx: &crate::devices::EventRx) {
+        let mut state = self.slot.seq();
+        if !state.inline && rx.is_empty() {
+            state.inline = true;
         }
-        self.last_seq = Some(t.seq);
-        self.battery = t.battery_pct.map(f64::from);
-        let mut fields = Vec::with_capacity(7);
-        fields.extend([
-            ("seq", Field::Int(i64::try_from(t.seq).unwrap_or(i64::MAX))),
-            (
-                "ts_ms",
-                Field::Int(i64::try_from(t.ts_ms).unwrap_or(i64::MAX)),
-            ),
-            (
-                "uptime_s",
-                Field::Int(i64::try_from(t.uptime_s).unwrap_or(i64::MAX)),
-            ),
-        ]);
-        if let Some(b) = t.battery_pct {
-            fields.push(("battery_pct", Field::Float(f64::from(b))));
-        }
-        if let Some(c) = t.cpu_temp_c {
-            fields.push(("cpu_temp_c", Field::Float(f64::from(c))));
-        }
-        if let Some(r) = t.rssi_dbm {
-            fields.push(("rssi_dbm", Field::Int(i64::from(r))));
-        }
-        if let Some(m) = t.free_mem_kb {
-            fields.push((
-                "free_mem_kb",
-                Field::Int(i64::try_from(m).unwrap_or(i64::MAX)),
-            ));
-        }
-        let event = RuleEvent {
-            kind: EventKind::Telemetry,
-            topic: self.topic(TopicKind::Telemetry),
-            fields,
-        };
-        self.rt.telemetry.put(&self.slot, t);
-        Some(event)
     }
 
     async fn status(&mut self, s: Status) {
@@ -399,36 +366,13 @@ impl Worker {
     /// whose actions are due, if any (most events match none: they need no await).
     fn matching_rules(&self, event: &RuleEvent) -> Option<(Arc<RuleSet>, Vec<usize>)> {
         let set = self.rt.rules.current();
-        let t0 = Instant::now();
         // The view allocates (id, persona): built only for rule sets that read it.
         let view = if set.uses_device() {
             self.view()
         } else {
             DeviceView::default()
         };
-        let results = set.evaluate_indexed(event, &view, now_ms());
-        self.rt
-            .rule_metrics
-            .eval_seconds
-            .observe(t0.elapsed().as_secs_f64());
-        let mut matched = Vec::new();
-        for (i, verdict) in results {
-            match verdict {
-                Ok(false) => {}
-                Ok(true) => matched.push(i),
-                Err(failure) => {
-                    let rule = &set.rules()[i];
-                    self.rt
-                        .rule_metrics
-                        .failures
-                        .get_or_create(&RuleLabel {
-                            rule: rule.name.clone(),
-                        })
-                        .inc();
-                    tracing::error!(rule = %rule.name, device_id = %self.device, topic = %event.topic, reason = %failure.0, "rule condition failed");
-                }
-            }
-        }
+        let matched = intake::matching(&self.rt, &set, event, &view, &self.device);
         (!matched.is_empty()).then_some((set, matched))
     }
 
