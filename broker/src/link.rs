@@ -256,6 +256,26 @@ pub struct Uplink {
     tx: std::sync::Mutex<Option<LinkTx>>,
     client_id: String,
     sink: std::sync::RwLock<Option<Arc<dyn UpSink>>>,
+    /// Bumped by every [`Uplink::set_sink`]: a connection's [`SinkCache`] is stale when it
+    /// differs. A connection reads it (a line nobody writes while the sink stays) instead of
+    /// taking the lock and cloning the sink per publish: two threads' read-modify-writes on
+    /// the same lock word and reference count cost a cache-line transfer each.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+/// A connection's copy of the uplink's sink, and the generation it was taken at.
+pub struct SinkCache {
+    generation: u64,
+    sink: Option<Arc<dyn UpSink>>,
+}
+
+impl Default for SinkCache {
+    fn default() -> Self {
+        Self {
+            generation: u64::MAX, // never an uplink's: the first use reads the sink
+            sink: None,
+        }
+    }
 }
 
 impl Uplink {
@@ -270,25 +290,46 @@ impl Uplink {
             tx: std::sync::Mutex::new(Some(tx)),
             client_id: client_id.to_owned(),
             sink: std::sync::RwLock::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
         });
         Ok((uplink, rx))
     }
 
     /// Sends up topics to `sink` from now on (`None`: through the router again).
     pub(crate) fn set_sink(&self, sink: Option<Arc<dyn UpSink>>) {
-        *self.sink.write().unwrap_or_else(|p| p.into_inner()) = sink;
+        let mut current = self.sink.write().unwrap_or_else(|p| p.into_inner());
+        *current = sink;
+        // Under the lock: a reader that sees the new generation reads the new sink.
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
-    fn sink(&self) -> Option<Arc<dyn UpSink>> {
-        self.sink.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The sink now, through `cache`.
+    fn sink<'c>(&self, cache: &'c mut SinkCache) -> Option<&'c Arc<dyn UpSink>> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        if cache.generation != generation {
+            let current = self.sink.read().unwrap_or_else(|p| p.into_inner());
+            cache.sink = current.clone();
+            cache.generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        }
+        cache.sink.as_ref()
     }
 
     /// Hands `packets` (drained) to the router.
     pub async fn push(&self, packets: &mut Vec<Packet>) -> Result<(), RouterLinkError> {
+        self.push_cached(packets, &mut SinkCache::default()).await
+    }
+
+    /// [`Uplink::push`] for a connection that keeps a [`SinkCache`].
+    pub async fn push_cached(
+        &self,
+        packets: &mut Vec<Packet>,
+        cache: &mut SinkCache,
+    ) -> Result<(), RouterLinkError> {
         if packets.is_empty() {
             return Ok(());
         }
-        if let Some(sink) = self.sink() {
+        if let Some(sink) = self.sink(cache) {
             for packet in packets.drain(..) {
                 if let Packet::Publish(publish, _) = packet {
                     sink.deliver(&publish.topic, &publish.payload);

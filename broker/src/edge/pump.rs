@@ -26,6 +26,7 @@ use super::sessions::{Control, Down};
 use super::Edge;
 use crate::acl;
 use crate::events::{AclAction, DisconnectReason};
+use crate::link::SinkCache;
 use crate::metrics::{ClassLabel, ReasonLabel};
 use crate::packet::{self, Codec, PacketError};
 use crate::receipts::Ledger;
@@ -56,8 +57,8 @@ pub(super) struct Pump<'a> {
     limits: PublishLimits,
     dropped: Counter,
     throttled: Counter,
-    counters_in: HashMap<Option<TopicKind>, ClassCounters>,
-    counters_out: HashMap<Option<TopicKind>, ClassCounters>,
+    counters_in: ClassCache,
+    counters_out: ClassCache,
     /// Down kinds the device subscribed to, with the QoS granted.
     subscriptions: HashMap<TopicKind, u8>,
     /// Packet ids of QoS 1 messages sent to the device and not yet acknowledged.
@@ -93,8 +94,8 @@ impl<'a> Pump<'a> {
                 })
                 .clone(),
             throttled: edge.metrics.throttled.clone(),
-            counters_in: HashMap::new(),
-            counters_out: HashMap::new(),
+            counters_in: ClassCache::default(),
+            counters_out: ClassCache::default(),
             subscriptions: HashMap::new(),
             inflight: HashSet::new(),
             next_packet_id: 0,
@@ -123,6 +124,7 @@ impl<'a> Pump<'a> {
         // is given back after each batch (10,000 idle connections would otherwise each keep
         // the largest batch they ever read).
         let mut to_router: Vec<Packet> = Vec::with_capacity(1);
+        let mut sink = SinkCache::default();
         let mut to_device = BytesMut::with_capacity(BUFFER);
         let mut downs: Vec<Box<Down>> = Vec::new();
         // Keep-alive: one timer for the connection, moved only when it fires (resetting it per
@@ -140,7 +142,12 @@ impl<'a> Pump<'a> {
         let mut step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
         loop {
             // The router first: acknowledgements in `to_device` promise it has the publishes.
-            if let Err(e) = self.edge.uplink.push(&mut to_router).await {
+            if let Err(e) = self
+                .edge
+                .uplink
+                .push_cached(&mut to_router, &mut sink)
+                .await
+            {
                 tracing::warn!(device_id = %self.device, error = %e, "router uplink lost");
                 return DisconnectReason::ProtocolError;
             }
@@ -460,12 +467,19 @@ impl<'a> Pump<'a> {
 
 type CounterFamily = prometheus_client::metrics::family::Family<ClassLabel, Counter>;
 
+/// A connection's counters per topic class (each kind, and `None` for the rest), resolved
+/// on first use. An array indexed by kind: a hash map's lookup (SipHash of the key) was ~1 %
+/// of the server's CPU at 10,000 msg/s.
+#[derive(Default)]
+struct ClassCache([Option<ClassCounters>; TopicKind::ALL.len() + 1]);
+
 fn class_counters<'c, 'f>(
-    cache: &'c mut HashMap<Option<TopicKind>, ClassCounters>,
+    cache: &'c mut ClassCache,
     kind: Option<TopicKind>,
     families: impl FnOnce() -> (&'f CounterFamily, &'f CounterFamily),
 ) -> &'c ClassCounters {
-    cache.entry(kind).or_insert_with(|| {
+    let at = kind.map_or(TopicKind::ALL.len(), |k| k as usize);
+    cache.0[at].get_or_insert_with(|| {
         let (messages, bytes) = families();
         let label = ClassLabel::of(kind);
         ClassCounters {
