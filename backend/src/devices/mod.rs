@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! bus::run ──dispatch──▶ Dispatcher ──bounded queue──▶ worker (one per active device)
-//! edge events ─────────▶     │                          ├─ telemetry seq / batch writer
+//! edge events ─────────▶     │ (telemetry: inline)      ├─ telemetry it could not take
 //! REST commands ───────▶     │                          ├─ rules engine + actions
 //!                                                       ├─ persona switching
 //!                                                       └─ session state machine ──▶ turn task (voice)
