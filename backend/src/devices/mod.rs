@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Telemetry usually skips the worker: the dispatcher checks its sequence, hands it to the
-//! batch writer and evaluates its rules inline ([`intake`]); only matched rules' actions go to
+//! batch writer and evaluates its rules inline (`intake`); only matched rules' actions go to
 //! the worker.
 //!
 //! A worker exits after [`IDLE_EXIT`] without events or a session, and is recreated on the
@@ -227,7 +227,7 @@ impl Dispatcher {
     }
 
     /// Hands `event` for `device` on without waiting: telemetry is handled inline where it
-    /// can be ([`intake`]), everything else is queued for the device's worker; a full queue
+    /// can be (`intake`), everything else is queued for the device's worker; a full queue
     /// drops it (counted).
     pub fn dispatch(self: &Arc<Self>, device: &DeviceId, event: DeviceEvent) -> bool {
         match event {
