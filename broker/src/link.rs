@@ -21,13 +21,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use companion_schema::{Topic, TopicKind};
+use bytes::Bytes;
+use companion_schema::{DeviceId, Topic, TopicKind};
 use futures::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::Packet;
 use rumqttd::Notification;
+
+use crate::receipts::{Ledger, Receipt};
 
 /// Capacity of rumqttd 0.20's router event channel (`Router::new`: `bounded(1000)`).
 const ROUTER_QUEUE: usize = 1000;
@@ -241,9 +244,27 @@ impl Link {
 /// round trip), a commit-log append and a notification to the reader's task per message: a
 /// fifth of the server's CPU at 10,000 telemetry messages/s.
 pub trait UpSink: Send + Sync {
-    /// A publish from a device (authenticated, ACL-checked, aliases resolved). Called on the
-    /// device's connection task: must not wait.
+    /// A publish from a device (authenticated, ACL-checked, aliases resolved): its Will.
+    /// Called on the device's connection task: must not wait.
     fn deliver(&self, topic: &[u8], payload: &[u8]);
+
+    /// A device's publish to its own up topic of `kind` (authenticated, ACL-checked, aliases
+    /// resolved), on its connection task: must not wait. `hold` is the device's receipt
+    /// ledger for a QoS 1 publish where a [`crate::Receipts`] hook is installed: the sink
+    /// decides whether the PUBACK waits (the returned receipt) while it is set, so that it can
+    /// read the payload once for both. The default delivers and acknowledges at once.
+    fn publish(
+        &self,
+        device: &DeviceId,
+        kind: TopicKind,
+        topic: &[u8],
+        payload: &Bytes,
+        hold: Option<&Arc<Ledger>>,
+    ) -> Option<Receipt> {
+        let _ = (device, kind, hold);
+        self.deliver(topic, payload);
+        None
+    }
 }
 
 /// The edge's shared way in: every device's publishes go into the router through this one
@@ -305,7 +326,7 @@ impl Uplink {
     }
 
     /// The sink now, through `cache`.
-    fn sink<'c>(&self, cache: &'c mut SinkCache) -> Option<&'c Arc<dyn UpSink>> {
+    pub(crate) fn sink<'c>(&self, cache: &'c mut SinkCache) -> Option<&'c Arc<dyn UpSink>> {
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
         if cache.generation != generation {
             let current = self.sink.read().unwrap_or_else(|p| p.into_inner());

@@ -188,3 +188,57 @@ async fn a_lost_receipt_closes_the_connection_without_an_acknowledgement() {
     assert!(!rest.starts_with(&[0x40]), "no PUBACK: {rest:?}");
     app.shutdown.cancel();
 }
+
+/// An up sink that keeps what it is given and holds every QoS 1 publish at mark 1.
+struct HoldingSink(Mutex<Vec<(String, TopicKind, bool)>>);
+
+impl companion_broker::UpSink for HoldingSink {
+    fn deliver(&self, _: &[u8], _: &[u8]) {}
+
+    fn publish(
+        &self,
+        device: &DeviceId,
+        kind: TopicKind,
+        _topic: &[u8],
+        _payload: &Bytes,
+        hold: Option<&Arc<Ledger>>,
+    ) -> Option<Receipt> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((device.to_string(), kind, hold.is_some()));
+        hold?.hold(1, |stored| stored.is_some())
+    }
+}
+
+/// While an up sink is set it decides the receipt: the edge hands it the device, the kind and
+/// the device's ledger for a QoS 1 publish (none for QoS 0), and the PUBACK waits for what it
+/// returned.
+#[tokio::test]
+async fn an_up_sink_holds_the_puback_of_what_it_is_given() {
+    let (app, held, mut s) = start().await;
+    let sink = Arc::new(HoldingSink(Mutex::new(Vec::new())));
+    app.handle.set_up_sink(Some(sink.clone()));
+    let mut out = publish_q1("devices/a/telemetry", 1, b"x");
+    // QoS 0: nothing to hold.
+    out.extend([0x30, 2 + 19 + 1, 0, 19]);
+    out.extend(b"devices/a/telemetry");
+    out.push(b'y');
+    out.extend(PINGREQ);
+    s.write_all(&out).await.unwrap();
+    assert_eq!(read_n(&mut s, 2).await, PINGRESP, "no PUBACK yet");
+    assert_eq!(
+        *sink.0.lock().unwrap(),
+        vec![
+            ("a".to_owned(), TopicKind::Telemetry, true),
+            ("a".to_owned(), TopicKind::Telemetry, false)
+        ]
+    );
+    assert!(
+        held.held.lock().unwrap().is_empty(),
+        "the hook's hold is not asked while a sink is set"
+    );
+    held.device("a").store(1);
+    assert_eq!(read_n(&mut s, 4).await, [0x40, 2, 0, 1]);
+    app.shutdown.cancel();
+}

@@ -8,8 +8,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use companion_broker::{BrokerHandle, LocalClient, LocalEvent, RouterLinkError, UpSink};
-use companion_schema::Qos;
+use companion_broker::{
+    BrokerHandle, Ledger, LocalClient, LocalEvent, Receipt, RouterLinkError, UpSink,
+};
+use companion_schema::{DeviceId, Qos, TopicKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -60,7 +62,20 @@ struct Sink(Arc<OnPublish>);
 
 impl UpSink for Sink {
     fn deliver(&self, topic: &[u8], payload: &[u8]) {
-        deliver(topic, payload, &*self.0);
+        deliver(topic, payload, &self.0);
+    }
+
+    /// The device and kind come parsed from the edge, and the payload is decoded once for the
+    /// receipt and the backend.
+    fn publish(
+        &self,
+        device: &DeviceId,
+        kind: TopicKind,
+        _topic: &[u8],
+        payload: &Bytes,
+        hold: Option<&Arc<Ledger>>,
+    ) -> Option<Receipt> {
+        self.0.publish_from(device, kind, payload, hold)
     }
 }
 
@@ -97,7 +112,7 @@ impl Connection for LocalConnection {
                         &mut client,
                         &mut self.queue,
                         &mut batch,
-                        &*on_publish,
+                        &on_publish,
                         &shutdown,
                     )
                     .await
@@ -154,5 +169,5 @@ async fn pump(
 fn deliver(topic: &[u8], payload: &[u8], on_publish: &OnPublish) {
     // Device topics passed the edge's ACL, so they are UTF-8; anything else is counted as an
     // invalid topic by the handler.
-    on_publish(std::str::from_utf8(topic).unwrap_or(""), payload);
+    on_publish.publish(std::str::from_utf8(topic).unwrap_or(""), payload);
 }

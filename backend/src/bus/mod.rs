@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use companion_broker::{Ledger, Receipt};
 use companion_schema::{DeviceId, Message, Payload, Qos, Topic, TopicKind};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -129,10 +130,84 @@ pub trait Inbox: Send + Sync {
     }
 }
 
-/// What is done with each delivery: `(topic, payload)`. Must not wait: on the embedded
-/// broker it is called on the publishing device's connection task (see
-/// `companion_broker::UpSink`), elsewhere on the connection task.
-pub type OnPublish = dyn for<'t, 'p> Fn(&'t str, &'p [u8]) + Send + Sync;
+/// What a transport hands every device message to: counted, decoded and delivered to the
+/// [`Inbox`]. Must not wait: on the embedded broker it is called on the publishing device's
+/// connection task (see `companion_broker::UpSink`), elsewhere on the connection task.
+pub struct OnPublish {
+    counters: IntakeCounters,
+    inbox: Box<dyn Inbox>,
+    invalid_log: std::sync::Mutex<InvalidLog>,
+}
+
+impl OnPublish {
+    fn new(metrics: &BusMetrics, inbox: Box<dyn Inbox>) -> Self {
+        Self {
+            counters: IntakeCounters::new(metrics),
+            inbox,
+            invalid_log: std::sync::Mutex::new(InvalidLog {
+                last: HashMap::new(),
+            }),
+        }
+    }
+
+    /// A message as a broker delivered it: its topic names the device and the kind.
+    pub fn publish(&self, topic: &str, payload: &[u8]) {
+        match Topic::parse(topic) {
+            Ok(t) => {
+                self.publish_from(&t.device, t.kind, payload, None);
+            }
+            Err(_) => {
+                self.counters.bad_topic.inc();
+            }
+        }
+    }
+
+    /// A message from `device` to its own up topic of `kind` (the embedded broker's edge has
+    /// parsed and checked the topic), decoded once. With `hold` (the device's receipt ledger,
+    /// for a QoS 1 publish), a telemetry message gets the receipt its PUBACK waits for: it
+    /// settles once the message is stored.
+    pub fn publish_from(
+        &self,
+        device: &DeviceId,
+        kind: TopicKind,
+        payload: &[u8],
+        hold: Option<&Arc<Ledger>>,
+    ) -> Option<Receipt> {
+        if kind.direction() != companion_schema::Direction::Up {
+            self.counters.bad_topic.inc();
+            return None;
+        }
+        let (received, invalid) = self.counters.by_kind.get(kind as usize)?;
+        received.inc();
+        let arrived = Instant::now();
+        match Payload::decode(kind, payload) {
+            Ok(payload) => {
+                // Made before the message is handed on: its row may be stored at once.
+                let receipt = match (&payload, hold) {
+                    (Payload::Telemetry(t), Some(ledger)) => {
+                        crate::devices::telemetry::receipt(ledger, t.seq)
+                    }
+                    _ => None,
+                };
+                self.inbox.deliver(device, payload, arrived);
+                receipt
+            }
+            Err(e) => {
+                // Nothing will be stored: nothing to wait for.
+                invalid.inc();
+                let log = self
+                    .invalid_log
+                    .lock()
+                    .map(|mut l| l.should_log(device.as_str()))
+                    .unwrap_or(false);
+                if log {
+                    tracing::warn!(device_id = %device, kind = kind.label(), error = %e, "undecodable payload dropped (logged once a minute per device)");
+                }
+                None
+            }
+        }
+    }
+}
 
 /// The owning half of a transport: runs the connection until `shutdown`, subscribed to every
 /// device up topic, calling `on_publish(topic, payload)` for what arrives and reconnecting
@@ -227,14 +302,7 @@ pub async fn run(
     inbox: Box<dyn Inbox>,
     shutdown: CancellationToken,
 ) {
-    let invalid_log = std::sync::Mutex::new(InvalidLog {
-        last: HashMap::new(),
-    });
-    let metrics = bus.metrics.clone();
-    let counters = IntakeCounters::new(&metrics);
-    let on_publish = Arc::new(move |topic: &str, payload: &[u8]| {
-        handle_publish(topic, payload, &counters, inbox.as_ref(), &invalid_log)
-    });
+    let on_publish = Arc::new(OnPublish::new(&bus.metrics, inbox));
     connection
         .run(bus.metrics.clone(), on_publish, shutdown)
         .await;
@@ -265,40 +333,6 @@ impl IntakeCounters {
                 .invalid
                 .get_or_create(&KindLabel { kind: "topic" })
                 .clone(),
-        }
-    }
-}
-
-fn handle_publish(
-    topic: &str,
-    payload: &[u8],
-    counters: &IntakeCounters,
-    inbox: &dyn Inbox,
-    invalid_log: &std::sync::Mutex<InvalidLog>,
-) {
-    let topic = match Topic::parse(topic) {
-        Ok(t) if t.kind.direction() == companion_schema::Direction::Up => t,
-        _ => {
-            counters.bad_topic.inc();
-            return;
-        }
-    };
-    let Some((received, invalid)) = counters.by_kind.get(topic.kind as usize) else {
-        return;
-    };
-    received.inc();
-    let arrived = Instant::now();
-    match Payload::decode(topic.kind, payload) {
-        Ok(payload) => inbox.deliver(&topic.device, payload, arrived),
-        Err(e) => {
-            invalid.inc();
-            let log = invalid_log
-                .lock()
-                .map(|mut l| l.should_log(topic.device.as_str()))
-                .unwrap_or(false);
-            if log {
-                tracing::warn!(device_id = %topic.device, kind = topic.kind.label(), error = %e, "undecodable payload dropped (logged once a minute per device)");
-            }
         }
     }
 }

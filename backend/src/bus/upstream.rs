@@ -117,7 +117,7 @@ impl Connection for ClientConnection {
             self.shared,
             &metrics,
             shutdown,
-            |p| on_publish(&p.topic, &p.payload),
+            |p| on_publish.publish(&p.topic, &p.payload),
         )
         .await;
     }

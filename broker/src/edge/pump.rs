@@ -68,6 +68,8 @@ pub(super) struct Pump<'a> {
     acks: Acks,
     /// The device's receipt ledger, where a [`Receipts`] hook holds acknowledgements.
     ledger: Option<Arc<Ledger>>,
+    /// The edge's up sink, as last read.
+    sink: SinkCache,
 }
 
 /// The outcome of a batch of packets.
@@ -101,6 +103,7 @@ impl<'a> Pump<'a> {
             next_packet_id: 0,
             acks: Acks::default(),
             ledger: edge.receipts.as_ref().map(|r| r.ledger(&device)),
+            sink: SinkCache::default(),
             device,
         }
     }
@@ -124,7 +127,6 @@ impl<'a> Pump<'a> {
         // is given back after each batch (10,000 idle connections would otherwise each keep
         // the largest batch they ever read).
         let mut to_router: Vec<Packet> = Vec::with_capacity(1);
-        let mut sink = SinkCache::default();
         let mut to_device = BytesMut::with_capacity(BUFFER);
         let mut downs: Vec<Box<Down>> = Vec::new();
         // Keep-alive: one timer for the connection, moved only when it fires (resetting it per
@@ -145,7 +147,7 @@ impl<'a> Pump<'a> {
             if let Err(e) = self
                 .edge
                 .uplink
-                .push_cached(&mut to_router, &mut sink)
+                .push_cached(&mut to_router, &mut self.sink)
                 .await
             {
                 tracing::warn!(device_id = %self.device, error = %e, "router uplink lost");
@@ -233,22 +235,35 @@ impl<'a> Pump<'a> {
                 Packet::Publish(publish, props) => {
                     match self.check_publish(publish, props, len, qos) {
                         Ok(Some((kind, publish, props))) => {
-                            match (qos, packet_id) {
-                                (1, Some(id)) => {
-                                    let receipt = match (&self.edge.receipts, &self.ledger) {
+                            let hold = if qos == 1 { self.ledger.as_ref() } else { None };
+                            // To the sink now, or to the router with the next batch; either
+                            // way before the acknowledgement below is written.
+                            let receipt = match self.edge.uplink.sink(&mut self.sink) {
+                                Some(sink) => sink.publish(
+                                    &self.device,
+                                    kind,
+                                    &publish.topic,
+                                    &publish.payload,
+                                    hold,
+                                ),
+                                None => {
+                                    let receipt = match (&self.edge.receipts, hold) {
                                         (Some(r), Some(ledger)) => {
                                             r.hold(ledger, kind, &publish.payload)
                                         }
                                         _ => None,
                                     };
-                                    if self.acks.ack(id, receipt) {
-                                        packet::put_ack(to_device, packet::PUBACK, id);
-                                    }
+                                    to_router.push(Packet::Publish(publish, props));
+                                    receipt
+                                }
+                            };
+                            match (qos, packet_id) {
+                                (1, Some(id)) if self.acks.ack(id, receipt) => {
+                                    packet::put_ack(to_device, packet::PUBACK, id);
                                 }
                                 (2, Some(id)) => packet::put_ack(to_device, packet::PUBREC, id),
                                 _ => {}
                             }
-                            to_router.push(Packet::Publish(publish, props));
                         }
                         Ok(None) => {}
                         Err(reason) => return Step::Close(reason),

@@ -141,11 +141,16 @@ impl Receipts for Batcher {
         }
         // Undecodable: the backend counts it invalid and stores nothing; nothing to wait for.
         let seq = companion_schema::decode::<Telemetry>(payload).ok()?.seq;
-        // A copy of what is stored already (a resend after a lost PUBACK) is acknowledged now.
-        ledger.hold(seq, |stored| {
-            stored.is_some_and(|stored| seq <= stored && stored - seq < RESET_DISTANCE)
-        })
+        receipt(ledger, seq)
     }
+}
+
+/// The receipt of the telemetry message numbered `seq` on `ledger`, unless a copy of it is
+/// stored already (a resend after a lost PUBACK: acknowledged now).
+pub fn receipt(ledger: &Arc<Ledger>, seq: u64) -> Option<Receipt> {
+    ledger.hold(seq, |stored| {
+        stored.is_some_and(|stored| seq <= stored && stored - seq < RESET_DISTANCE)
+    })
 }
 
 impl Drop for Batcher {
