@@ -120,6 +120,14 @@ pub trait Inbox: Send + Sync {
     /// it is called on the connection task.
     fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant);
 
+    /// The receipt the PUBACK of `payload` (a QoS 1 publish from the device whose receipt
+    /// ledger is `ledger`) waits for; `None`: acknowledge now. Asked before
+    /// [`Inbox::deliver`] hands the payload on. Nothing waits by default.
+    fn receipt(&self, ledger: &Arc<Ledger>, payload: &Payload) -> Option<Receipt> {
+        let _ = (ledger, payload);
+        None
+    }
+
     /// Events held for `device` elsewhere (a cluster takeover's shadow), in order. Delivered
     /// one by one unless the inbox can take them whole: a backlog longer than a device's queue
     /// must not overflow it.
@@ -183,12 +191,7 @@ impl OnPublish {
         match Payload::decode(kind, payload) {
             Ok(payload) => {
                 // Made before the message is handed on: its row may be stored at once.
-                let receipt = match (&payload, hold) {
-                    (Payload::Telemetry(t), Some(ledger)) => {
-                        crate::devices::telemetry::receipt(ledger, t.seq)
-                    }
-                    _ => None,
-                };
+                let receipt = hold.and_then(|ledger| self.inbox.receipt(ledger, &payload));
                 self.inbox.deliver(device, payload, arrived);
                 receipt
             }

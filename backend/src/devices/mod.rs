@@ -108,6 +108,18 @@ impl DeviceEvent {
 
 /// The device runtime is where the bus delivers.
 impl Inbox for Arc<Dispatcher> {
+    /// Telemetry is acknowledged once stored.
+    fn receipt(
+        &self,
+        ledger: &Arc<companion_broker::Ledger>,
+        payload: &Payload,
+    ) -> Option<companion_broker::Receipt> {
+        match payload {
+            Payload::Telemetry(t) => telemetry::receipt(ledger, t.seq),
+            _ => None,
+        }
+    }
+
     fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant) {
         match DeviceEvent::from_payload(payload, arrived) {
             Some(event) => {
