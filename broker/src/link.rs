@@ -336,21 +336,13 @@ impl Uplink {
         cache.sink.as_ref()
     }
 
-    /// Hands `packets` (drained) to the router.
+    /// Hands `packets` (drained) to the router, or to the sink if one was set since they
+    /// were taken (a device connection gives its publishes to a set sink itself).
     pub async fn push(&self, packets: &mut Vec<Packet>) -> Result<(), RouterLinkError> {
-        self.push_cached(packets, &mut SinkCache::default()).await
-    }
-
-    /// [`Uplink::push`] for a connection that keeps a [`SinkCache`].
-    pub async fn push_cached(
-        &self,
-        packets: &mut Vec<Packet>,
-        cache: &mut SinkCache,
-    ) -> Result<(), RouterLinkError> {
         if packets.is_empty() {
             return Ok(());
         }
-        if let Some(sink) = self.sink(cache) {
+        if let Some(sink) = self.sink(&mut SinkCache::default()) {
             for packet in packets.drain(..) {
                 if let Packet::Publish(publish, _) = packet {
                     sink.deliver(&publish.topic, &publish.payload);

@@ -424,6 +424,14 @@ mod tests {
         device.device_id
     }
 
+    /// Times the rule named `rule` matched (its actions ran).
+    fn matches(rt: &Runtime, rule: &str) -> u64 {
+        rt.rule_metrics
+            .matches
+            .get_or_create(&crate::rules::store::RuleLabel { rule: rule.into() })
+            .get()
+    }
+
     /// Lets the workers run until `done`, without moving the (paused) clock: yielding keeps
     /// the runtime busy, so it never parks and auto-advances. Gives up after 20 s of real time.
     async fn settle(done: impl Fn() -> bool) {
@@ -464,15 +472,7 @@ mod tests {
             ts_ms: 0,
         });
         dispatcher.deliver(&id, offline, Instant::now());
-        let logged = || {
-            rt.rule_metrics
-                .matches
-                .get_or_create(&crate::rules::store::RuleLabel {
-                    rule: "offline device is logged".into(),
-                })
-                .get()
-        };
-        settle(|| logged() == 1).await;
+        settle(|| matches(&rt, "offline device is logged") == 1).await;
         // Past the first event's exit time; 20 s after the last event.
         tokio::time::advance(Duration::from_secs(20)).await;
         for _ in 0..1_000 {
@@ -512,19 +512,11 @@ mod tests {
         assert_eq!(rt.metrics.telemetry_duplicates.get(), 1);
 
         // Low battery: the shipped rule matches, and the worker runs its action.
-        let matched = || {
-            rt.rule_metrics
-                .matches
-                .get_or_create(&crate::rules::store::RuleLabel {
-                    rule: "low battery pulses amber".into(),
-                })
-                .get()
-        };
         let mut low = crate::cluster::testkit::telemetry_sample(4);
         low.battery_pct = Some(5.0);
         dispatcher.deliver(&id, Payload::Telemetry(low), now);
         assert_eq!(slot.seq().battery, Some(5.0));
-        settle(|| matched() == 1).await;
+        settle(|| matches(&rt, "low battery pulses amber") == 1).await;
 
         // A replay queues; telemetry after it waits behind it, in order.
         dispatcher.replay(&id, vec![(telemetry(5), now)]);

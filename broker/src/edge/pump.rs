@@ -144,12 +144,7 @@ impl<'a> Pump<'a> {
         let mut step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
         loop {
             // The router first: acknowledgements in `to_device` promise it has the publishes.
-            if let Err(e) = self
-                .edge
-                .uplink
-                .push_cached(&mut to_router, &mut self.sink)
-                .await
-            {
+            if let Err(e) = self.edge.uplink.push(&mut to_router).await {
                 tracing::warn!(device_id = %self.device, error = %e, "router uplink lost");
                 return DisconnectReason::ProtocolError;
             }

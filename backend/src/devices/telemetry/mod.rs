@@ -210,8 +210,12 @@ impl Batcher {
     }
 
     /// The device's last stored sequence number, read from the database when its worker
-    /// starts: copies of it need no write.
+    /// starts: accepted already, and copies of it need no write.
     pub fn known(&self, slot: &Slot, seq: u64) {
+        {
+            let mut state = slot.seq();
+            state.last = Some(state.last.map_or(seq, |s| s.max(seq)));
+        }
         slot.ledger.raise(seq);
     }
 

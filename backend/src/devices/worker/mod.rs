@@ -70,10 +70,6 @@ impl Worker {
                 .fetch_optional(self.rt.db.pool())
                 .await;
         if let Some(seq) = last_seq(&self.rt.db, &self.device).await {
-            {
-                let mut state = self.slot.seq();
-                state.last = Some(state.last.map_or(seq, |s| s.max(seq)));
-            }
             self.rt.telemetry.known(&self.slot, seq);
         }
         match (persona, cfg) {
