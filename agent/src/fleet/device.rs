@@ -49,6 +49,9 @@ pub(crate) struct Device {
     pub(crate) ready: tokio::sync::Notify,
     /// The token for the next connection attempt (the credentials file may change it).
     pub(crate) token: Mutex<String>,
+    /// Signalled when the token changes: a device waiting out its backoff after a refusal
+    /// tries the new token at once.
+    pub(crate) token_changed: tokio::sync::Notify,
 }
 
 impl Device {
@@ -63,6 +66,8 @@ impl Device {
             return false;
         }
         *t = token;
+        drop(t);
+        self.token_changed.notify_one();
         true
     }
 
@@ -210,25 +215,29 @@ pub(crate) async fn event_loop(
                 } else {
                     dev.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
+                let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
+                if refused {
                     dev.stats.refused.fetch_add(1, Ordering::Relaxed);
                 }
                 el.clean();
                 el.pending.clear();
-                // The credentials file may have a new token since the last attempt.
-                el.mqtt_options
-                    .set_credentials(dev.id.as_str(), dev.token());
                 let d = if churned {
                     Duration::ZERO
                 } else {
                     backoff.next_delay(&mut rng)
                 };
                 tracing::debug!(device_id = %dev.id, error = %e, "fleet device connection error");
-                // Cases: shutdown; the backoff delay passed.
+                // Cases: shutdown; the backoff delay passed; after a refusal, a new token
+                // arrived (no point waiting longer with the one that was refused).
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(d) => {}
+                    _ = dev.token_changed.notified(), if refused => {}
                 }
+                // The token is read now, not at the error: the credentials file may have
+                // given a new one while the device waited.
+                el.mqtt_options
+                    .set_credentials(dev.id.as_str(), dev.token());
             }
         }
     }

@@ -178,6 +178,7 @@ pub async fn run_with(args: FleetArgs, stats: Arc<FleetStats>) -> Result<String,
             stats: stats.clone(),
             ready: tokio::sync::Notify::new(),
             token: Mutex::new(token),
+            token_changed: tokio::sync::Notify::new(),
         });
         devices.insert(dev.id.clone(), dev.clone());
         let at = start + ramp.mul_f64(i as f64 / args.devices.max(1) as f64);
