@@ -13,7 +13,8 @@
 //! were a tenth of the server's CPU at 10,000 telemetry messages/s, mostly cache misses on
 //! the device ids of cold table entries).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::any::Any;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use bytes::Bytes;
 use companion_schema::{DeviceId, TopicKind};
@@ -52,6 +53,9 @@ pub struct Ledger {
     changed: Notify,
     /// Receipts alive, over every ledger sharing the gauge.
     held: Gauge,
+    /// What the [`Receipts`] hook keeps for the device alongside the ledger: whoever is handed
+    /// the ledger with a message reaches it without a lookup by device id.
+    owner: Option<Weak<dyn Any + Send + Sync>>,
 }
 
 #[derive(Default)]
@@ -73,7 +77,19 @@ impl Ledger {
             state: Mutex::new(State::default()),
             changed: Notify::new(),
             held,
+            owner: None,
         }
+    }
+
+    /// The ledger of `owner` (typically made with `Arc::new_cyclic`): see [`Ledger::owner`].
+    pub fn owned_by(mut self, owner: Weak<dyn Any + Send + Sync>) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    /// The ledger's owner if it is a `T` and still alive.
+    pub fn owner<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.owner.as_ref()?.upgrade()?.downcast::<T>().ok()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -226,6 +242,19 @@ mod tests {
         assert_eq!(r3.try_settled(), None, "a refusal is taken once");
         drop((r1, r3));
         assert_eq!(l.held.get(), 0);
+    }
+
+    #[test]
+    fn a_ledger_reaches_its_owner_while_it_lives() {
+        struct Owner(u32);
+        let owner = Arc::new(Owner(7));
+        let weak: Weak<dyn Any + Send + Sync> = Arc::downgrade(&owner) as _;
+        let l = Ledger::new(Gauge::default()).owned_by(weak);
+        assert_eq!(l.owner::<Owner>().map(|o| o.0), Some(7));
+        assert!(l.owner::<String>().is_none(), "another type");
+        drop(owner);
+        assert!(l.owner::<Owner>().is_none(), "gone");
+        assert!(ledger().owner::<Owner>().is_none(), "no owner");
     }
 
     #[test]

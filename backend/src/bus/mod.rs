@@ -120,11 +120,17 @@ pub trait Inbox: Send + Sync {
     /// it is called on the connection task.
     fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant);
 
-    /// The receipt the PUBACK of `payload` (a QoS 1 publish from the device whose receipt
-    /// ledger is `ledger`) waits for; `None`: acknowledge now. Asked before
-    /// [`Inbox::deliver`] hands the payload on. Nothing waits by default.
-    fn receipt(&self, ledger: &Arc<Ledger>, payload: &Payload) -> Option<Receipt> {
-        let _ = (ledger, payload);
+    /// [`Inbox::deliver`] for a QoS 1 publish from a device whose receipt ledger is `ledger`;
+    /// the receipt its PUBACK waits for (`None`: acknowledge now). Nothing waits by default.
+    fn deliver_held(
+        &self,
+        device: &DeviceId,
+        payload: Payload,
+        arrived: Instant,
+        ledger: &Arc<Ledger>,
+    ) -> Option<Receipt> {
+        let _ = ledger;
+        self.deliver(device, payload, arrived);
         None
     }
 
@@ -189,12 +195,13 @@ impl OnPublish {
         received.inc();
         let arrived = Instant::now();
         match Payload::decode(kind, payload) {
-            Ok(payload) => {
-                // Made before the message is handed on: its row may be stored at once.
-                let receipt = hold.and_then(|ledger| self.inbox.receipt(ledger, &payload));
-                self.inbox.deliver(device, payload, arrived);
-                receipt
-            }
+            Ok(payload) => match hold {
+                Some(ledger) => self.inbox.deliver_held(device, payload, arrived, ledger),
+                None => {
+                    self.inbox.deliver(device, payload, arrived);
+                    None
+                }
+            },
             Err(e) => {
                 // Nothing will be stored: nothing to wait for.
                 invalid.inc();

@@ -137,8 +137,18 @@ impl Dispatcher {
     /// Handles `t` from `device` without waiting: inline where it can (see the module), else
     /// queued for the worker. False if it was dropped (the worker's queue was full).
     pub(super) fn telemetry(self: &Arc<Self>, device: &DeviceId, t: Telemetry) -> bool {
+        let slot = self.runtime.telemetry.slot(device);
+        self.telemetry_in(&slot, device, t)
+    }
+
+    /// [`Dispatcher::telemetry`] with the device's slot at hand.
+    pub(super) fn telemetry_in(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        device: &DeviceId,
+        t: Telemetry,
+    ) -> bool {
         let rt = &self.runtime;
-        let slot = rt.telemetry.slot(device);
         let set = rt.rules.current();
         let mut state = slot.seq();
         if !state.inline || set.uses_device() {
@@ -147,7 +157,7 @@ impl Dispatcher {
             state.inline = false;
             return self.enqueue(device, DeviceEvent::Telemetry(t));
         }
-        let event = accept(rt, &slot, &mut state, t);
+        let event = accept(rt, slot, &mut state, t);
         drop(state);
         let Some(event) = event else {
             return true;

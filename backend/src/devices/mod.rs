@@ -108,16 +108,26 @@ impl DeviceEvent {
 
 /// The device runtime is where the bus delivers.
 impl Inbox for Arc<Dispatcher> {
-    /// Telemetry is acknowledged once stored.
-    fn receipt(
+    /// Telemetry is acknowledged once stored. The ledger is the device's telemetry slot's:
+    /// the slot comes with it, without a lookup.
+    fn deliver_held(
         &self,
+        device: &DeviceId,
+        payload: Payload,
+        arrived: Instant,
         ledger: &Arc<companion_broker::Ledger>,
-        payload: &Payload,
     ) -> Option<companion_broker::Receipt> {
-        match payload {
-            Payload::Telemetry(t) => telemetry::receipt(ledger, t.seq),
-            _ => None,
-        }
+        let Payload::Telemetry(t) = payload else {
+            self.deliver(device, payload, arrived);
+            return None;
+        };
+        // Made before the message is handed on: its row may be stored at once.
+        let receipt = telemetry::receipt(ledger, t.seq);
+        let slot = ledger
+            .owner::<telemetry::Slot>()
+            .unwrap_or_else(|| self.runtime.telemetry.slot(device));
+        self.telemetry_in(&slot, device, t);
+        receipt
     }
 
     fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant) {
@@ -511,10 +521,18 @@ mod tests {
         dispatcher.deliver(&id, telemetry(3), now);
         assert_eq!(rt.metrics.telemetry_duplicates.get(), 1);
 
-        // Low battery: the shipped rule matches, and the worker runs its action.
+        // Low battery, held as a QoS 1 publish on the embedded broker is: the device's ledger
+        // brings its slot along. The shipped rule matches, and the worker runs its action.
+        let ledger = companion_broker::Receipts::ledger(&*rt.telemetry, &id);
+        let owner = ledger
+            .owner::<telemetry::Slot>()
+            .expect("the slot owns the ledger");
+        assert!(Arc::ptr_eq(&owner, &slot));
         let mut low = crate::cluster::testkit::telemetry_sample(4);
         low.battery_pct = Some(5.0);
-        dispatcher.deliver(&id, Payload::Telemetry(low), now);
+        let receipt = dispatcher
+            .deliver_held(&id, Payload::Telemetry(low), now, &ledger)
+            .expect("held until stored");
         assert_eq!(slot.seq().battery, Some(5.0));
         settle(|| matches(&rt, "low battery pulses amber") == 1).await;
 
@@ -533,6 +551,10 @@ mod tests {
         })
         .await
         .expect("stored");
+        assert_eq!(
+            receipt.try_settled(),
+            Some(companion_broker::Settled::Stored)
+        );
         shutdown.cancel();
     }
 

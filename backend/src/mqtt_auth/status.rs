@@ -43,6 +43,17 @@ impl<I: crate::bus::Inbox> crate::bus::Inbox for StatusPresence<I> {
         self.inner.deliver(device, payload, arrived);
     }
 
+    fn deliver_held(
+        &self,
+        device: &DeviceId,
+        payload: companion_schema::Payload,
+        arrived: std::time::Instant,
+        ledger: &std::sync::Arc<companion_broker::Ledger>,
+    ) -> Option<companion_broker::Receipt> {
+        self.note(device, &payload);
+        self.inner.deliver_held(device, payload, arrived, ledger)
+    }
+
     fn replay(
         &self,
         device: &DeviceId,

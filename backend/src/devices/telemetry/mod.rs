@@ -186,10 +186,11 @@ impl Batcher {
         if let Some(slot) = slots.get(device) {
             return slot.clone();
         }
-        let slot = Arc::new(Slot {
+        let slot = Arc::new_cyclic(|me: &std::sync::Weak<Slot>| Slot {
             device: device.clone(),
             row: Mutex::new(None),
-            ledger: Arc::new(Ledger::new(self.metrics.unstored.clone())),
+            // The connection hands the ledger back with each message: the slot comes with it.
+            ledger: Arc::new(Ledger::new(self.metrics.unstored.clone()).owned_by(me.clone())),
             seq: Mutex::new(SeqState::default()),
         });
         slots.insert(device.clone(), slot.clone());
