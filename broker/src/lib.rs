@@ -26,6 +26,7 @@
 
 pub mod acl;
 pub mod auth;
+mod doorbell;
 mod edge;
 pub mod events;
 pub mod link;
@@ -218,6 +219,16 @@ pub async fn start(
         ),
         logs: Default::default(),
         listeners_alive: AtomicUsize::new(count),
+    });
+    // Shutdown reaches the connections through their doorbells: the pumps do not poll the
+    // shutdown token.
+    tracker.spawn({
+        let edge = edge.clone();
+        async move {
+            edge.shutdown.cancelled().await;
+            edge.sessions
+                .close_all(events::DisconnectReason::ServerShutdown);
+        }
     });
     // Subscribed before any device can connect, so no message for one is missed.
     let downlink = edge::fanout::open(&edge).await?;

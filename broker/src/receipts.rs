@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use bytes::Bytes;
 use companion_schema::{DeviceId, TopicKind};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Notify;
+
+use crate::doorbell::{Doorbell, RECEIPT};
 
 /// Decides which publishes are acknowledged only once stored.
 pub trait Receipts: Send + Sync + 'static {
@@ -50,7 +51,6 @@ const MAX_REFUSED: usize = 64;
 /// One device's held acknowledgements: a stored watermark that receipts wait on.
 pub struct Ledger {
     state: Mutex<State>,
-    changed: Notify,
     /// Receipts alive, over every ledger sharing the gauge.
     held: Gauge,
     /// What the [`Receipts`] hook keeps for the device alongside the ledger: whoever is handed
@@ -68,6 +68,9 @@ struct State {
     /// Marks refused, with their epoch.
     refused: Vec<(u64, u64)>,
     closed: bool,
+    /// Rung on every change: the tasks waiting on receipts of this ledger (one connection,
+    /// two for a moment during a takeover).
+    bells: Vec<Arc<Doorbell>>,
 }
 
 impl Ledger {
@@ -75,7 +78,6 @@ impl Ledger {
     pub fn new(held: Gauge) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            changed: Notify::new(),
             held,
             owner: None,
         }
@@ -96,6 +98,22 @@ impl Ledger {
         // The state is a few plain fields, each write complete: a panic elsewhere cannot leave
         // it half-changed.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `bell` rings (with [`RECEIPT`]) at every change while the guard lives.
+    pub(crate) fn attach(self: &Arc<Self>, bell: &Arc<Doorbell>) -> Attached {
+        self.state().bells.push(bell.clone());
+        Attached {
+            ledger: self.clone(),
+            bell: bell.clone(),
+        }
+    }
+
+    /// The state changed: ring the waiting tasks.
+    fn changed(state: &State) {
+        for bell in &state.bells {
+            bell.ring(RECEIPT);
+        }
     }
 
     /// A receipt for the message marked `mark`, unless `covered(stored mark)` says it is
@@ -128,44 +146,60 @@ impl Ledger {
     /// Everything up to `mark` is stored. A mark below the last one means the count restarted:
     /// everything held before is settled as stored too.
     pub fn store(&self, mark: u64) {
-        {
-            let mut state = self.state();
-            if state.stored.is_some_and(|s| s > mark) {
-                state.epoch += 1;
-                state.refused.clear();
-            }
-            state.stored = Some(mark);
+        let mut state = self.state();
+        if state.stored.is_some_and(|s| s > mark) {
+            state.epoch += 1;
+            state.refused.clear();
         }
-        self.changed.notify_waiters();
+        state.stored = Some(mark);
+        Self::changed(&state);
     }
 
     /// Everything up to `mark` was stored before (read back from the store): the stored mark
     /// is at least `mark`.
     pub fn raise(&self, mark: u64) {
-        {
-            let mut state = self.state();
-            state.stored = Some(state.stored.map_or(mark, |s| s.max(mark)));
-        }
-        self.changed.notify_waiters();
+        let mut state = self.state();
+        state.stored = Some(state.stored.map_or(mark, |s| s.max(mark)));
+        Self::changed(&state);
     }
 
     /// The message marked `mark` will not be stored: its receipt settles as refused.
     pub fn refuse(&self, mark: u64) {
-        {
-            let mut state = self.state();
-            if state.refused.len() >= MAX_REFUSED {
-                state.refused.remove(0);
-            }
-            let epoch = state.epoch;
-            state.refused.push((epoch, mark));
+        let mut state = self.state();
+        if state.refused.len() >= MAX_REFUSED {
+            state.refused.remove(0);
         }
-        self.changed.notify_waiters();
+        let epoch = state.epoch;
+        state.refused.push((epoch, mark));
+        Self::changed(&state);
     }
 
     /// The store is gone: receipts not settled yet are lost.
     pub fn close(&self) {
-        self.state().closed = true;
-        self.changed.notify_waiters();
+        let mut state = self.state();
+        state.closed = true;
+        Self::changed(&state);
+    }
+}
+
+/// A doorbell attached to a ledger; detached when dropped.
+pub(crate) struct Attached {
+    ledger: Arc<Ledger>,
+    bell: Arc<Doorbell>,
+}
+
+impl Attached {
+    pub(crate) fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.ledger
+            .state()
+            .bells
+            .retain(|b| !Arc::ptr_eq(b, &self.bell));
     }
 }
 
@@ -195,17 +229,25 @@ impl Receipt {
         state.closed.then_some(Settled::Lost)
     }
 
+    /// Whether the receipt is `ledger`'s.
+    pub(crate) fn is_on(&self, ledger: &Arc<Ledger>) -> bool {
+        Arc::ptr_eq(&self.ledger, ledger)
+    }
+
+    pub(crate) fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
     /// Waits until the message ended. Cancel-safe (nothing is taken before it returns).
     pub async fn settled(&self) -> Settled {
+        let bell = Arc::new(Doorbell::default());
+        // Attached before looking: a change between the look and the wait still rings.
+        let _attached = self.ledger.attach(&bell);
         loop {
-            let changed = self.ledger.changed.notified();
-            tokio::pin!(changed);
-            // Registered before looking: a change between the look and the wait still wakes.
-            changed.as_mut().enable();
             if let Some(s) = self.try_settled() {
                 return s;
             }
-            changed.await;
+            bell.rung().await;
         }
     }
 }

@@ -54,22 +54,6 @@ impl Acks {
         }
     }
 
-    /// Whether the first acknowledgement waits for its receipt.
-    pub fn waiting(&self) -> bool {
-        matches!(self.queue.front(), Some(Entry::Wait(..)))
-    }
-
-    /// Waits for the first receipt. Cancel-safe: the outcome is recorded in the same poll that
-    /// takes it.
-    pub async fn settle_first(&mut self) {
-        if let Some(front) = self.queue.front_mut() {
-            if let Entry::Wait(id, receipt) = front {
-                let id = *id;
-                *front = settled(id, receipt.settled().await);
-            }
-        }
-    }
-
     /// Writes every settled acknowledgement at the head of the queue; the number refused.
     pub fn release(&mut self, out: &mut BytesMut, v5: bool) -> Result<u64, ReceiptLost> {
         let mut refused = 0;
@@ -132,8 +116,8 @@ mod tests {
         assert_eq!(acks.len(), 0);
     }
 
-    #[tokio::test]
-    async fn acknowledgements_keep_their_order_behind_a_receipt() {
+    #[test]
+    fn acknowledgements_keep_their_order_behind_a_receipt() {
         let mut acks = Acks::default();
         let ledger = Arc::new(Ledger::new(Gauge::default()));
         let r1 = ledger.hold(1, |_| false).unwrap();
@@ -151,8 +135,6 @@ mod tests {
         assert!(out.is_empty(), "4 is settled but 1 is not");
 
         ledger.store(1);
-        assert!(acks.waiting());
-        acks.settle_first().await;
         assert_eq!(acks.release(&mut out, true), Ok(1), "4 was refused");
         assert_eq!(
             acked_ids(&out),

@@ -25,13 +25,14 @@ use super::limits::PublishLimits;
 use super::sessions::{Control, Down};
 use super::Edge;
 use crate::acl;
+use crate::doorbell::{Doorbell, MAIL, STOP};
 use crate::events::{AclAction, DisconnectReason};
 use crate::link::SinkCache;
 use crate::metrics::{ClassLabel, ReasonLabel};
 use crate::packet::{self, Codec, PacketError};
-use crate::receipts::Ledger;
 #[cfg(doc)]
 use crate::receipts::Receipts;
+use crate::receipts::{Attached, Ledger, Receipt};
 
 /// A device may hold at most this many MQTT 5 topic aliases (announced in the CONNACK).
 pub(super) const MAX_TOPIC_ALIASES: u16 = 64;
@@ -68,6 +69,11 @@ pub(super) struct Pump<'a> {
     acks: Acks,
     /// The device's receipt ledger, where a [`Receipts`] hook holds acknowledgements.
     ledger: Option<Arc<Ledger>>,
+    /// The connection's doorbell: mail, a request to close, a receipt settled.
+    bell: Arc<Doorbell>,
+    /// The ledgers whose receipts the connection waits on, ringing `bell` when they change:
+    /// the device's, and any other a hook gave a receipt on.
+    attached: Vec<Attached>,
     /// The edge's up sink, as last read.
     sink: SinkCache,
 }
@@ -82,7 +88,9 @@ enum Step {
 }
 
 impl<'a> Pump<'a> {
-    pub(super) fn new(edge: &'a Edge, device: DeviceId, codec: Codec) -> Self {
+    pub(super) fn new(edge: &'a Edge, device: DeviceId, codec: Codec, bell: Arc<Doorbell>) -> Self {
+        let ledger = edge.receipts.as_ref().map(|r| r.ledger(&device));
+        let attached = ledger.iter().map(|l| l.attach(&bell)).collect();
         Self {
             edge,
             codec,
@@ -102,7 +110,9 @@ impl<'a> Pump<'a> {
             inflight: HashSet::new(),
             next_packet_id: 0,
             acks: Acks::default(),
-            ledger: edge.receipts.as_ref().map(|r| r.ledger(&device)),
+            ledger,
+            bell,
+            attached,
             sink: SinkCache::default(),
             device,
         }
@@ -128,7 +138,6 @@ impl<'a> Pump<'a> {
         // the largest batch they ever read).
         let mut to_router: Vec<Packet> = Vec::with_capacity(1);
         let mut to_device = BytesMut::with_capacity(BUFFER);
-        let mut downs: Vec<Box<Down>> = Vec::new();
         // Keep-alive: one timer for the connection, moved only when it fires (resetting it per
         // packet would cost two timer-wheel operations a message). `heard` is when the device
         // last sent something; the timer fires at the earliest possible expiry.
@@ -137,9 +146,11 @@ impl<'a> Pump<'a> {
         let mut heard = tokio::time::Instant::now();
         let expiry = tokio::time::sleep_until(heard + limit);
         tokio::pin!(expiry);
-        // Created once: a new one per loop would register and unregister with the token.
+        // Aborts a write the device does not read (kick, takeover, shutdown). Created once: a
+        // new one per write would register and unregister with the token.
         let stopped = control.stop.cancelled();
         tokio::pin!(stopped);
+        let bell = self.bell.clone();
         // Packets that arrived with the CONNECT.
         let mut step = self.device_packets(&mut dbuf, max, &mut to_router, &mut to_device);
         loop {
@@ -165,12 +176,32 @@ impl<'a> Pump<'a> {
                 Step::Clean => return DisconnectReason::Clean,
                 Step::Close(reason) => return reason,
             }
-            // Cases: closed (kick, takeover, shutdown); bytes from the device (unless too many
-            // acknowledgements wait or rate-limit tokens are owed); an owed token; a receipt;
-            // messages for the device; keep-alive expired.
+            // Cases: the doorbell (closed: kick, takeover, shutdown; messages for the device; a
+            // receipt settled, released above); bytes from the device (unless too many
+            // acknowledgements wait or rate-limit tokens are owed); an owed token; keep-alive
+            // expired.
             let reading = self.acks.len() < MAX_HELD && !self.limits.in_debt();
             tokio::select! {
-                _ = &mut stopped => return stopped_or(control, DisconnectReason::ServerShutdown),
+                rung = bell.rung() => {
+                    if rung & STOP != 0 {
+                        return stopped_or(control, DisconnectReason::ServerShutdown);
+                    }
+                    if rung & MAIL != 0 {
+                        for _ in 0..DOWN_BATCH {
+                            match mailbox.try_recv() {
+                                Ok(down) => self.deliver(*down, &mut to_device),
+                                Err(mpsc::error::TryRecvError::Empty) => break,
+                                Err(mpsc::error::TryRecvError::Disconnected) => {
+                                    return stopped_or(control, DisconnectReason::Takeover);
+                                }
+                            }
+                        }
+                        if !mailbox.is_empty() {
+                            // More than a batch: the rest after this one is written.
+                            bell.ring(MAIL);
+                        }
+                    }
+                }
                 read = dr.read_buf(&mut dbuf), if reading => {
                     if !matches!(read, Ok(n) if n > 0) {
                         return DisconnectReason::NetworkError;
@@ -181,15 +212,6 @@ impl<'a> Pump<'a> {
                 _ = self.limits.repay(), if self.limits.in_debt() => {
                     // The device is not silent; we are not listening.
                     heard = tokio::time::Instant::now();
-                }
-                _ = self.acks.settle_first(), if self.acks.waiting() => {}
-                n = mailbox.recv_many(&mut downs, DOWN_BATCH) => {
-                    if n == 0 {
-                        return stopped_or(control, DisconnectReason::Takeover);
-                    }
-                    for down in downs.drain(..) {
-                        self.deliver(*down, &mut to_device);
-                    }
                 }
                 _ = &mut expiry, if keepalive.is_some() => {
                     let due = heard + limit;
@@ -252,6 +274,9 @@ impl<'a> Pump<'a> {
                                     receipt
                                 }
                             };
+                            if let Some(r) = &receipt {
+                                self.watch(r);
+                            }
                             match (qos, packet_id) {
                                 (1, Some(id)) if self.acks.ack(id, receipt) => {
                                     packet::put_ack(to_device, packet::PUBACK, id);
@@ -305,6 +330,14 @@ impl<'a> Pump<'a> {
                 // CONNECT twice, or packets only a server sends.
                 _ => return Step::Close(DisconnectReason::ProtocolError),
             }
+        }
+    }
+
+    /// Makes sure the doorbell rings when `receipt` settles: its ledger is the device's (the
+    /// usual case), or is attached once.
+    fn watch(&mut self, receipt: &Receipt) {
+        if !self.attached.iter().any(|a| receipt.is_on(a.ledger())) {
+            self.attached.push(receipt.ledger().attach(&self.bell));
         }
     }
 
@@ -520,10 +553,12 @@ async fn write_or_stop<W: AsyncWrite + Unpin>(
     buf: &mut BytesMut,
     stopped: Pin<&mut WaitForCancellationFuture<'_>>,
 ) -> bool {
-    // Cases: closed while the peer is not reading; the write finishes or fails.
+    // Cases, in order: the write finishes or fails (most do at once, and the token is not
+    // polled); closed while the peer is not reading.
     let ok = tokio::select! {
-        _ = stopped => false,
+        biased;
         r = w.write_all(buf) => r.is_ok(),
+        _ = stopped => false,
     };
     buf.clear();
     ok

@@ -60,7 +60,7 @@ pub(super) async fn run<R, W>(
     });
     tracing::info!(device_id = %device, %peer, protocol = connect.level, "device connected");
 
-    let mut pump = Pump::new(edge, device.clone(), connect.codec());
+    let mut pump = Pump::new(edge, device.clone(), connect.codec(), control.bell.clone());
     let keepalive = (connect.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let reason = pump

@@ -10,6 +10,7 @@ use companion_schema::{DeviceId, TopicKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::doorbell::{Doorbell, MAIL, STOP};
 use crate::events::DisconnectReason;
 
 /// A message for one device.
@@ -56,6 +57,8 @@ pub struct Control {
     pub done: CancellationToken,
     /// Messages from the downlink for this connection.
     pub(crate) mailbox: mpsc::Sender<Box<Down>>,
+    /// Rung when the mailbox has mail or the connection is asked to close.
+    pub(crate) bell: Arc<Doorbell>,
 }
 
 impl Control {
@@ -64,6 +67,7 @@ impl Control {
         let mut slot = lock(&self.reason);
         slot.get_or_insert(reason);
         self.stop.cancel();
+        self.bell.ring(STOP);
     }
 
     /// The reason set by [`Control::close`], if any.
@@ -98,8 +102,14 @@ impl Sessions {
             reason: Arc::default(),
             done: CancellationToken::new(),
             mailbox,
+            bell: Arc::default(),
         };
         let previous = lock(&self.live).insert(device.clone(), control.clone());
+        // Shutdown closes every connection registered (see `close_all`); one registered
+        // after that closes itself.
+        if shutdown.is_cancelled() {
+            control.close(DisconnectReason::ServerShutdown);
+        }
         if let Some(previous) = previous {
             previous.close(DisconnectReason::Takeover);
             let _ = tokio::time::timeout(TAKEOVER_WAIT, previous.done.cancelled()).await;
@@ -113,7 +123,10 @@ impl Sessions {
             // Boxed: tokio allocates a channel's slots 32 at a time when it is created, and
             // every connected device has one.
             Some(control) => match control.mailbox.try_send(Box::new(down)) {
-                Ok(()) => Delivery::Queued,
+                Ok(()) => {
+                    control.bell.ring(MAIL);
+                    Delivery::Queued
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => Delivery::Full,
                 Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Absent,
             },
@@ -129,6 +142,14 @@ impl Sessions {
         }
         drop(live);
         control.done.cancel();
+    }
+
+    /// Closes every live connection with `reason` (the edge's shutdown: the shutdown token
+    /// must be cancelled first, see `register`).
+    pub(crate) fn close_all(&self, reason: DisconnectReason) {
+        for control in lock(&self.live).values() {
+            control.close(reason);
+        }
     }
 
     /// Closes the device's live connection with `reason`; false if it has none.
