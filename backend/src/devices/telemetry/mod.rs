@@ -458,7 +458,8 @@ mod tests {
         assert_eq!(seqs, vec![("dev-a".to_owned(), 2), ("dev-b".to_owned(), 6)]);
     }
 
-    /// 300 devices in one flush (chunks of 256, 32, 8 and 4), one of them unknown, then again
+    /// 300 devices in one flush (a statement of 256 rows and one of 44 padded to 64, in a
+    /// transaction), one of them unknown, then again
     /// with newer values: every known device holds its latest row, the unknown one none.
     async fn a_flush_upserts_every_device_in_few_statements(settings: crate::settings::Settings) {
         use crate::registry::model::{DeviceName, DeviceType};

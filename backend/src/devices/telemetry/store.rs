@@ -11,17 +11,22 @@ use super::{Row, Slot};
 use crate::db::Db;
 use crate::settings::DatabaseKind;
 
-/// Rows per upsert statement, at most: a batch is written as statements of 256, 128, .., 1
-/// rows (its size in binary), so that few distinct statements exist and each stays prepared,
-/// and a flush of a few hundred devices is a handful of round trips to SQLite's worker thread
-/// instead of one per device (that was a quarter of the server's CPU at 10,000 msg/s).
+/// Rows per upsert statement, at most. A batch is one statement of a few fixed sizes (see
+/// [`size_class`]), padded with empty rows that the statement skips, or for more than this
+/// many rows several in a transaction: few distinct statements exist and each stays prepared,
+/// and a flush is one round trip to SQLite's worker thread. One statement per device was a
+/// quarter of the server's CPU at 10,000 msg/s; chunks in binary (256, 128, .., 1 rows) took
+/// five round trips for a flush of 200 devices (BEGIN, three chunks, COMMIT), each a wake-up
+/// of that thread and of the writer.
 pub(super) const MAX_ROWS: usize = 256;
+/// Size classes grow by this many rows past it; below it they are powers of two.
+const STEP: usize = 32;
 /// Parameters bound per row.
 pub(super) const COLUMNS: usize = 10;
 
 /// The upsert of `rows` rows. Columns of a `VALUES` list are `column1`, `column2`, .. in both
 /// SQLite and PostgreSQL. A `WHERE` clause keeps SQLite's parser from reading `ON CONFLICT` as
-/// a join. `checked`: rows of devices that are gone (deleted since they connected) are
+/// a join, and skips padding rows (a NULL device id). `checked`: rows of devices that are gone (deleted since they connected) are
 /// skipped; unchecked, such a row fails the statement on its foreign key. The unchecked
 /// statement is the one used: the check was a search of the `devices` index per row, a
 /// quarter of the statement's work, for a case that hardly happens (see [`write`]).
@@ -50,9 +55,9 @@ fn upsert_sql(rows: usize, kind: DatabaseKind, checked: bool) -> String {
         values.push(')');
     }
     let filter = if checked {
-        "EXISTS (SELECT 1 FROM devices d WHERE d.device_id = v.column1)"
+        "v.column1 IS NOT NULL AND EXISTS (SELECT 1 FROM devices d WHERE d.device_id = v.column1)"
     } else {
-        "true"
+        "v.column1 IS NOT NULL"
     };
     format!(
         "INSERT INTO telemetry_latest
@@ -68,35 +73,49 @@ fn upsert_sql(rows: usize, kind: DatabaseKind, checked: bool) -> String {
     )
 }
 
-/// The statement for a chunk of `rows` rows (a power of two up to [`MAX_ROWS`]), built once.
-fn upsert_statement(rows: usize, kind: DatabaseKind, checked: bool) -> &'static str {
-    type Built = std::sync::OnceLock<Vec<String>>;
+/// The statement sizes: 1, 2, 4, .. up to [`STEP`], then multiples of it up to [`MAX_ROWS`].
+fn sizes() -> impl Iterator<Item = usize> {
+    (0..STEP.trailing_zeros())
+        .map(|k| 1 << k)
+        .chain((STEP..=MAX_ROWS).step_by(STEP))
+}
+
+/// The smallest statement size that holds `rows` rows (1..=[`MAX_ROWS`]): at most
+/// `rows - 1` padding rows below [`STEP`], fewer than [`STEP`] above.
+fn size_class(rows: usize) -> usize {
+    if rows <= STEP {
+        rows.next_power_of_two()
+    } else {
+        rows.div_ceil(STEP) * STEP
+    }
+}
+
+/// The statement for `size` rows (one of [`sizes`]), built once.
+fn upsert_statement(size: usize, kind: DatabaseKind, checked: bool) -> &'static str {
+    type Built = std::sync::OnceLock<Vec<(usize, String)>>;
     static BUILT: [Built; 4] = [const { Built::new() }; 4];
     let at = match kind {
         DatabaseKind::Sqlite => 0,
         DatabaseKind::Postgres => 2,
     } + usize::from(checked);
     let all = BUILT[at].get_or_init(|| {
-        (0..=MAX_ROWS.trailing_zeros())
-            .map(|k| upsert_sql(1 << k, kind, checked))
+        sizes()
+            .map(|size| (size, upsert_sql(size, kind, checked)))
             .collect()
     });
-    &all[rows.trailing_zeros() as usize]
+    let at = all.partition_point(|(s, _)| *s < size);
+    &all[at.min(all.len() - 1)].1
 }
 
-/// The chunk sizes a batch of `n` rows is written in: powers of two, largest first.
-fn chunks(mut n: usize) -> impl Iterator<Item = usize> {
+/// The statements a batch of `n` rows is written in: (rows, statement size), full ones first.
+fn chunks(mut n: usize) -> impl Iterator<Item = (usize, usize)> {
     std::iter::from_fn(move || {
         if n == 0 {
             return None;
         }
-        let size = if n >= MAX_ROWS {
-            MAX_ROWS
-        } else {
-            1 << n.ilog2()
-        };
-        n -= size;
-        Some(size)
+        let rows = n.min(MAX_ROWS);
+        n -= rows;
+        Some((rows, size_class(rows)))
     })
 }
 
@@ -148,32 +167,63 @@ async fn write_on(
     batch: &[(Arc<Slot>, Row)],
     checked: bool,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = conn.begin().await?;
     let mut rows = batch.iter();
-    for size in chunks(batch.len()) {
-        let mut q = sqlx::query(upsert_statement(size, db.kind(), checked));
-        for (slot, (t, received)) in rows.by_ref().take(size) {
-            let extra = if t.extra.is_empty() {
-                None
-            } else {
-                serde_json::to_string(&t.extra).ok()
-            };
-            q = q
-                .bind(slot.device.as_str())
-                .bind(i64::try_from(t.seq).unwrap_or(i64::MAX))
-                .bind(i64::try_from(t.ts_ms).unwrap_or(i64::MAX))
-                .bind(*received)
-                .bind(i64::try_from(t.uptime_s).unwrap_or(i64::MAX));
-            q = bind_float(q, t.battery_pct);
-            q = bind_float(q, t.cpu_temp_c);
-            q = q
-                .bind(t.rssi_dbm.map(i64::from))
-                .bind(t.free_mem_kb.map(|k| i64::try_from(k).unwrap_or(i64::MAX)))
-                .bind(extra);
-        }
-        q.execute(&mut *tx).await?;
+    if batch.len() <= MAX_ROWS {
+        // One statement: atomic by itself.
+        return upsert(db, &mut rows, batch.len(), checked)
+            .execute(&mut **conn)
+            .await
+            .map(drop);
+    }
+    let mut tx = conn.begin().await?;
+    for (n, _) in chunks(batch.len()) {
+        upsert(db, &mut rows, n, checked).execute(&mut *tx).await?;
     }
     tx.commit().await
+}
+
+/// The upsert of the next `n` rows of `rows`, padded to its statement's size.
+fn upsert<'q>(
+    db: &Db,
+    rows: &mut std::slice::Iter<'q, (Arc<Slot>, Row)>,
+    n: usize,
+    checked: bool,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let size = size_class(n);
+    let mut q = sqlx::query(upsert_statement(size, db.kind(), checked));
+    for (slot, (t, received)) in rows.by_ref().take(n) {
+        let extra = if t.extra.is_empty() {
+            None
+        } else {
+            serde_json::to_string(&t.extra).ok()
+        };
+        q = q
+            .bind(slot.device.as_str())
+            .bind(i64::try_from(t.seq).unwrap_or(i64::MAX))
+            .bind(i64::try_from(t.ts_ms).unwrap_or(i64::MAX))
+            .bind(*received)
+            .bind(i64::try_from(t.uptime_s).unwrap_or(i64::MAX));
+        q = bind_float(q, t.battery_pct);
+        q = bind_float(q, t.cpu_temp_c);
+        q = q
+            .bind(t.rssi_dbm.map(i64::from))
+            .bind(t.free_mem_kb.map(|k| i64::try_from(k).unwrap_or(i64::MAX)))
+            .bind(extra);
+    }
+    for _ in n..size {
+        // Padding, skipped by the statement: NULLs of the columns' types (PostgreSQL keeps a
+        // prepared statement's parameter types from its first execution).
+        q = q
+            .bind(None::<&str>)
+            .bind(None::<i64>)
+            .bind(None::<i64>)
+            .bind(None::<i64>)
+            .bind(None::<i64>);
+        q = bind_float(q, None);
+        q = bind_float(q, None);
+        q = q.bind(None::<i64>).bind(None::<i64>).bind(None::<String>);
+    }
+    q
 }
 
 /// The last stored sequence number of a device.
@@ -193,13 +243,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_batch_is_written_in_power_of_two_chunks() {
+    fn a_batch_is_one_padded_statement_up_to_the_largest_size() {
+        let all: Vec<usize> = sizes().collect();
+        assert_eq!(
+            all,
+            vec![1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256]
+        );
         for n in 0..=1100 {
-            let sizes: Vec<usize> = chunks(n).collect();
-            assert_eq!(sizes.iter().sum::<usize>(), n, "{n}: {sizes:?}");
-            assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= MAX_ROWS));
-            assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{n}: {sizes:?}");
-            assert!(sizes.len() <= n / MAX_ROWS + MAX_ROWS.trailing_zeros() as usize);
+            let chunks: Vec<(usize, usize)> = chunks(n).collect();
+            assert_eq!(chunks.iter().map(|c| c.0).sum::<usize>(), n, "{n}");
+            assert_eq!(chunks.len(), n.div_ceil(MAX_ROWS), "{n}: {chunks:?}");
+            for &(rows, size) in &chunks {
+                assert!(all.contains(&size), "{n}: {chunks:?}");
+                assert!(rows <= size, "{n}: {chunks:?}");
+                assert!(
+                    size < 2 * rows || size - rows < STEP,
+                    "little padding: {chunks:?}"
+                );
+                let statement = upsert_statement(size, DatabaseKind::Sqlite, false);
+                assert_eq!(statement.matches('?').count(), size * COLUMNS);
+            }
         }
         for checked in [false, true] {
             let pg = DatabaseKind::Postgres;
@@ -208,6 +271,7 @@ mod tests {
             assert!(statement(256).contains(&format!("${}", 256 * COLUMNS)));
             assert!(!statement(256).contains(&format!("${}", 256 * COLUMNS + 1)));
             assert_eq!(statement(4).contains("EXISTS"), checked);
+            assert!(statement(4).contains("IS NOT NULL"), "padding is skipped");
             let sqlite = DatabaseKind::Sqlite;
             let statement = |rows| upsert_statement(rows, sqlite, checked);
             assert!(!statement(256).contains('$'), "named to SQLite");
