@@ -60,6 +60,12 @@ async fn subscribing_to_everything_disconnects() {
 /// A publishes to `topic`; then `marker` is published to the same topic by a legitimate
 /// party; the subscriber's first message must be the marker.
 async fn publishing_is_refused(topic: &str, subscriber_is_device_b: bool) {
+    publishing_is_refused_after(&[], topic, subscriber_is_device_b).await;
+}
+
+/// As `publishing_is_refused`, A having published to each of `own` first (the edge remembers
+/// the last topic that passed its ACL).
+async fn publishing_is_refused_after(own: &[&str], topic: &str, subscriber_is_device_b: bool) {
     let app = TestApp::start().await;
     let mut subscriber = if subscriber_is_device_b {
         Client::connect(app.device_plain("b", "token-b"))
@@ -74,6 +80,9 @@ async fn publishing_is_refused(topic: &str, subscriber_is_device_b: bool) {
     let mut a = Client::connect(app.device_plain("a", "token-a"))
         .await
         .unwrap();
+    for own in own {
+        a.publish(own, b"own").await;
+    }
     a.publish(topic, b"from-a").await;
     a_is_disconnected_for(&app, AclAction::Publish, topic).await;
     a.wait_closed().await;
@@ -100,6 +109,16 @@ async fn publishing_is_refused(topic: &str, subscriber_is_device_b: bool) {
 #[tokio::test]
 async fn publishing_to_another_devices_telemetry_disconnects_and_is_not_delivered() {
     publishing_is_refused("devices/b/telemetry", false).await;
+}
+
+#[tokio::test]
+async fn publishing_to_another_devices_telemetry_after_its_own_disconnects() {
+    publishing_is_refused_after(
+        &["devices/a/telemetry", "devices/a/telemetry"],
+        "devices/b/telemetry",
+        false,
+    )
+    .await;
 }
 
 #[tokio::test]
