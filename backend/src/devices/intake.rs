@@ -12,10 +12,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use companion_schema::{DeviceId, Telemetry, TopicKind};
+use companion_schema::{DeviceId, Payload, Telemetry, TopicKind};
 
-use super::telemetry::{classify, SeqState, SeqVerdict, Slot};
+use super::telemetry::{self, classify, SeqState, SeqVerdict, Slot};
 use super::{DeviceEvent, Dispatcher, Runtime};
+use crate::bus::Inbox;
 use crate::db::now_ms;
 use crate::rules::store::RuleLabel;
 use crate::rules::{DeviceView, EventKind, Field, RuleEvent, RuleSet};
@@ -175,5 +176,51 @@ impl Dispatcher {
                 started: Instant::now(),
             })),
         )
+    }
+}
+
+/// The device runtime is where the bus delivers.
+impl Inbox for Arc<Dispatcher> {
+    /// Telemetry is acknowledged once stored. The ledger is the device's telemetry slot's:
+    /// the slot comes with it, without a lookup.
+    fn deliver_held(
+        &self,
+        device: &DeviceId,
+        payload: Payload,
+        arrived: Instant,
+        ledger: &Arc<companion_broker::Ledger>,
+    ) -> Option<companion_broker::Receipt> {
+        let Payload::Telemetry(t) = payload else {
+            self.deliver(device, payload, arrived);
+            return None;
+        };
+        // Made before the message is handed on: its row may be stored at once.
+        let receipt = telemetry::receipt(ledger, t.seq);
+        let slot = ledger
+            .owner::<telemetry::Slot>()
+            .unwrap_or_else(|| self.runtime.telemetry.slot(device));
+        self.telemetry_in(&slot, device, t);
+        receipt
+    }
+
+    fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant) {
+        match DeviceEvent::from_payload(payload, arrived) {
+            Some(event) => {
+                self.dispatch(device, event);
+            }
+            None => {
+                tracing::debug!(device_id = %device, "a down-topic payload from the bus; ignored")
+            }
+        }
+    }
+
+    fn replay(&self, device: &DeviceId, events: Vec<(Payload, Instant)>) {
+        let events: Vec<DeviceEvent> = events
+            .into_iter()
+            .filter_map(|(payload, arrived)| DeviceEvent::from_payload(payload, arrived))
+            .collect();
+        if !events.is_empty() {
+            self.dispatch(device, DeviceEvent::Replay(events));
+        }
     }
 }

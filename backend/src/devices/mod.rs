@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
-use crate::bus::{Bus, Inbox};
+use crate::bus::Bus;
 use crate::db::Db;
 use crate::personas::PersonaSet;
 use crate::rules::store::{RuleMetrics, RuleStore};
@@ -103,52 +103,6 @@ impl DeviceEvent {
             Payload::SessionControl(c) => DeviceEvent::SessionControl(c, arrived),
             _ => return None,
         })
-    }
-}
-
-/// The device runtime is where the bus delivers.
-impl Inbox for Arc<Dispatcher> {
-    /// Telemetry is acknowledged once stored. The ledger is the device's telemetry slot's:
-    /// the slot comes with it, without a lookup.
-    fn deliver_held(
-        &self,
-        device: &DeviceId,
-        payload: Payload,
-        arrived: Instant,
-        ledger: &Arc<companion_broker::Ledger>,
-    ) -> Option<companion_broker::Receipt> {
-        let Payload::Telemetry(t) = payload else {
-            self.deliver(device, payload, arrived);
-            return None;
-        };
-        // Made before the message is handed on: its row may be stored at once.
-        let receipt = telemetry::receipt(ledger, t.seq);
-        let slot = ledger
-            .owner::<telemetry::Slot>()
-            .unwrap_or_else(|| self.runtime.telemetry.slot(device));
-        self.telemetry_in(&slot, device, t);
-        receipt
-    }
-
-    fn deliver(&self, device: &DeviceId, payload: Payload, arrived: Instant) {
-        match DeviceEvent::from_payload(payload, arrived) {
-            Some(event) => {
-                self.dispatch(device, event);
-            }
-            None => {
-                tracing::debug!(device_id = %device, "a down-topic payload from the bus; ignored")
-            }
-        }
-    }
-
-    fn replay(&self, device: &DeviceId, events: Vec<(Payload, Instant)>) {
-        let events: Vec<DeviceEvent> = events
-            .into_iter()
-            .filter_map(|(payload, arrived)| DeviceEvent::from_payload(payload, arrived))
-            .collect();
-        if !events.is_empty() {
-            self.dispatch(device, DeviceEvent::Replay(events));
-        }
     }
 }
 
@@ -364,7 +318,7 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::{BusError, BusMetrics, Publisher};
+    use crate::bus::{BusError, BusMetrics, Inbox, Publisher};
     use crate::registry::model::{DeviceName, DeviceType};
     use crate::registry::{DeviceStore, NewDevice};
     use companion_schema::Qos;
